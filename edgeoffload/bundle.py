@@ -1,0 +1,258 @@
+"""Bundles: a folder with ``manifest.json``, ``head.onnx`` and ``tail.onnx``, pinned by hashes.
+
+Stdlib only, so the device can load and verify a bundle without onnx or torch. Loading
+verifies the sha256 of every part against the manifest; a mismatch is a ManifestError that
+names the file and both hashes. Two sides (device, server) pair only when their manifests
+have the same :attr:`Manifest.version`, otherwise :func:`check_pair` raises VersionMismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError, VersionMismatch
+from .types import TensorSpec, fields
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+HEAD = "head.onnx"
+TAIL = "tail.onnx"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _specs(items: list[Any]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_dict(item, ManifestError) for item in items)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One executable part of the bundle (head or tail)."""
+
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> PartInfo:
+        f = fields(data, "manifest part", ManifestError)
+        part = cls(
+            file=f.text("file"),
+            sha256=f.text("sha256"),
+            inputs=_specs(f.array("inputs")),
+            outputs=_specs(f.array("outputs")),
+        )
+        f.done()
+        if "/" in part.file or "\\" in part.file or part.file in ("", ".", ".."):
+            raise ManifestError(f"manifest part file {part.file!r} must be a plain file name")
+        return part
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a device and a server need to agree on about a split model."""
+
+    source_sha256: str
+    source_name: str
+    cut_id: str
+    cut_after: str
+    crossing: tuple[TensorSpec, ...]  # tensors sent device -> server, in order
+    passthrough: tuple[str, ...]  # crossing tensors that are graph inputs (sent as given)
+    graph_inputs: tuple[TensorSpec, ...]
+    graph_outputs: tuple[TensorSpec, ...]
+    head: PartInfo | None  # None for all-remote
+    tail: PartInfo | None  # None for all-local
+    codec: str
+    dims: dict[str, int] = field(default_factory=dict)
+    # State tensors that loop back on the same side (KV cache): [{"side", "input", "output"}].
+    state: tuple[dict[str, str], ...] = ()
+    predicted: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def identity(self) -> str:
+        """Model hash + cut: what the wire protocol binds into its handshake."""
+        return f"{self.source_sha256}:{self.cut_id}"
+
+    @property
+    def version(self) -> str:
+        """Short hash over the identity, codec and part hashes: equal iff parts pair."""
+        parts = [
+            self.identity,
+            self.codec,
+            self.head.sha256 if self.head else "-",
+            self.tail.sha256 if self.tail else "-",
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "created_by": self.created_by,
+            "source": {"name": self.source_name, "sha256": self.source_sha256},
+            "dims": dict(self.dims),
+            "cut": {"id": self.cut_id, "after": self.cut_after},
+            "crossing": [t.to_dict() for t in self.crossing],
+            "passthrough": list(self.passthrough),
+            "graph_inputs": [t.to_dict() for t in self.graph_inputs],
+            "graph_outputs": [t.to_dict() for t in self.graph_outputs],
+            "head": self.head.to_dict() if self.head else None,
+            "tail": self.tail.to_dict() if self.tail else None,
+            "codec": self.codec,
+            "state": [dict(s) for s in self.state],
+            "predicted": self.predicted,
+            "verification": self.verification,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> Manifest:
+        f = fields(data, "manifest", ManifestError)
+        version = f.integer("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema version {version} is not supported (this is {SCHEMA_VERSION})",
+                hint="re-split the model with this edgeoffload version",
+            )
+        source = fields(f.obj("source"), "manifest source", ManifestError)
+        cut = fields(f.obj("cut"), "manifest cut", ManifestError)
+        head_raw = f.value("head")
+        tail_raw = f.value("tail")
+        dims = f.obj("dims", {})
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in dims.values()):
+            raise ManifestError("manifest dims must map names to integers")
+        state = f.array("state", [])
+        if not all(isinstance(s, dict) for s in state):
+            raise ManifestError("manifest state entries must be objects")
+        manifest = cls(
+            schema_version=version,
+            created_by=f.text("created_by", ""),
+            source_name=source.text("name"),
+            source_sha256=source.text("sha256"),
+            dims=dims,
+            cut_id=cut.text("id"),
+            cut_after=cut.text("after"),
+            crossing=_specs(f.array("crossing")),
+            passthrough=tuple(str(p) for p in f.array("passthrough")),
+            graph_inputs=_specs(f.array("graph_inputs")),
+            graph_outputs=_specs(f.array("graph_outputs")),
+            head=PartInfo.from_dict(head_raw) if head_raw is not None else None,
+            tail=PartInfo.from_dict(tail_raw) if tail_raw is not None else None,
+            codec=f.text("codec"),
+            state=tuple(state),
+            predicted=f.obj("predicted", {}),
+            verification=f.obj("verification", {}),
+        )
+        source.done()
+        cut.done()
+        f.done()
+        if manifest.head is None and manifest.tail is None:
+            raise ManifestError("manifest has neither a head nor a tail")
+        return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, hash-verified bundle folder."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def head_path(self) -> Path | None:
+        return self.path / self.manifest.head.file if self.manifest.head else None
+
+    @property
+    def tail_path(self) -> Path | None:
+        return self.path / self.manifest.tail.file if self.manifest.tail else None
+
+
+def write_bundle(
+    directory: str | Path,
+    manifest: Manifest,
+    *,
+    head: bytes | None,
+    tail: bytes | None,
+) -> Bundle:
+    """Write the parts and the manifest (last, atomically: a folder with a manifest is whole)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for part, data in ((manifest.head, head), (manifest.tail, tail)):
+        if (part is None) != (data is None):
+            raise ManifestError("bundle parts and manifest disagree about which parts exist")
+        if part is not None and data is not None:
+            if hashlib.sha256(data).hexdigest() != part.sha256:
+                raise ManifestError(f"{part.file}: bytes do not match the manifest hash")
+            (directory / part.file).write_bytes(data)
+    for stale in (HEAD, TAIL):
+        names = {p.file for p in (manifest.head, manifest.tail) if p}
+        if stale not in names and (directory / stale).exists():
+            (directory / stale).unlink()
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+    return Bundle(directory, manifest)
+
+
+def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
+    """Read a bundle and verify every part's sha256 against the manifest."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ManifestError(f"{directory}: not a bundle folder (no such directory)")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{directory}: no {MANIFEST}; not a bundle",
+            hint="create one with: edgeoffload split MODEL -o DIR",
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    manifest = Manifest.from_dict(data)
+    if verify:
+        for part in (manifest.head, manifest.tail):
+            if part is None:
+                continue
+            path = directory / part.file
+            if not path.is_file():
+                raise ManifestError(f"{path}: part listed in the manifest is missing")
+            actual = sha256_file(path)
+            if actual != part.sha256:
+                raise ManifestError(
+                    f"{path.name} was modified after splitting: sha256 {actual[:16]}… "
+                    f"!= manifest {part.sha256[:16]}…",
+                    hint="re-split the model, or restore the original file",
+                )
+    return Bundle(directory, manifest)
+
+
+def check_pair(device: Manifest, server: Manifest) -> None:
+    """Refuse to pair parts from different bundles; the error names both versions."""
+    if device.version != server.version:
+        raise VersionMismatch(
+            f"device bundle {device.version} ({device.identity}) does not match server bundle "
+            f"{server.version} ({server.identity})",
+            hint="deploy the same bundle (same edgeoffload split output) on both sides",
+        )

@@ -1,0 +1,597 @@
+"""The ``edgeoffload`` command line.
+
+``main(argv) -> int`` never lets a traceback reach the user for errors they can cause: every
+:class:`~edgeoffload.errors.EdgeOffloadError` becomes one ``edgeoffload: error: ...`` line,
+an optional ``hint:`` line, and the error's documented exit code (see errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import EdgeOffloadError, UsageError
+
+app = typer.Typer(
+    name="edgeoffload",
+    help="Split ONNX models between a device and a nearby edge server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+# soft_wrap: long lines stay whole when piped (logs, CI) instead of wrapping at 80 columns.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ZOO_PREFIX = "zoo:"
+
+# -- shared option types ---------------------------------------------------------------------
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="ONNX file, or zoo:NAME for an embedded model (zoo:mobilenetv2, zoo:resnet, "
+        "zoo:encoder, zoo:minilm).",
+        show_default=False,
+    ),
+]
+DimOpt = Annotated[
+    list[str] | None,
+    typer.Option("--dim", help="Value of a symbolic input dim, NAME=INT (repeatable)."),
+]
+InputOpt = Annotated[
+    Path | None,
+    typer.Option("--input", help="Sample inputs (.npz, one array per model input)."),
+]
+NetworkOpt = Annotated[
+    str, typer.Option("--network", help="Link preset (3g, lte, wifi, ethernet) or RATE/RTT.")
+]
+DeviceProfileOpt = Annotated[
+    Path | None,
+    typer.Option("--device-profile", help="Device profile JSON (default: measure this machine)."),
+]
+ServerProfileOpt = Annotated[
+    Path | None,
+    typer.Option("--server-profile", help="Server profile JSON (default: measure this machine)."),
+]
+DeviceClassOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="How much slower the device is than its profile: this-machine, phone (2x), "
+        "rpi (4x) or a factor.",
+    ),
+]
+CodecOpt = Annotated[
+    str, typer.Option("--codec", help="auto, none, zstd, lz4, fp16, int8, int8c (+zstd/+lz4).")
+]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="Threads per side when measuring.")]
+
+
+def _parse_dims(items: list[str] | None) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) <= 0:
+            raise UsageError(f"--dim {item!r}: expected NAME=POSITIVE_INT, e.g. --dim sequence=128")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _load_inputs(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise UsageError(f"--input {path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--input {path}: not a readable .npz file ({exc})") from None
+
+
+def resolve_model(spec: str) -> Any:
+    """A path, or a ModelProto for ``zoo:NAME`` (``zoo:minilm`` exports the real MiniLM)."""
+    if not spec.startswith(ZOO_PREFIX):
+        return Path(spec)
+    name = spec[len(ZOO_PREFIX):]
+    if name == "minilm":
+        from .converters.minilm import export_minilm
+
+        return export_minilm()
+    from . import zoo
+
+    return zoo.build(name)
+
+
+@contextmanager
+def _progress(enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar fed by ``(what, fraction)`` callbacks."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description:<40}"), BarColumn(), TimeElapsedColumn()
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("starting", total=1.0)
+
+        def update(what: str, fraction: float) -> None:
+            progress.update(task, description=what, completed=fraction)
+
+        yield update
+
+
+def _profiles(
+    analysis: Any,
+    *,
+    device_profile: Path | None,
+    server_profile: Path | None,
+    device_class: str,
+    threads: int,
+) -> tuple[Any, Any, list[str]]:
+    from .presets import device_slowdown
+    from .profiler import load_profile
+
+    notes: list[str] = []
+    measured = None
+    if device_profile is None or server_profile is None:
+        with _progress() as progress:
+            started = time.perf_counter()
+            measured = analysis.profile(threads=threads, progress=progress)
+            notes.append(
+                f"profiled this machine ({threads} thread(s)) in {time.perf_counter() - started:.1f} s"
+            )
+    device = load_profile(device_profile) if device_profile else measured
+    server = load_profile(server_profile) if server_profile else measured
+    slowdown = device_slowdown(device_class)
+    if slowdown != 1.0:
+        device = device.with_slowdown(slowdown, name=f"{device_class} ({slowdown:g}x slower)")
+        notes.append(f"device = {device.name} than {'its profile' if device_profile else 'this machine'}")
+    return device, server, notes
+
+
+def _analysis(model: str, dim: list[str] | None, input_path: Path | None) -> Any:
+    from .splitter import Analysis
+
+    return Analysis.of(resolve_model(model), dims=_parse_dims(dim), inputs=_load_inputs(input_path))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _cut_table(report: Any, analysis: Any, show_all: bool) -> Table:
+    graph = analysis.graph
+    n = len(graph.nodes)
+    table = Table(title=f"cuts of {analysis.source_name} ({n} nodes, link {report.link.name})")
+    for col in ("cut", "after", "tensors", "bytes", "codec", "wire", "device ms", "transfer ms",
+                "server ms", "total ms"):
+        table.add_column(col, justify="right" if "ms" in col or col in ("bytes", "wire") else "left")
+    for plan in report.plans:
+        cut = plan.cut
+        if not (show_all or cut.boundary or cut.index == report.best.cut.index):
+            continue
+        names = ", ".join(t.name for t in cut.tensors[:2]) + (" …" if len(cut.tensors) > 2 else "")
+        mark = "*" if cut.index == report.best.cut.index else ""
+        after = "(all-remote)" if cut.index == 0 else ("(all-local) " if cut.index == n else "") + cut.after
+        c = plan.cost
+        table.add_row(
+            f"{mark}{cut.id}", after, f"{len(cut.tensors)}: {names}" if cut.tensors else "-",
+            _fmt_bytes(cut.nbytes), plan.codec if cut.index < n else "-", _fmt_bytes(c.wire_bytes),
+            f"{c.device_ms:.2f}", f"{c.transfer_ms:.2f}", f"{c.server_ms:.2f}", f"{c.total_ms:.2f}",
+            style="bold green" if mark else None,
+        )
+    return table
+
+
+def _decision_lines(report: Any, bundle_path: Path | None = None) -> list[str]:
+    best = report.best
+    unit = "mJ" if report.objective == "energy" else "ms"
+    where = "all-local" if best.cut.index == report.all_local.cut.index else best.cut.describe()
+    lines = [
+        f"chosen cut: {best.cut.id} {where}"
+        + (f" [{best.cut.layer}]" if best.cut.layer else ""),
+        f"  crossing: {len(best.cut.tensors)} tensor(s), {_fmt_bytes(best.cut.nbytes)} raw, "
+        f"{_fmt_bytes(best.cost.wire_bytes)} on the wire with codec {best.codec}",
+        f"  predicted: {best.cost.total_ms:.2f} ms (device {best.cost.device_ms:.2f}, transfer "
+        f"{best.cost.transfer_ms:.2f}, server {best.cost.server_ms:.2f}); energy "
+        f"{best.cost.energy_mj:.1f} mJ; device memory {_fmt_bytes(best.cost.device_memory_bytes)}",
+        f"  vs all-local {report.all_local.cost.total_ms:.2f} ms: {report.speedup_vs_local:.2f}x"
+        f"   vs all-remote {report.all_remote.cost.total_ms:.2f} ms: "
+        f"{report.speedup_vs_remote:.2f}x   (objective: {report.objective}, {unit})",
+    ]
+    if bundle_path is not None:
+        lines.append(f"bundle: {bundle_path}")
+    return lines
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@app.command()
+def cuts(
+    model: ModelArg,
+    dim: DimOpt = None,
+    input_path: InputOpt = None,
+    network: NetworkOpt = "wifi",
+    device_profile: DeviceProfileOpt = None,
+    server_profile: ServerProfileOpt = None,
+    device: DeviceClassOpt = "phone",
+    codec: CodecOpt = "auto",
+    threads: ThreadsOpt = 1,
+    show_all: Annotated[bool, typer.Option("--all", help="List every cut, not only layer boundaries.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the places MODEL can be cut, with bytes and predicted costs."""
+    from .presets import parse_link
+
+    analysis = _analysis(model, dim, input_path)
+    dev, srv, notes = _profiles(
+        analysis, device_profile=device_profile, server_profile=server_profile,
+        device_class=device, threads=threads,
+    )
+    report = analysis.plan(device=dev, server=srv, link=parse_link(network), codec=codec)
+    if as_json:
+        payload = {
+            "model": analysis.source_name,
+            "sha256": analysis.graph.sha256,
+            "layer_structure": analysis.graph.has_layer_structure,
+            "report": report.to_dict(),
+            "cuts": [
+                {**p.cut.to_dict(), "plan": p.to_dict()} for p in report.plans
+            ],
+        }
+        out.print_json(json.dumps(payload))
+        return
+    for note in notes:
+        err.print(f"[dim]{note}[/dim]")
+    graph = analysis.graph
+    if not show_all and not graph.has_layer_structure:
+        show_all = True
+        err.print("node names carry no layer structure: listing every cut")
+    out.print(_cut_table(report, analysis, show_all))
+    if not show_all:
+        shown = sum(1 for p in report.plans if p.cut.boundary)
+        out.print(f"{shown} layer-boundary cuts of {len(report.plans)}; --all lists every cut")
+    for line in _decision_lines(report):
+        out.print(line)
+
+
+@app.command()
+def profile(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")],
+    dim: DimOpt = None,
+    input_path: InputOpt = None,
+    threads: ThreadsOpt = 1,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per measurement.")] = 10,
+    name: Annotated[str, typer.Option("--name", help="Name recorded in the profile.")] = "this-machine",
+) -> None:
+    """Measure MODEL's per-node and calibrated head times on this machine."""
+    from .profiler import save_profile
+
+    analysis = _analysis(model, dim, input_path)
+    with _progress() as progress:
+        started = time.perf_counter()
+        prof = analysis.profile(threads=threads, runs=runs, name=name, progress=progress)
+    save_profile(prof, output)
+    full = prof.calibration[-1].measured_ms if prof.calibration else float("nan")
+    out.print(
+        f"profile of {analysis.source_name} on {prof.machine}: full model {full:.2f} ms with "
+        f"{threads} thread(s), {len(prof.node_ms)} nodes, measured in "
+        f"{time.perf_counter() - started:.1f} s -> {output}"
+    )
+
+
+@app.command()
+def split(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle folder to write.")],
+    dim: DimOpt = None,
+    input_path: InputOpt = None,
+    network: NetworkOpt = "wifi",
+    device_profile: DeviceProfileOpt = None,
+    server_profile: ServerProfileOpt = None,
+    device: DeviceClassOpt = "phone",
+    objective: Annotated[str, typer.Option("--objective", help="latency or energy.")] = "latency",
+    max_device_memory: Annotated[
+        str | None, typer.Option("--max-device-memory", help="e.g. 64MiB: head weights + peak activations.")
+    ] = None,
+    min_head_depth: Annotated[
+        int, typer.Option("--min-head-depth", min=0, help="Parametric layers that must stay on the device.")
+    ] = 0,
+    codec: CodecOpt = "auto",
+    cut: Annotated[str | None, typer.Option("--cut", help="Force a cut: id (c42), node or tensor name.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write predicted costs per cut as PNG.")] = None,
+    threads: ThreadsOpt = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+) -> None:
+    """Choose a cut for MODEL, split it, verify the halves and write a bundle."""
+    from .costmodel import Constraints
+    from .presets import parse_link, parse_size
+    from .splitter import split_model
+
+    started = time.perf_counter()
+    constraints = Constraints(
+        max_device_memory=parse_size(max_device_memory) if max_device_memory else None,
+        min_head_depth=min_head_depth,
+    )
+    link = parse_link(network)
+    analysis = _analysis(model, dim, input_path)
+    chosen_cut = analysis.graph.find_cut(cut, analysis.cuts) if cut else None
+    dev, srv, notes = _profiles(
+        analysis, device_profile=device_profile, server_profile=server_profile,
+        device_class=device, threads=threads,
+    )
+    report = analysis.plan(
+        device=dev, server=srv, link=link, codec=codec, objective=objective, constraints=constraints
+    )
+    plan = report.best
+    if chosen_cut is not None:
+        plan = next(p for p in report.plans if p.cut.index == chosen_cut.index)
+        notes.append(f"cut forced with --cut {cut}")
+        if not plan.feasible:
+            raise UsageError(f"--cut {cut}: {plan.why_infeasible}")
+        report = replace(report, best=plan)
+    with _progress() as progress:
+        if progress:
+            progress(f"splitting at {plan.cut.id} and verifying", 0.5)
+        bundle = split_model(analysis, plan.cut, output, codec=plan.codec, report=report)
+    elapsed = time.perf_counter() - started
+    if plot is not None:
+        plot_costs(report, plot, title=f"{analysis.source_name}: predicted latency per cut")
+    if as_json:
+        out.print_json(json.dumps({
+            "bundle": str(output), "seconds": round(elapsed, 3), "report": report.to_dict(),
+            "verification": bundle.manifest.verification,
+        }))
+        return
+    for note in notes:
+        err.print(f"[dim]{note}[/dim]")
+    for line in _decision_lines(report, bundle.path):
+        out.print(line)
+    ver = bundle.manifest.verification
+    out.print(
+        f"verified tail(head(x)) == full model on 2 inputs ({'bit-exact' if ver['exact'] else 'within tolerance'}"
+        + (f"; codec {ver['codec']} max relative error {max(ver['codec_max_rel_error'].values(), default=0):.2g}"
+           if ver["codec_max_rel_error"] else "")
+        + f"); split took {elapsed:.1f} s"
+    )
+    if plot is not None:
+        out.print(f"plot: {plot}")
+
+
+def plot_costs(report: Any, path: Path, *, title: str) -> None:
+    """Predicted latency per cut, stacked by component, chosen cut marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError(
+            "--plot needs matplotlib", hint="pip install 'edgeoffload[plot]'"
+        ) from None
+    plans = report.plans
+    xs = [p.cut.index for p in plans]
+    parts = [
+        ("device", [p.cost.device_ms for p in plans], "#4c72b0"),
+        ("encode+decode", [p.cost.encode_ms + p.cost.decode_ms for p in plans], "#dd8452"),
+        ("network", [p.cost.network_ms for p in plans], "#c44e52"),
+        ("server", [p.cost.server_ms for p in plans], "#55a868"),
+    ]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    bottom = [0.0] * len(xs)
+    for label, values, color in parts:
+        ax.bar(xs, values, bottom=bottom, width=1.0, label=label, color=color, linewidth=0)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    best = report.best.cut.index
+    # Linear scale (stacks on a log axis lie); clip the few huge cuts so the rest stay legible.
+    top = 3 * max(report.all_local.cost.total_ms, report.best.cost.total_ms)
+    ax.set_ylim(0, min(max(bottom), top) * 1.05)
+    ax.axvline(best, color="black", linestyle="--", linewidth=1)
+    ax.annotate(f"chosen {report.best.cut.id}: {report.best.cost.total_ms:.1f} ms",
+                (best, ax.get_ylim()[1] * 0.92), ha="right", xytext=(-4, 0),
+                textcoords="offset points")
+    ax.set_xlabel("cut (number of nodes on the device)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(f"{title} — link {report.link.name}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="Hugging Face model dir, or 'minilm' for the packaged all-MiniLM-L6-v2.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    task: Annotated[str, typer.Option("--task", help="optimum task (auto, feature-extraction, text-generation-with-past, ...).")] = "auto",
+) -> None:
+    """Export a Hugging Face model to ONNX (needs the 'convert' extra)."""
+    if source == "minilm":
+        from .converters.minilm import export_minilm
+
+        path = export_minilm(output)
+    else:
+        from .converters.hf_export import export_hf
+
+        path = export_hf(Path(source), output, task=task)
+    out.print(f"exported and validated: {path}")
+
+
+@app.command()
+def demo(
+    network: NetworkOpt = "wifi",
+    device: DeviceClassOpt = "rpi",
+    model: Annotated[str, typer.Option("--model", help="Model to demo (default: embedded MobileNetV2).")] = "zoo:mobilenetv2",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Keep the bundle here.")] = None,
+) -> None:
+    """Profile, plan, split and verify the embedded default model, and print the decision."""
+    from .presets import parse_link
+    from .splitter import split_model
+
+    started = time.perf_counter()
+    link = parse_link(network)
+    analysis = _analysis(model, None, None)
+    out.print(
+        f"model: {analysis.source_name} ({len(analysis.graph.nodes)} nodes, "
+        f"{len(analysis.cuts)} cuts); device: {device}; network: {link.name} "
+        f"({link.up_bps / 1e6:g}/{link.down_bps / 1e6:g} Mbit/s, RTT {link.rtt_ms:g} ms)"
+    )
+    dev, srv, notes = _profiles(
+        analysis, device_profile=None, server_profile=None, device_class=device, threads=1
+    )
+    for note in notes:
+        out.print(note)
+    report = analysis.plan(device=dev, server=srv, link=link)
+    with tempfile.TemporaryDirectory(prefix="edgeoffload-demo-") as tmp:
+        target = output or Path(tmp) / "bundle"
+        bundle = split_model(analysis, report.best.cut, target, codec=report.best.codec, report=report)
+        for line in _decision_lines(report, bundle.path if output else None):
+            out.print(line)
+        ver = bundle.manifest.verification
+        out.print(
+            f"verified: tail(head(x)) {'==' if ver['exact'] else '≈'} full model "
+            f"(max |diff| {max(ver['max_abs_error'].values(), default=0):.2g}); "
+            f"demo took {time.perf_counter() - started:.1f} s"
+        )
+
+
+@app.command()
+def inspect(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder written by split.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Verify a bundle's hashes and show its manifest."""
+    from .bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    if as_json:
+        out.print_json(json.dumps(m.to_dict()))
+        return
+    out.print(f"bundle {bundle.path}: version {m.version}, all hashes verified")
+    out.print(f"  source: {m.source_name} sha256 {m.source_sha256[:16]}…")
+    out.print(f"  cut: {m.cut_id} after {m.cut_after or '(nothing: all-remote)'}; codec {m.codec}")
+    for label, part in (("head", m.head), ("tail", m.tail)):
+        if part is None:
+            out.print(f"  {label}: none")
+            continue
+        out.print(f"  {label}: {part.file} sha256 {part.sha256[:16]}… "
+                  f"in [{', '.join(t.name for t in part.inputs)}] "
+                  f"out [{', '.join(t.name for t in part.outputs)}]")
+    crossing = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.crossing)
+    out.print(f"  crossing: {crossing or '(nothing: all-local)'}")
+
+
+BENCHMARKS = ("cost-accuracy",)
+
+
+@app.command()
+def bench(
+    scenario: Annotated[str, typer.Argument(help="Benchmark to run: cost-accuracy.")],
+    model: Annotated[str, typer.Option("--model", help="Model (path or zoo:NAME).")] = "zoo:mobilenetv2",
+    dim: DimOpt = None,
+    threads: ThreadsOpt = 1,
+    runs: Annotated[int, typer.Option("--runs", min=3, help="Timed runs per measurement.")] = 15,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the result JSON here.")] = None,
+) -> None:
+    """Run a benchmark and print its summary (JSON with -o)."""
+    if scenario not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {scenario!r}", hint=f"choose one of {', '.join(BENCHMARKS)}")
+    from .bench import cost_accuracy
+
+    with _progress() as progress:
+        result = cost_accuracy(
+            resolve_model(model), threads=threads, runs=runs, dims=_parse_dims(dim), progress=progress
+        )
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1) + "\n")
+    table = Table(title=f"cost model accuracy: {result['model']}, {threads} thread(s)")
+    for col in ("cut", "pred head ms", "meas head ms", "pred tail ms", "meas tail ms"):
+        table.add_column(col, justify="right")
+    for row in result["rows"]:
+        table.add_row(
+            row["cut"], f"{row['predicted_head_ms']:.2f}", f"{row['measured_head_ms']:.2f}",
+            f"{row['predicted_tail_ms']:.2f}", f"{row['measured_tail_ms']:.2f}",
+        )
+    out.print(table)
+    for kind in ("head", "tail"):
+        s = result[kind]
+        out.print(
+            f"{kind}: Spearman {s['spearman']:.3f}, median relative error "
+            f"{s['median_relative_error']:.1%}, max {s['max_relative_error']:.1%} over "
+            f"{result['single_tensor_cuts']} single-tensor cuts"
+        )
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+    )
+    if version:
+        out.print(f"edgeoffload {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        result = app(args=args, prog_name="edgeoffload", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except EdgeOffloadError as exc:
+        err.print(f"edgeoffload: error: {exc.message}", markup=False)
+        if exc.hint:
+            err.print(f"hint: {exc.hint}", markup=False)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.TyperException as exc:  # usage errors: bad option, missing argument
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err.print(f"edgeoffload: error: {exc.format_message()}", markup=False)
+        return int(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("edgeoffload: interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""One exception tree for everything edgeoffload raises on purpose.
+
+Every error carries a documented process exit code (used by the CLI) and an optional hint that
+tells the user what to do next. Stdlib only: this module sits in the lowest layer.
+
+Exit codes (stable, documented in README.md):
+
+====  =====================================================================
+code  meaning
+====  =====================================================================
+0     success
+1     any other EdgeOffloadError
+2     command-line usage error (bad flag or value)
+3     GraphError: the model file is not a usable ONNX graph, or a cut is invalid
+4     PlanError: no cut satisfies the constraints, or the profiles do not fit
+5     ManifestError: a bundle is malformed or a file was modified after splitting
+6     VersionMismatch: two parts (device/server) come from different bundles
+7     VerificationError: tail(head(x)) differs from the full model
+8     ProfileError: a profile file is malformed or was measured on another model
+9     ConversionError: exporting a PyTorch / Hugging Face model failed
+10    ProtocolError / AuthenticationFailed / PayloadError (wire protocol)
+11    OffloadUnavailable / Overloaded (no server could answer)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+
+class EdgeOffloadError(Exception):
+    """Root of every error edgeoffload raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(EdgeOffloadError):
+    """A command-line argument or API argument has an invalid value."""
+
+    exit_code = 2
+
+
+class GraphError(EdgeOffloadError):
+    """The model is not a usable ONNX graph (unreadable, truncated, invalid, unsupported)."""
+
+    exit_code = 3
+
+
+class CutError(GraphError):
+    """A requested cut does not exist or would cut through something that cannot be cut."""
+
+
+class PlanError(EdgeOffloadError):
+    """No plan satisfies the objective and constraints, or its inputs are inconsistent."""
+
+    exit_code = 4
+
+
+class ManifestError(EdgeOffloadError):
+    """A bundle or its manifest is malformed, incomplete or fails hash verification."""
+
+    exit_code = 5
+
+
+class VersionMismatch(EdgeOffloadError):
+    """Two parts that must come from the same bundle do not (their hashes differ)."""
+
+    exit_code = 6
+
+
+class VerificationError(EdgeOffloadError):
+    """A split model does not reproduce the full model's outputs."""
+
+    exit_code = 7
+
+
+class ProfileError(EdgeOffloadError):
+    """A device/server/link profile is malformed or does not belong to this model."""
+
+    exit_code = 8
+
+
+class ConversionError(EdgeOffloadError):
+    """Exporting a PyTorch or Hugging Face model to ONNX failed or did not validate."""
+
+    exit_code = 9
+
+
+class ProtocolError(EdgeOffloadError):
+    """The peer broke the wire protocol (or we would have)."""
+
+    exit_code = 10
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol does not allow in the current state."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class AuthenticationFailed(ProtocolError):
+    """A handshake or transport message failed authentication.
+
+    Deliberately opaque (like Fernet's InvalidToken): it never says which check failed.
+    """
+
+    def __init__(self, message: str = "authentication failed", *, hint: str | None = None):
+        super().__init__(message, hint=hint)
+
+
+class PayloadError(ProtocolError):
+    """A tensor payload is malformed: dtype, shape or byte length do not match."""
+
+
+class OffloadUnavailable(EdgeOffloadError):
+    """No edge server could answer and the fallback policy is ``"error"``."""
+
+    exit_code = 11
+
+
+class Overloaded(OffloadUnavailable):
+    """The edge server refused the request because it is at its concurrency limit."""

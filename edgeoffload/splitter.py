@@ -1,0 +1,358 @@
+"""Analyse a model, plan its cut, split it, verify the halves and write the bundle.
+
+This is the orchestration behind ``edgeoffload cuts`` and ``edgeoffload split``; every step
+is also usable on its own from Python::
+
+    from edgeoffload.splitter import Analysis, split_model
+    analysis = Analysis.of("model.onnx", dims={"batch": 1})
+    report = analysis.plan(link=parse_link("wifi"))
+    bundle = split_model(analysis, report.best.cut, "out/", codec=report.best.codec)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from . import codec as codec_mod
+from .bundle import HEAD, TAIL, Bundle, Manifest, PartInfo, write_bundle
+from .costmodel import AUTO_CODECS, Constraints, PlanReport, evaluate
+from .errors import GraphError, UsageError, VerificationError
+from .graph import CutPoint, ModelGraph, sha256_bytes
+from .ortutil import make_session, probe, run
+from .profiler import profile_model
+from .types import DeviceProfile, LinkProfile, TensorSpec
+
+log = logging.getLogger("edgeoffload.splitter")
+
+Progress = Callable[[str, float], None]
+
+# Split verification (codec "none"): the halves run the same kernels on the same values as
+# the full model, so fp32 results are normally bit-identical; the tolerance only absorbs
+# kernel choices ORT may make differently for a sub-graph.
+SPLIT_RTOL = 1e-5
+SPLIT_ATOL = 1e-6
+# With a lossy codec the outputs move by the quantisation noise the tail propagates; the
+# worst deviation relative to the output's range must stay under these bounds.
+CODEC_TOLERANCE = {"none": 1e-5, "fp16": 1e-2, "int8": 5e-2, "int8c": 5e-2}
+
+
+@dataclass
+class Analysis:
+    """A model with its cuts, sample activations and codec-measured crossing sizes."""
+
+    graph: ModelGraph
+    source_name: str
+    inputs: dict[str, np.ndarray]
+    activations: dict[str, np.ndarray]
+    cuts: list[CutPoint]
+    reference: dict[str, np.ndarray]  # full-model outputs on ``inputs``
+
+    @classmethod
+    def of(
+        cls,
+        model: str | Path | Any,
+        *,
+        dims: Mapping[str, int] | None = None,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        seed: int = 0,
+    ) -> Analysis:
+        if isinstance(model, str | Path):
+            graph = ModelGraph.load(model, dims=dims)
+            name = Path(model).name
+        else:
+            graph = ModelGraph.from_model(model, dims=dims)
+            name = graph.model.graph.name or "model"
+        feed = dict(inputs) if inputs is not None else graph.sample_inputs(seed=seed)
+        _check_inputs(graph, feed)
+        activations = probe(graph.model, feed)
+        graph.set_probe(activations)
+        reference = {o: activations[o] for o in graph.output_names}
+        return cls(graph, name, feed, activations, graph.cuts(), reference)
+
+    @property
+    def node_order(self) -> list[str]:
+        return [n.name for n in self.graph.nodes]
+
+    def crossing_tensors(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for cut in self.cuts:
+            for t in cut.tensors:
+                seen[t.name] = None
+        return list(seen)
+
+    def wire_bytes(self, codecs: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Encoded size of every crossing tensor's sample activation under each codec."""
+        sizes: dict[str, dict[str, int]] = {}
+        specs = [codec_mod.CodecSpec.parse(c) for c in codecs]
+        for name in self.crossing_tensors():
+            array = self.activations[name]
+            sizes[name] = {
+                spec.name: codec_mod.encode(
+                    array, codec_mod.codec_for_dtype(spec, array.dtype.name)
+                ).wire_bytes
+                for spec in specs
+            }
+        return sizes
+
+    def profile(
+        self, *, threads: int = 1, runs: int = 10, name: str = "this-machine",
+        progress: Progress | None = None,
+    ) -> DeviceProfile:
+        return profile_model(
+            self.graph, inputs=self.inputs, activations=self.activations, threads=threads,
+            runs=runs, name=name, progress=progress,
+        )
+
+    def plan(
+        self,
+        *,
+        device: DeviceProfile,
+        server: DeviceProfile,
+        link: LinkProfile,
+        codec: str = "auto",
+        objective: str = "latency",
+        constraints: Constraints | None = None,
+    ) -> PlanReport:
+        codecs = resolve_codecs(codec)
+        for profile in (device, server):
+            if profile.model_sha256 != self.graph.sha256:
+                from .errors import ProfileError
+
+                raise ProfileError(
+                    f"profile {profile.name!r} was measured on model "
+                    f"{profile.model_sha256[:12]}…, not this one ({self.graph.sha256[:12]}…)",
+                    hint="measure it with: edgeoffload profile MODEL -o profile.json",
+                )
+        return evaluate(
+            self.cuts,
+            self.node_order,
+            device=device,
+            server=server,
+            link=link,
+            wire_bytes=self.wire_bytes(codecs),
+            output_bytes=self.graph.output_bytes(),
+            codecs=codecs,
+            objective=objective,
+            constraints=constraints,
+        )
+
+
+def resolve_codecs(codec: str) -> list[str]:
+    if codec == "auto":
+        return list(AUTO_CODECS)
+    try:
+        return [codec_mod.CodecSpec.parse(codec).name]
+    except UsageError:
+        raise UsageError(
+            f"unknown codec {codec!r}",
+            hint="use auto, none, zstd, lz4, fp16, int8, int8c, optionally +zstd/+lz4",
+        ) from None
+
+
+def _check_inputs(graph: ModelGraph, feed: Mapping[str, np.ndarray]) -> None:
+    expected = {spec.name: spec for spec in graph.inputs}
+    missing = sorted(set(expected) - set(feed))
+    extra = sorted(set(feed) - set(expected))
+    if missing or extra:
+        raise UsageError(
+            "sample inputs do not match the model: "
+            + (f"missing {missing} " if missing else "")
+            + (f"unexpected {extra}" if extra else ""),
+            hint=f"model inputs: {', '.join(expected)}",
+        )
+    for name, array in feed.items():
+        if array.dtype.name != expected[name].dtype:
+            raise UsageError(
+                f"sample input {name!r} has dtype {array.dtype.name}, the model expects "
+                f"{expected[name].dtype}"
+            )
+
+
+@dataclass(frozen=True)
+class Verification:
+    exact: bool
+    max_abs_error: dict[str, float]
+    codec: str
+    codec_max_rel_error: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exact": self.exact,
+            "max_abs_error": self.max_abs_error,
+            "codec": self.codec,
+            "codec_max_rel_error": self.codec_max_rel_error,
+            "split_rtol": SPLIT_RTOL,
+            "split_atol": SPLIT_ATOL,
+        }
+
+
+def run_split(
+    head: Any | None,
+    tail: Any | None,
+    inputs: Mapping[str, np.ndarray],
+    passthrough: Sequence[str],
+    *,
+    codec: str = "none",
+) -> dict[str, np.ndarray]:
+    """tail(codec(head(x))) with real onnxruntime sessions (head/tail: sessions or None)."""
+    crossing: dict[str, np.ndarray] = {name: inputs[name] for name in passthrough}
+    if head is not None:
+        crossing.update(run(head, inputs))
+    if tail is None:
+        return crossing
+    spec = codec_mod.CodecSpec.parse(codec)
+    received = {
+        name: np.asarray(
+            codec_mod.decode(codec_mod.encode(a, codec_mod.codec_for_dtype(spec, a.dtype.name)))
+        )
+        for name, a in crossing.items()
+    }
+    return run(tail, received)
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    if a.size == 0:
+        return 0.0
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(np.nanmax(diff)) if not np.isnan(diff).all() else math.inf
+
+
+def verify_split(
+    graph: ModelGraph,
+    cut: CutPoint,
+    head_model: Any | None,
+    tail_model: Any | None,
+    inputs_list: Sequence[Mapping[str, np.ndarray]],
+    *,
+    codec: str = "none",
+    threads: int = 1,
+) -> Verification:
+    """Check tail(head(x)) against the full model on every sample; raise on mismatch."""
+    full = make_session(graph.model, threads=threads, optimize=False)
+    head = make_session(head_model, threads=threads, optimize=False) if head_model else None
+    tail = make_session(tail_model, threads=threads, optimize=False) if tail_model else None
+    passthrough = [t.name for t in cut.tensors if t.name in {i.name for i in graph.inputs}]
+    errors: dict[str, float] = {}
+    codec_errors: dict[str, float] = {}
+    exact = True
+    codec_name = codec_mod.CodecSpec.parse(codec).name
+    quant = codec_mod.CodecSpec.parse(codec).quant
+    for inputs in inputs_list:
+        expected = run(full, inputs)
+        got = run_split(head, tail, inputs, passthrough)
+        for name, ref in expected.items():
+            if name not in got:
+                raise VerificationError(f"split at {cut.id} does not produce output {name!r}")
+            out = got[name]
+            err = _max_abs(out, ref)
+            errors[name] = max(errors.get(name, 0.0), err)
+            exact = exact and out.shape == ref.shape and np.array_equal(out, ref, equal_nan=True)
+            if ref.dtype.kind in "fc":
+                bound = SPLIT_ATOL + SPLIT_RTOL * float(np.max(np.abs(ref), initial=0.0))
+            else:
+                bound = 0.0
+            if not err <= bound:
+                raise VerificationError(
+                    f"split at {cut.id} ({cut.describe()}) changes output {name!r}: "
+                    f"max |diff| = {err:.3g} > tolerance {bound:.3g}",
+                    hint="please report this model; try another cut with --cut",
+                )
+        if codec_name != "none" and tail is not None:
+            lossy = run_split(head, tail, inputs, passthrough, codec=codec_name)
+            for name, ref in expected.items():
+                if ref.dtype.kind not in "fc":
+                    if not np.array_equal(lossy[name], ref):
+                        raise VerificationError(f"codec {codec_name} changes integer output {name!r}")
+                    continue
+                scale = float(np.max(np.abs(ref), initial=0.0)) or 1.0
+                rel = _max_abs(lossy[name], ref) / scale
+                codec_errors[name] = max(codec_errors.get(name, 0.0), rel)
+                limit = CODEC_TOLERANCE.get(quant, 1e-5)
+                if not rel <= limit:
+                    raise VerificationError(
+                        f"codec {codec_name} moves output {name!r} by {rel:.3g} of its range "
+                        f"at {cut.id} (limit {limit:g})",
+                        hint="use a lossless codec (--codec none/zstd) or fp16",
+                    )
+    return Verification(exact, errors, codec_name, codec_errors)
+
+
+def _part(name: str, model: Any, graph: ModelGraph) -> tuple[PartInfo, bytes]:
+    data = model.SerializeToString()
+    inputs = tuple(graph.tensor_spec(i.name) for i in model.graph.input)
+    outputs = tuple(graph.tensor_spec(o.name) for o in model.graph.output)
+    return PartInfo(name, sha256_bytes(data), inputs, outputs), data
+
+
+def check_part(model: Any, what: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphError(f"the {what} part fails the ONNX checker: {first}") from None
+
+
+def split_model(
+    analysis: Analysis,
+    cut: CutPoint,
+    out_dir: str | Path,
+    *,
+    codec: str = "none",
+    report: PlanReport | None = None,
+    verify_samples: int = 2,
+) -> Bundle:
+    """Split at ``cut``, check both parts, verify them on samples, write the bundle."""
+    graph = analysis.graph
+    head_model, tail_model = graph.split(cut)
+    if head_model is not None:
+        check_part(head_model, "head")
+    if tail_model is not None:
+        check_part(tail_model, "tail")
+    samples = [analysis.inputs] + [graph.sample_inputs(seed=s) for s in range(1, verify_samples)]
+    verification = verify_split(graph, cut, head_model, tail_model, samples, codec=codec)
+    head_info = head_data = tail_info = tail_data = None
+    if head_model is not None:
+        head_info, head_data = _part(HEAD, head_model, graph)
+    if tail_model is not None:
+        tail_info, tail_data = _part(TAIL, tail_model, graph)
+    graph_inputs = {spec.name for spec in graph.inputs}
+    predicted: dict[str, Any] = {}
+    if report is not None:
+        chosen = next((p for p in report.plans if p.cut.index == cut.index), None)
+        predicted = report.to_dict()
+        if chosen is not None:
+            predicted["chosen"] = chosen.to_dict()
+    manifest = Manifest(
+        source_sha256=graph.sha256,
+        source_name=analysis.source_name,
+        cut_id=cut.id,
+        cut_after=cut.after,
+        crossing=cut.tensors,
+        passthrough=tuple(t.name for t in cut.tensors if t.name in graph_inputs),
+        graph_inputs=tuple(graph.inputs),
+        graph_outputs=tuple(graph.tensor_spec(o) for o in graph.output_names),
+        head=head_info,
+        tail=tail_info,
+        codec=codec_mod.CodecSpec.parse(codec).name,
+        dims=dict(graph.dims),
+        predicted=predicted,
+        verification=verification.to_dict(),
+        created_by=f"edgeoffload {__version__}",
+    )
+    return write_bundle(out_dir, manifest, head=head_data, tail=tail_data)
+
+
+def spec_list(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs)

@@ -1,0 +1,335 @@
+"""Frozen value types shared by every layer, with strict ``to_dict`` / ``from_dict``.
+
+Stdlib only. ``from_dict`` rejects unknown keys, missing keys and wrong types with the error
+class the caller names (ProfileError for profile files, ManifestError for manifests), so a
+malformed JSON file never surfaces as a KeyError deep inside the code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import EdgeOffloadError, ProfileError
+
+Dim = int | str
+"""A tensor dimension: a concrete size or a symbolic name such as ``"batch"``."""
+
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "float64": 8,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+}
+
+
+class _Fields:
+    """Strict reader over a JSON object: every access is typed, leftovers are an error."""
+
+    def __init__(
+        self, data: object, what: str, error: type[EdgeOffloadError] = ProfileError
+    ) -> None:
+        if not isinstance(data, Mapping):
+            raise error(f"{what}: expected a JSON object, got {type(data).__name__}")
+        self._data = dict(data)
+        self._what = what
+        self._error = error
+        self._seen: set[str] = set()
+
+    def _get(self, key: str, default: object, required: bool) -> object:
+        self._seen.add(key)
+        if key not in self._data:
+            if required:
+                raise self._error(f"{self._what}: missing field {key!r}")
+            return default
+        return self._data[key]
+
+    def value(self, key: str) -> object:
+        """A required field of any JSON type (the caller validates it)."""
+        return self._get(key, None, True)
+
+    def text(self, key: str, default: str | None = None, *, required: bool = True) -> str:
+        value = self._get(key, default, required and default is None)
+        if not isinstance(value, str):
+            raise self._error(f"{self._what}: field {key!r} must be a string")
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        value = self._get(key, None, False)
+        if value is not None and not isinstance(value, str):
+            raise self._error(f"{self._what}: field {key!r} must be a string or null")
+        return value
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self._get(key, default, default is None)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._error(f"{self._what}: field {key!r} must be an integer")
+        return value
+
+    def number(self, key: str, default: float | None = None, *, positive: bool = False) -> float:
+        value = self._get(key, default, default is None)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._error(f"{self._what}: field {key!r} must be a number")
+        number = float(value)
+        if not math.isfinite(number) or number < 0 or (positive and number == 0):
+            bound = "positive" if positive else "non-negative"
+            raise self._error(f"{self._what}: field {key!r} must be a finite {bound} number")
+        return number
+
+    def array(self, key: str, default: list[Any] | None = None) -> list[Any]:
+        value = self._get(key, default, default is None)
+        if not isinstance(value, list):
+            raise self._error(f"{self._what}: field {key!r} must be a list")
+        return value
+
+    def obj(self, key: str, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        value = self._get(key, default, default is None)
+        if not isinstance(value, dict):
+            raise self._error(f"{self._what}: field {key!r} must be an object")
+        return value
+
+    def done(self) -> None:
+        extra = sorted(set(self._data) - self._seen)
+        if extra:
+            raise self._error(f"{self._what}: unknown field(s) {', '.join(map(repr, extra))}")
+
+
+def fields(data: object, what: str, error: type[EdgeOffloadError]) -> _Fields:
+    """Strict field reader for ``from_dict`` implementations in other modules."""
+    return _Fields(data, what, error)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of a tensor; dims may be symbolic (strings)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES.get(self.dtype, 0)
+
+    def resolved(self, dims: Mapping[str, int]) -> tuple[int, ...] | None:
+        """The concrete shape given values for the symbolic dims, or None if one is missing."""
+        out: list[int] = []
+        for dim in self.shape:
+            if isinstance(dim, int):
+                out.append(dim)
+            elif dim in dims:
+                out.append(dims[dim])
+            else:
+                return None
+        return tuple(out)
+
+    def nbytes(self, dims: Mapping[str, int] | None = None) -> int | None:
+        shape = self.resolved(dims or {})
+        if shape is None:
+            return None
+        return math.prod(shape) * self.itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(
+        cls, data: object, error: type[EdgeOffloadError] = ProfileError
+    ) -> TensorSpec:
+        f = _Fields(data, "tensor spec", error)
+        name, dtype, shape = f.text("name"), f.text("dtype"), f.array("shape")
+        f.done()
+        if dtype not in DTYPE_SIZES:
+            raise error(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        dims: list[Dim] = []
+        for dim in shape:
+            if isinstance(dim, bool) or not isinstance(dim, int | str):
+                raise error(f"tensor {name!r}: dims must be integers or names, got {dim!r}")
+            if isinstance(dim, int) and dim < 0:
+                raise error(f"tensor {name!r}: negative dim {dim}")
+            dims.append(dim)
+        return cls(name=name, dtype=dtype, shape=tuple(dims))
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A network link between device and server: rates in bits per second, RTT in ms."""
+
+    name: str
+    up_bps: float
+    down_bps: float
+    rtt_ms: float
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "up_bps": self.up_bps,
+            "down_bps": self.down_bps,
+            "rtt_ms": self.rtt_ms,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> LinkProfile:
+        f = _Fields(data, "link profile")
+        link = cls(
+            name=f.text("name"),
+            up_bps=f.number("up_bps", positive=True),
+            down_bps=f.number("down_bps", positive=True),
+            rtt_ms=f.number("rtt_ms"),
+            source=f.text("source", ""),
+        )
+        f.done()
+        return link
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    """Device power draw in watts, for the energy objective (Neurosurgeon-style).
+
+    Defaults are typical smartphone figures: ~2 W for a busy big core cluster, ~1.2 W for the
+    radio while transmitting over Wi-Fi/LTE, ~0.9 W receiving and ~0.3 W idle while waiting
+    for the server (Carroll & Heiser 2010; Huang et al. MobiSys 2012). Override them per device.
+    """
+
+    compute_w: float = 2.0
+    radio_tx_w: float = 1.2
+    radio_rx_w: float = 0.9
+    idle_w: float = 0.3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "compute_w": self.compute_w,
+            "radio_tx_w": self.radio_tx_w,
+            "radio_rx_w": self.radio_rx_w,
+            "idle_w": self.idle_w,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> PowerModel:
+        f = _Fields(data, "power model")
+        power = cls(
+            compute_w=f.number("compute_w", 2.0),
+            radio_tx_w=f.number("radio_tx_w", 1.2),
+            radio_rx_w=f.number("radio_rx_w", 0.9),
+            idle_w=f.number("idle_w", 0.3),
+        )
+        f.done()
+        return power
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One real timing used to calibrate per-node profile sums.
+
+    ``raw_ms`` is the sum of per-node kernel times (unfused) of the nodes before a cut;
+    ``measured_ms`` is the median wall time of a real, optimised head session ending there.
+    """
+
+    raw_ms: float
+    measured_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"raw_ms": self.raw_ms, "measured_ms": self.measured_ms}
+
+    @classmethod
+    def from_dict(cls, data: object) -> CalibrationPoint:
+        f = _Fields(data, "calibration point")
+        point = cls(raw_ms=f.number("raw_ms"), measured_ms=f.number("measured_ms"))
+        f.done()
+        return point
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Measured compute times of one model's nodes on one machine (device or server).
+
+    ``node_ms`` holds per-node kernel times from onnxruntime's profiler with graph
+    optimisations off, so every original node has its own time. ``calibration`` maps sums of
+    those raw times to wall times of real optimised sessions (fusion, session overhead), and
+    ``slowdown`` describes a machine that is N times slower than the one measured.
+    """
+
+    name: str
+    model_sha256: str
+    threads: int
+    node_ms: dict[str, float]
+    calibration: tuple[CalibrationPoint, ...]
+    slowdown: float = 1.0
+    power: PowerModel = field(default_factory=PowerModel)
+    # Bytes per second the codec pipeline runs at on this machine, per codec name.
+    codec_bps: dict[str, float] = field(default_factory=dict)
+    machine: str = ""
+
+    def with_slowdown(self, factor: float, name: str | None = None) -> DeviceProfile:
+        if not math.isfinite(factor) or factor <= 0:
+            raise ProfileError(f"slowdown must be a positive number, got {factor}")
+        return DeviceProfile(
+            name=name or f"{self.name} x{factor:g} slower",
+            model_sha256=self.model_sha256,
+            threads=self.threads,
+            node_ms=self.node_ms,
+            calibration=self.calibration,
+            slowdown=self.slowdown * factor,
+            power=self.power,
+            codec_bps=self.codec_bps,
+            machine=self.machine,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "edgeoffload.profile",
+            "name": self.name,
+            "model_sha256": self.model_sha256,
+            "threads": self.threads,
+            "slowdown": self.slowdown,
+            "machine": self.machine,
+            "power": self.power.to_dict(),
+            "codec_bps": dict(self.codec_bps),
+            "calibration": [p.to_dict() for p in self.calibration],
+            "node_ms": dict(self.node_ms),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> DeviceProfile:
+        f = _Fields(data, "profile")
+        kind = f.text("kind")
+        if kind != "edgeoffload.profile":
+            raise ProfileError(f"profile: 'kind' is {kind!r}, expected 'edgeoffload.profile'")
+        node_ms_raw = f.obj("node_ms")
+        node_ms: dict[str, float] = {}
+        for key, value in node_ms_raw.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ProfileError(f"profile: node_ms[{key!r}] must be a non-negative number")
+            node_ms[key] = float(value)
+        codec_raw = f.obj("codec_bps", {})
+        codec_bps: dict[str, float] = {}
+        for key, value in codec_raw.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ProfileError(f"profile: codec_bps[{key!r}] must be a positive number")
+            codec_bps[key] = float(value)
+        profile = cls(
+            name=f.text("name"),
+            model_sha256=f.text("model_sha256"),
+            threads=f.integer("threads"),
+            slowdown=f.number("slowdown", 1.0, positive=True),
+            machine=f.text("machine", ""),
+            power=PowerModel.from_dict(f.obj("power", {})),
+            codec_bps=codec_bps,
+            calibration=tuple(CalibrationPoint.from_dict(p) for p in f.array("calibration")),
+            node_ms=node_ms,
+        )
+        f.done()
+        return profile
