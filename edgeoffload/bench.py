@@ -7,6 +7,7 @@ same thread count; the result has Spearman's rank correlation and the median rel
 
 from __future__ import annotations
 
+import functools
 import platform
 import statistics
 import sys
@@ -87,7 +88,7 @@ def cost_accuracy(
     compute = ComputeModel(profile, analysis.node_order)
     n = len(analysis.node_order)
     cuts = [c for c in analysis.cuts if 0 < c.index < n and len(c.tensors) == 1]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, cut in enumerate(cuts):
         if progress:
             progress(f"timing {cut.id}", i / max(1, len(cuts)))
@@ -99,16 +100,22 @@ def cost_accuracy(
         crossing.update({k: analysis.inputs[k] for k in analysis.inputs})
         tail_feed = {x.name: crossing[x.name] for x in tail.get_inputs()}
         head_ms, tail_ms = _interleaved_ms(
-            [lambda: run(head, head_feed), lambda: run(tail, tail_feed)], runs=runs
+            [
+                functools.partial(run, head, head_feed),
+                functools.partial(run, tail, tail_feed),
+            ],
+            runs=runs,
         )
-        rows.append({
-            "cut": cut.id,
-            "after": cut.after,
-            "predicted_head_ms": compute.head_ms(cut.index),
-            "measured_head_ms": head_ms,
-            "predicted_tail_ms": compute.tail_ms(cut.index),
-            "measured_tail_ms": tail_ms,
-        })
+        rows.append(
+            {
+                "cut": cut.id,
+                "after": cut.after,
+                "predicted_head_ms": compute.head_ms(cut.index),
+                "measured_head_ms": head_ms,
+                "predicted_tail_ms": compute.tail_ms(cut.index),
+                "measured_tail_ms": tail_ms,
+            }
+        )
 
     def summary(kind: str) -> dict[str, float]:
         predicted = [r[f"predicted_{kind}_ms"] for r in rows]

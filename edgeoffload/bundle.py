@@ -36,6 +36,19 @@ def _specs(items: list[Any]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_dict(item, ManifestError) for item in items)
 
 
+STATE_SIDES = ("device", "server")
+
+
+def _state_entry(data: object) -> dict[str, str]:
+    """One KV-cache state pair: the part's input that receives what ``output`` produced."""
+    f = fields(data, "manifest state entry", ManifestError)
+    entry = {"side": f.text("side"), "input": f.text("input"), "output": f.text("output")}
+    f.done()
+    if entry["side"] not in STATE_SIDES:
+        raise ManifestError(f"manifest state side {entry['side']!r} is not one of {STATE_SIDES}")
+    return entry
+
+
 @dataclass(frozen=True)
 class PartInfo:
     """One executable part of the bundle (head or tail)."""
@@ -140,11 +153,12 @@ class Manifest:
         head_raw = f.value("head")
         tail_raw = f.value("tail")
         dims = f.obj("dims", {})
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in dims.values()):
-            raise ManifestError("manifest dims must map names to integers")
-        state = f.array("state", [])
-        if not all(isinstance(s, dict) for s in state):
-            raise ManifestError("manifest state entries must be objects")
+        if not all(type(v) is int and v > 0 for v in dims.values()):
+            raise ManifestError("manifest dims must map names to positive integers")
+        state = tuple(_state_entry(s) for s in f.array("state", []))
+        passthrough = f.array("passthrough")
+        if not all(isinstance(p, str) for p in passthrough):
+            raise ManifestError("manifest passthrough must list tensor names (strings)")
         manifest = cls(
             schema_version=version,
             created_by=f.text("created_by", ""),
@@ -154,13 +168,13 @@ class Manifest:
             cut_id=cut.text("id"),
             cut_after=cut.text("after"),
             crossing=_specs(f.array("crossing")),
-            passthrough=tuple(str(p) for p in f.array("passthrough")),
+            passthrough=tuple(passthrough),
             graph_inputs=_specs(f.array("graph_inputs")),
             graph_outputs=_specs(f.array("graph_outputs")),
             head=PartInfo.from_dict(head_raw) if head_raw is not None else None,
             tail=PartInfo.from_dict(tail_raw) if tail_raw is not None else None,
             codec=f.text("codec"),
-            state=tuple(state),
+            state=state,
             predicted=f.obj("predicted", {}),
             verification=f.obj("verification", {}),
         )
@@ -169,6 +183,10 @@ class Manifest:
         f.done()
         if manifest.head is None and manifest.tail is None:
             raise ManifestError("manifest has neither a head nor a tail")
+        crossing = {t.name for t in manifest.crossing}
+        stray = [p for p in manifest.passthrough if p not in crossing]
+        if stray:
+            raise ManifestError(f"manifest passthrough names non-crossing tensor(s) {stray}")
         return manifest
 
 

@@ -81,7 +81,9 @@ DeviceClassOpt = Annotated[
 CodecOpt = Annotated[
     str, typer.Option("--codec", help="auto, none, zstd, lz4, fp16, int8, int8c (+zstd/+lz4).")
 ]
-ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="Threads per side when measuring.")]
+ThreadsOpt = Annotated[
+    int, typer.Option("--threads", min=1, help="Threads per side when measuring.")
+]
 
 
 def _parse_dims(items: list[str] | None) -> dict[str, int]:
@@ -112,7 +114,7 @@ def resolve_model(spec: str) -> Any:
     """A path, or a ModelProto for ``zoo:NAME`` (``zoo:minilm`` exports the real MiniLM)."""
     if not spec.startswith(ZOO_PREFIX):
         return Path(spec)
-    name = spec[len(ZOO_PREFIX):]
+    name = spec[len(ZOO_PREFIX) :]
     if name == "minilm":
         from .converters.minilm import export_minilm
 
@@ -128,9 +130,7 @@ def _progress(enabled: bool = True) -> Iterator[Any]:
     if not enabled or not err.is_terminal:
         yield None
         return
-    columns = (
-        TextColumn("{task.description:<40}"), BarColumn(), TimeElapsedColumn()
-    )
+    columns = (TextColumn("{task.description:<40}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("starting", total=1.0)
 
@@ -157,15 +157,17 @@ def _profiles(
         with _progress() as progress:
             started = time.perf_counter()
             measured = analysis.profile(threads=threads, progress=progress)
-            notes.append(
-                f"profiled this machine ({threads} thread(s)) in {time.perf_counter() - started:.1f} s"
-            )
-    device = load_profile(device_profile) if device_profile else measured
-    server = load_profile(server_profile) if server_profile else measured
+            seconds = time.perf_counter() - started
+            notes.append(f"profiled this machine ({threads} thread(s)) in {seconds:.1f} s")
+    device = load_profile(device_profile) if device_profile is not None else measured
+    server = load_profile(server_profile) if server_profile is not None else measured
+    assert device is not None and server is not None  # measured whenever a file is missing
     slowdown = device_slowdown(device_class)
     if slowdown != 1.0:
         device = device.with_slowdown(slowdown, name=f"{device_class} ({slowdown:g}x slower)")
-        notes.append(f"device = {device.name} than {'its profile' if device_profile else 'this machine'}")
+        notes.append(
+            f"device = {device.name} than {'its profile' if device_profile else 'this machine'}"
+        )
     return device, server, notes
 
 
@@ -187,21 +189,44 @@ def _cut_table(report: Any, analysis: Any, show_all: bool) -> Table:
     graph = analysis.graph
     n = len(graph.nodes)
     table = Table(title=f"cuts of {analysis.source_name} ({n} nodes, link {report.link.name})")
-    for col in ("cut", "after", "tensors", "bytes", "codec", "wire", "device ms", "transfer ms",
-                "server ms", "total ms"):
-        table.add_column(col, justify="right" if "ms" in col or col in ("bytes", "wire") else "left")
+    for col in (
+        "cut",
+        "after",
+        "tensors",
+        "bytes",
+        "codec",
+        "wire",
+        "device ms",
+        "transfer ms",
+        "server ms",
+        "total ms",
+    ):
+        table.add_column(
+            col, justify="right" if "ms" in col or col in ("bytes", "wire") else "left"
+        )
     for plan in report.plans:
         cut = plan.cut
         if not (show_all or cut.boundary or cut.index == report.best.cut.index):
             continue
         names = ", ".join(t.name for t in cut.tensors[:2]) + (" …" if len(cut.tensors) > 2 else "")
         mark = "*" if cut.index == report.best.cut.index else ""
-        after = "(all-remote)" if cut.index == 0 else ("(all-local) " if cut.index == n else "") + cut.after
+        after = (
+            "(all-remote)"
+            if cut.index == 0
+            else ("(all-local) " if cut.index == n else "") + cut.after
+        )
         c = plan.cost
         table.add_row(
-            f"{mark}{cut.id}", after, f"{len(cut.tensors)}: {names}" if cut.tensors else "-",
-            _fmt_bytes(cut.nbytes), plan.codec if cut.index < n else "-", _fmt_bytes(c.wire_bytes),
-            f"{c.device_ms:.2f}", f"{c.transfer_ms:.2f}", f"{c.server_ms:.2f}", f"{c.total_ms:.2f}",
+            f"{mark}{cut.id}",
+            after,
+            f"{len(cut.tensors)}: {names}" if cut.tensors else "-",
+            _fmt_bytes(cut.nbytes),
+            plan.codec if cut.index < n else "-",
+            _fmt_bytes(c.wire_bytes),
+            f"{c.device_ms:.2f}",
+            f"{c.transfer_ms:.2f}",
+            f"{c.server_ms:.2f}",
+            f"{c.total_ms:.2f}",
             style="bold green" if mark else None,
         )
     return table
@@ -212,8 +237,7 @@ def _decision_lines(report: Any, bundle_path: Path | None = None) -> list[str]:
     unit = "mJ" if report.objective == "energy" else "ms"
     where = "all-local" if best.cut.index == report.all_local.cut.index else best.cut.describe()
     lines = [
-        f"chosen cut: {best.cut.id} {where}"
-        + (f" [{best.cut.layer}]" if best.cut.layer else ""),
+        f"chosen cut: {best.cut.id} {where}" + (f" [{best.cut.layer}]" if best.cut.layer else ""),
         f"  crossing: {len(best.cut.tensors)} tensor(s), {_fmt_bytes(best.cut.nbytes)} raw, "
         f"{_fmt_bytes(best.cost.wire_bytes)} on the wire with codec {best.codec}",
         f"  predicted: {best.cost.total_ms:.2f} ms (device {best.cost.device_ms:.2f}, transfer "
@@ -242,7 +266,9 @@ def cuts(
     device: DeviceClassOpt = "phone",
     codec: CodecOpt = "auto",
     threads: ThreadsOpt = 1,
-    show_all: Annotated[bool, typer.Option("--all", help="List every cut, not only layer boundaries.")] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List every cut, not only layer boundaries.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the places MODEL can be cut, with bytes and predicted costs."""
@@ -250,8 +276,11 @@ def cuts(
 
     analysis = _analysis(model, dim, input_path)
     dev, srv, notes = _profiles(
-        analysis, device_profile=device_profile, server_profile=server_profile,
-        device_class=device, threads=threads,
+        analysis,
+        device_profile=device_profile,
+        server_profile=server_profile,
+        device_class=device,
+        threads=threads,
     )
     report = analysis.plan(device=dev, server=srv, link=parse_link(network), codec=codec)
     if as_json:
@@ -260,9 +289,7 @@ def cuts(
             "sha256": analysis.graph.sha256,
             "layer_structure": analysis.graph.has_layer_structure,
             "report": report.to_dict(),
-            "cuts": [
-                {**p.cut.to_dict(), "plan": p.to_dict()} for p in report.plans
-            ],
+            "cuts": [{**p.cut.to_dict(), "plan": p.to_dict()} for p in report.plans],
         }
         out.print_json(json.dumps(payload))
         return
@@ -283,12 +310,16 @@ def cuts(
 @app.command()
 def profile(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")
+    ],
     dim: DimOpt = None,
     input_path: InputOpt = None,
     threads: ThreadsOpt = 1,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per measurement.")] = 10,
-    name: Annotated[str, typer.Option("--name", help="Name recorded in the profile.")] = "this-machine",
+    name: Annotated[
+        str, typer.Option("--name", help="Name recorded in the profile.")
+    ] = "this-machine",
 ) -> None:
     """Measure MODEL's per-node and calibrated head times on this machine."""
     from .profiler import save_profile
@@ -318,14 +349,22 @@ def split(
     device: DeviceClassOpt = "phone",
     objective: Annotated[str, typer.Option("--objective", help="latency or energy.")] = "latency",
     max_device_memory: Annotated[
-        str | None, typer.Option("--max-device-memory", help="e.g. 64MiB: head weights + peak activations.")
+        str | None,
+        typer.Option("--max-device-memory", help="e.g. 64MiB: head weights + peak activations."),
     ] = None,
     min_head_depth: Annotated[
-        int, typer.Option("--min-head-depth", min=0, help="Parametric layers that must stay on the device.")
+        int,
+        typer.Option(
+            "--min-head-depth", min=0, help="Parametric layers that must stay on the device."
+        ),
     ] = 0,
     codec: CodecOpt = "auto",
-    cut: Annotated[str | None, typer.Option("--cut", help="Force a cut: id (c42), node or tensor name.")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write predicted costs per cut as PNG.")] = None,
+    cut: Annotated[
+        str | None, typer.Option("--cut", help="Force a cut: id (c42), node or tensor name.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write predicted costs per cut as PNG.")
+    ] = None,
     threads: ThreadsOpt = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
 ) -> None:
@@ -343,8 +382,11 @@ def split(
     analysis = _analysis(model, dim, input_path)
     chosen_cut = analysis.graph.find_cut(cut, analysis.cuts) if cut else None
     dev, srv, notes = _profiles(
-        analysis, device_profile=device_profile, server_profile=server_profile,
-        device_class=device, threads=threads,
+        analysis,
+        device_profile=device_profile,
+        server_profile=server_profile,
+        device_class=device,
+        threads=threads,
     )
     report = analysis.plan(
         device=dev, server=srv, link=link, codec=codec, objective=objective, constraints=constraints
@@ -364,24 +406,37 @@ def split(
     if plot is not None:
         plot_costs(report, plot, title=f"{analysis.source_name}: predicted latency per cut")
     if as_json:
-        out.print_json(json.dumps({
-            "bundle": str(output), "seconds": round(elapsed, 3), "report": report.to_dict(),
-            "verification": bundle.manifest.verification,
-        }))
+        out.print_json(
+            json.dumps(
+                {
+                    "bundle": str(output),
+                    "seconds": round(elapsed, 3),
+                    "report": report.to_dict(),
+                    "verification": bundle.manifest.verification,
+                }
+            )
+        )
         return
     for note in notes:
         err.print(f"[dim]{note}[/dim]")
     for line in _decision_lines(report, bundle.path):
         out.print(line)
-    ver = bundle.manifest.verification
-    out.print(
-        f"verified tail(head(x)) == full model on 2 inputs ({'bit-exact' if ver['exact'] else 'within tolerance'}"
-        + (f"; codec {ver['codec']} max relative error {max(ver['codec_max_rel_error'].values(), default=0):.2g}"
-           if ver["codec_max_rel_error"] else "")
-        + f"); split took {elapsed:.1f} s"
-    )
+    out.print(f"{_verification_line(bundle.manifest.verification)}; split took {elapsed:.1f} s")
     if plot is not None:
         out.print(f"plot: {plot}")
+
+
+def _verification_line(ver: dict[str, Any]) -> str:
+    line = "verified: tail(head(x)) == full model on 2 inputs"
+    line += (
+        " (bit-exact)"
+        if ver["exact"]
+        else f" (max |diff| {max(ver['max_abs_error'].values()):.2g})"
+    )
+    if ver["codec_max_rel_error"]:
+        worst = max(ver["codec_max_rel_error"].values())
+        line += f"; codec {ver['codec']} moves outputs by at most {worst:.2g} of their range"
+    return line
 
 
 def plot_costs(report: Any, path: Path, *, title: str) -> None:
@@ -413,9 +468,13 @@ def plot_costs(report: Any, path: Path, *, title: str) -> None:
     top = 3 * max(report.all_local.cost.total_ms, report.best.cost.total_ms)
     ax.set_ylim(0, min(max(bottom), top) * 1.05)
     ax.axvline(best, color="black", linestyle="--", linewidth=1)
-    ax.annotate(f"chosen {report.best.cut.id}: {report.best.cost.total_ms:.1f} ms",
-                (best, ax.get_ylim()[1] * 0.92), ha="right", xytext=(-4, 0),
-                textcoords="offset points")
+    ax.annotate(
+        f"chosen {report.best.cut.id}: {report.best.cost.total_ms:.1f} ms",
+        (best, ax.get_ylim()[1] * 0.92),
+        ha="right",
+        xytext=(-4, 0),
+        textcoords="offset points",
+    )
     ax.set_xlabel("cut (number of nodes on the device)")
     ax.set_ylabel("predicted latency (ms)")
     ax.set_title(f"{title} — link {report.link.name}")
@@ -427,9 +486,20 @@ def plot_costs(report: Any, path: Path, *, title: str) -> None:
 
 @app.command()
 def export(
-    source: Annotated[str, typer.Argument(help="Hugging Face model dir, or 'minilm' for the packaged all-MiniLM-L6-v2.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Hugging Face model dir, or 'minilm' for the packaged all-MiniLM-L6-v2."
+        ),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
-    task: Annotated[str, typer.Option("--task", help="optimum task (auto, feature-extraction, text-generation-with-past, ...).")] = "auto",
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="optimum task (auto, feature-extraction, text-generation-with-past, ...).",
+        ),
+    ] = "auto",
 ) -> None:
     """Export a Hugging Face model to ONNX (needs the 'convert' extra)."""
     if source == "minilm":
@@ -447,8 +517,12 @@ def export(
 def demo(
     network: NetworkOpt = "wifi",
     device: DeviceClassOpt = "rpi",
-    model: Annotated[str, typer.Option("--model", help="Model to demo (default: embedded MobileNetV2).")] = "zoo:mobilenetv2",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Keep the bundle here.")] = None,
+    model: Annotated[
+        str, typer.Option("--model", help="Model to demo (default: embedded MobileNetV2).")
+    ] = "zoo:mobilenetv2",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Keep the bundle here.")
+    ] = None,
 ) -> None:
     """Profile, plan, split and verify the embedded default model, and print the decision."""
     from .presets import parse_link
@@ -470,15 +544,13 @@ def demo(
     report = analysis.plan(device=dev, server=srv, link=link)
     with tempfile.TemporaryDirectory(prefix="edgeoffload-demo-") as tmp:
         target = output or Path(tmp) / "bundle"
-        bundle = split_model(analysis, report.best.cut, target, codec=report.best.codec, report=report)
+        bundle = split_model(
+            analysis, report.best.cut, target, codec=report.best.codec, report=report
+        )
         for line in _decision_lines(report, bundle.path if output else None):
             out.print(line)
-        ver = bundle.manifest.verification
-        out.print(
-            f"verified: tail(head(x)) {'==' if ver['exact'] else '≈'} full model "
-            f"(max |diff| {max(ver['max_abs_error'].values(), default=0):.2g}); "
-            f"demo took {time.perf_counter() - started:.1f} s"
-        )
+        seconds = time.perf_counter() - started
+        out.print(f"{_verification_line(bundle.manifest.verification)}; demo took {seconds:.1f} s")
 
 
 @app.command()
@@ -501,9 +573,11 @@ def inspect(
         if part is None:
             out.print(f"  {label}: none")
             continue
-        out.print(f"  {label}: {part.file} sha256 {part.sha256[:16]}… "
-                  f"in [{', '.join(t.name for t in part.inputs)}] "
-                  f"out [{', '.join(t.name for t in part.outputs)}]")
+        out.print(
+            f"  {label}: {part.file} sha256 {part.sha256[:16]}… "
+            f"in [{', '.join(t.name for t in part.inputs)}] "
+            f"out [{', '.join(t.name for t in part.outputs)}]"
+        )
     crossing = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.crossing)
     out.print(f"  crossing: {crossing or '(nothing: all-local)'}")
 
@@ -514,20 +588,30 @@ BENCHMARKS = ("cost-accuracy",)
 @app.command()
 def bench(
     scenario: Annotated[str, typer.Argument(help="Benchmark to run: cost-accuracy.")],
-    model: Annotated[str, typer.Option("--model", help="Model (path or zoo:NAME).")] = "zoo:mobilenetv2",
+    model: Annotated[
+        str, typer.Option("--model", help="Model (path or zoo:NAME).")
+    ] = "zoo:mobilenetv2",
     dim: DimOpt = None,
     threads: ThreadsOpt = 1,
     runs: Annotated[int, typer.Option("--runs", min=3, help="Timed runs per measurement.")] = 15,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the result JSON here.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the result JSON here.")
+    ] = None,
 ) -> None:
     """Run a benchmark and print its summary (JSON with -o)."""
     if scenario not in BENCHMARKS:
-        raise UsageError(f"unknown benchmark {scenario!r}", hint=f"choose one of {', '.join(BENCHMARKS)}")
+        raise UsageError(
+            f"unknown benchmark {scenario!r}", hint=f"choose one of {', '.join(BENCHMARKS)}"
+        )
     from .bench import cost_accuracy
 
     with _progress() as progress:
         result = cost_accuracy(
-            resolve_model(model), threads=threads, runs=runs, dims=_parse_dims(dim), progress=progress
+            resolve_model(model),
+            threads=threads,
+            runs=runs,
+            dims=_parse_dims(dim),
+            progress=progress,
         )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -537,8 +621,11 @@ def bench(
         table.add_column(col, justify="right")
     for row in result["rows"]:
         table.add_row(
-            row["cut"], f"{row['predicted_head_ms']:.2f}", f"{row['measured_head_ms']:.2f}",
-            f"{row['predicted_tail_ms']:.2f}", f"{row['measured_tail_ms']:.2f}",
+            row["cut"],
+            f"{row['predicted_head_ms']:.2f}",
+            f"{row['measured_head_ms']:.2f}",
+            f"{row['predicted_tail_ms']:.2f}",
+            f"{row['measured_tail_ms']:.2f}",
         )
     out.print(table)
     for kind in ("head", "tail"):

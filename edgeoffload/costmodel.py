@@ -26,6 +26,7 @@ Energy (device only, millijoules since W x ms = mJ)::
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,10 +83,6 @@ class Plan:
     cost: CostBreakdown
     feasible: bool = True
     why_infeasible: str = ""
-
-    @property
-    def kind(self) -> str:
-        return "all-remote" if self.cut.index == 0 else "split"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,7 +175,9 @@ class ComputeModel:
         if not points:
             points = [(0.0, 0.0), (self.prefix_raw[-1], self.prefix_raw[-1])]
         self._xs = [x for x, _ in points]
-        self._ys = [y for _, y in points]
+        # A longer head never takes less time: a hand-edited or noisy curve is made monotone,
+        # so tail = full - head can never go negative.
+        self._ys = list(itertools.accumulate((y for _, y in points), max))
 
     def _calibrated(self, raw_ms: float) -> float:
         xs, ys = self._xs, self._ys
@@ -259,7 +258,13 @@ def evaluate(
         server_ms = srv.tail_ms(k)
         if k == n:
             return CostBreakdown(
-                device_ms, 0.0, 0.0, 0.0, 0.0, 0, power.compute_w * device_ms,
+                device_ms,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                0,
+                power.compute_w * device_ms,
                 cut.device_memory_bytes,
             )
         wire = sum(_wire(wire_bytes, t.name, codec) for t in cut.tensors)
@@ -275,7 +280,13 @@ def evaluate(
             + power.idle_w * (link.rtt_ms + decode_ms + server_ms)
         )
         return CostBreakdown(
-            device_ms, encode_ms, network_ms, decode_ms, server_ms, wire, energy,
+            device_ms,
+            encode_ms,
+            network_ms,
+            decode_ms,
+            server_ms,
+            wire,
+            energy,
             cut.device_memory_bytes,
         )
 
@@ -296,13 +307,19 @@ def evaluate(
         raise PlanError("the cut list must include all-remote (c0) and all-local (cN)")
     feasible = [p for p in plans if p.feasible]
     if not feasible:
-        smallest = min(cuts, key=lambda c: c.device_memory_bytes)
+        deep_enough = [c for c in cuts if c.head_depth >= constraints.min_head_depth]
+        if deep_enough:
+            smallest = min(deep_enough, key=lambda c: c.device_memory_bytes)
+            hint = (
+                f"the smallest device footprint with head depth >= "
+                f"{constraints.min_head_depth} is {smallest.device_memory_bytes / 2**20:.1f} MiB"
+                f" ({smallest.id}); raise --max-device-memory or lower --min-head-depth"
+            )
+        else:
+            hint = f"no cut has head depth >= {constraints.min_head_depth}; lower --min-head-depth"
         raise PlanError(
             "no cut satisfies the constraints: " + (plans[-1].why_infeasible or "infeasible"),
-            hint=(
-                f"the smallest device footprint is {smallest.device_memory_bytes / 2**20:.1f} MiB"
-                f" ({smallest.id}); raise --max-device-memory or lower --min-head-depth"
-            ),
+            hint=hint,
         )
     best_plan = min(feasible, key=lambda p: (objective_value(p, objective), -p.cut.index))
     return PlanReport(
@@ -319,4 +336,6 @@ def _wire(wire_bytes: Mapping[str, Mapping[str, int]], tensor: str, codec: str) 
     try:
         return wire_bytes[tensor][codec]
     except KeyError:
-        raise PlanError(f"no measured wire size for tensor {tensor!r} with codec {codec!r}") from None
+        raise PlanError(
+            f"no measured wire size for tensor {tensor!r} with codec {codec!r}"
+        ) from None

@@ -28,23 +28,33 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import onnx
 
 from .errors import CutError, GraphError
 from .types import DTYPE_SIZES, Dim, TensorSpec
-
-if TYPE_CHECKING:
-    import onnx
 
 log = logging.getLogger("edgeoffload.graph")
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 # Ops whose weights make a "layer" for the privacy floor (min head depth).
 PARAMETRIC_OPS = frozenset(
-    {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "QLinearConv", "QLinearMatMul",
-     "Attention", "MultiHeadAttention", "LSTM", "GRU", "RNN"}
+    {
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "MatMulInteger",
+        "QLinearConv",
+        "QLinearMatMul",
+        "Attention",
+        "MultiHeadAttention",
+        "LSTM",
+        "GRU",
+        "RNN",
+    }
 )
 MIN_OPSET = 13
 
@@ -99,28 +109,20 @@ def layer_of(node_name: str) -> str:
     """A readable layer label from a hierarchical node name.
 
     ``/encoder/layer.0/attention/self/MatMul`` -> ``encoder/layer.0``; ``block3/dw/conv`` ->
-    ``block3``; a name without hierarchy is its own label.
+    ``block3``; ``/Shape_3`` (hierarchical naming, top level) -> ``(top)``; a flat name such as
+    ``Conv_12`` is its own label.
     """
     sep = "/" if "/" in node_name else "."
     parts = [p for p in node_name.strip(sep).split(sep) if p]
     if len(parts) <= 1:
-        return node_name
+        return "(top)" if sep in node_name else node_name
     for i, part in enumerate(parts[:-1]):
         if any(ch.isdigit() for ch in part):
             return sep.join(parts[: i + 1])
     return parts[0]
 
 
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:  # pragma: no cover - onnx is a core dependency
-        raise GraphError("the 'onnx' package is required for model analysis") from exc
-    return onnx
-
-
 def _dtype_name(elem_type: int) -> str | None:
-    onnx = _onnx()
     try:
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     except (KeyError, ValueError, TypeError):
@@ -195,7 +197,6 @@ class ModelGraph:
     def __init__(
         self, model: onnx.ModelProto, *, sha256: str, dims: Mapping[str, int] | None = None
     ) -> None:
-        onnx = _onnx()
         self.sha256 = sha256
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
@@ -262,7 +263,6 @@ class ModelGraph:
     @classmethod
     def load(cls, path: str | Path, *, dims: Mapping[str, int] | None = None) -> ModelGraph:
         """Read an ONNX file; a non-ONNX, truncated or invalid file raises GraphError."""
-        onnx = _onnx()
         path = Path(path)
         try:
             data = path.read_bytes()
@@ -309,12 +309,21 @@ class ModelGraph:
 
     @staticmethod
     def _name_nodes(graph: onnx.GraphProto) -> None:
-        """Give unnamed or duplicate-named nodes a stable name (profiles key on names)."""
+        """Give unnamed or duplicate-named nodes a stable, unique name (profiles key on names)."""
+        taken = {node.name for node in graph.node if node.name}
         seen: set[str] = set()
         for i, node in enumerate(graph.node):
-            if not node.name or node.name in seen:
-                node.name = f"{node.name or node.op_type}__{i}"
-            seen.add(node.name)
+            if node.name and node.name not in seen:
+                seen.add(node.name)
+                continue
+            base = f"{node.name or node.op_type}__{i}"
+            candidate, suffix = base, 0
+            while candidate in taken:
+                suffix += 1
+                candidate = f"{base}_{suffix}"
+            node.name = candidate
+            taken.add(candidate)
+            seen.add(candidate)
 
     def _toposort(
         self, nodes: list[onnx.NodeProto], inputs: list[tuple[str, ...]]
@@ -360,7 +369,6 @@ class ModelGraph:
         return [nodes[i] for i in order], [inputs[i] for i in order]
 
     def _infer_specs(self) -> dict[str, TensorSpec]:
-        onnx = _onnx()
         try:
             inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
         except Exception as exc:  # inference is a help, not a requirement
@@ -425,16 +433,12 @@ class ModelGraph:
             lname = spec.name.lower()
             if dtype.kind == "f":
                 arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype.kind == "b":
-                arrays[spec.name] = np.ones(shape, dtype=dtype)
-            elif "mask" in lname:
+            elif dtype.kind == "b" or "mask" in lname:
                 arrays[spec.name] = np.ones(shape, dtype=dtype)
             elif "type" in lname:
                 arrays[spec.name] = np.zeros(shape, dtype=dtype)
             elif "position" in lname and shape:
-                arrays[spec.name] = np.broadcast_to(
-                    np.arange(shape[-1], dtype=dtype), shape
-                ).copy()
+                arrays[spec.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
             else:
                 arrays[spec.name] = rng.integers(0, 100, size=shape).astype(dtype)
         return arrays
@@ -616,7 +620,11 @@ class ModelGraph:
         if index is None:
             candidates = [*self.index_of_node, *self.producer, *(c.id for c in cuts)]
             close = difflib.get_close_matches(key, candidates, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else "list cuts with: edgeoffload cuts MODEL"
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else "list cuts with: edgeoffload cuts MODEL"
+            )
             raise CutError(f"no cut named {key!r} in this model", hint=hint)
         if index not in by_index:
             if 0 <= index <= n:
@@ -633,7 +641,6 @@ class ModelGraph:
         self, node_range: range, inputs: Iterable[str], outputs: Iterable[str], name: str
     ) -> onnx.ModelProto:
         """A standalone model of ``nodes[node_range]`` with the given graph inputs/outputs."""
-        onnx = _onnx()
         src = self.model
         nodes = [self.nodes[i] for i in node_range]
         reads: set[str] = set()
@@ -663,7 +670,6 @@ class ModelGraph:
         return model
 
     def _value_info(self, name: str) -> onnx.ValueInfoProto:
-        onnx = _onnx()
         spec = self.tensor_spec(name)
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
         return onnx.helper.make_tensor_value_info(name, elem, list(spec.shape))

@@ -25,6 +25,7 @@ with ``edgeoffload profile`` when you can.
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UsageError
@@ -92,6 +93,6 @@ def device_slowdown(text: str) -> float:
             f"unknown device class {text!r}",
             hint=f"use one of {', '.join(DEVICE_CLASSES)} or a slowdown factor such as 3.5",
         ) from None
-    if not value > 0:
-        raise UsageError(f"device slowdown must be positive, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"device slowdown must be a finite positive number, got {text!r}")
     return value

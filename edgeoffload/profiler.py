@@ -227,7 +227,11 @@ def profile_model(
         progress("per-node kernel times", 0.0)
     node_ms = node_times(graph, inputs, threads=threads, runs=runs)
     calibration = calibrate(
-        graph, inputs, node_ms, threads=threads, runs=runs,
+        graph,
+        inputs,
+        node_ms,
+        threads=threads,
+        runs=runs,
         progress=(lambda what, f: progress(what, 0.2 + 0.7 * f)) if progress else None,
     )
     rates: dict[str, float] = {}

@@ -103,12 +103,21 @@ class Analysis:
         return sizes
 
     def profile(
-        self, *, threads: int = 1, runs: int = 10, name: str = "this-machine",
+        self,
+        *,
+        threads: int = 1,
+        runs: int = 10,
+        name: str = "this-machine",
         progress: Progress | None = None,
     ) -> DeviceProfile:
         return profile_model(
-            self.graph, inputs=self.inputs, activations=self.activations, threads=threads,
-            runs=runs, name=name, progress=progress,
+            self.graph,
+            inputs=self.inputs,
+            activations=self.activations,
+            threads=threads,
+            runs=runs,
+            name=name,
+            progress=progress,
         )
 
     def plan(
@@ -272,7 +281,9 @@ def verify_split(
             for name, ref in expected.items():
                 if ref.dtype.kind not in "fc":
                     if not np.array_equal(lossy[name], ref):
-                        raise VerificationError(f"codec {codec_name} changes integer output {name!r}")
+                        raise VerificationError(
+                            f"codec {codec_name} changes integer output {name!r}"
+                        )
                     continue
                 scale = float(np.max(np.abs(ref), initial=0.0)) or 1.0
                 rel = _max_abs(lossy[name], ref) / scale

@@ -34,6 +34,17 @@ DTYPE_SIZES: dict[str, int] = {
 }
 
 
+def _finite_float(value: object) -> float | None:
+    """``value`` as a finite float, or None (bools, non-numbers, NaN, inf, huge ints)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 class _Fields:
     """Strict reader over a JSON object: every access is typed, leftovers are an error."""
 
@@ -79,9 +90,9 @@ class _Fields:
 
     def number(self, key: str, default: float | None = None, *, positive: bool = False) -> float:
         value = self._get(key, default, default is None)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._error(f"{self._what}: field {key!r} must be a number")
-        number = float(value)
+        number = _finite_float(value)
+        if number is None:
+            raise self._error(f"{self._what}: field {key!r} must be a finite number")
         if not math.isfinite(number) or number < 0 or (positive and number == 0):
             bound = "positive" if positive else "non-negative"
             raise self._error(f"{self._what}: field {key!r} must be a finite {bound} number")
@@ -144,9 +155,7 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(
-        cls, data: object, error: type[EdgeOffloadError] = ProfileError
-    ) -> TensorSpec:
+    def from_dict(cls, data: object, error: type[EdgeOffloadError] = ProfileError) -> TensorSpec:
         f = _Fields(data, "tensor spec", error)
         name, dtype, shape = f.text("name"), f.text("dtype"), f.array("shape")
         f.done()
@@ -311,15 +320,17 @@ class DeviceProfile:
         node_ms_raw = f.obj("node_ms")
         node_ms: dict[str, float] = {}
         for key, value in node_ms_raw.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ProfileError(f"profile: node_ms[{key!r}] must be a non-negative number")
-            node_ms[key] = float(value)
+            number = _finite_float(value)
+            if number is None or number < 0:
+                raise ProfileError(f"profile: node_ms[{key!r}] must be a finite number >= 0")
+            node_ms[key] = number
         codec_raw = f.obj("codec_bps", {})
         codec_bps: dict[str, float] = {}
         for key, value in codec_raw.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ProfileError(f"profile: codec_bps[{key!r}] must be a positive number")
-            codec_bps[key] = float(value)
+            number = _finite_float(value)
+            if number is None or number <= 0:
+                raise ProfileError(f"profile: codec_bps[{key!r}] must be a finite number > 0")
+            codec_bps[key] = number
         profile = cls(
             name=f.text("name"),
             model_sha256=f.text("model_sha256"),
@@ -332,4 +343,6 @@ class DeviceProfile:
             node_ms=node_ms,
         )
         f.done()
+        if profile.threads < 1:
+            raise ProfileError(f"profile: threads must be >= 1, got {profile.threads}")
         return profile

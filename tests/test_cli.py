@@ -43,9 +43,21 @@ def test_split_writes_a_verified_bundle(capsys, resnet_file, resnet_profile, tmp
     out_dir = tmp_path / "bundle"
     plot = tmp_path / "costs.png"
     code, out, err = _run(
-        capsys, "split", str(resnet_file), "-o", str(out_dir), "--network", "lte",
-        "--device-profile", str(resnet_profile), "--server-profile", str(resnet_profile),
-        "--device", "rpi", "--plot", str(plot),
+        capsys,
+        "split",
+        str(resnet_file),
+        "-o",
+        str(out_dir),
+        "--network",
+        "lte",
+        "--device-profile",
+        str(resnet_profile),
+        "--server-profile",
+        str(resnet_profile),
+        "--device",
+        "rpi",
+        "--plot",
+        str(plot),
     )
     assert code == 0, err
     assert "chosen cut: c" in out and "verified" in out
@@ -59,9 +71,20 @@ def test_split_writes_a_verified_bundle(capsys, resnet_file, resnet_profile, tmp
 
 def test_split_json_with_forced_cut(capsys, resnet_file, resnet_profile, tmp_path):
     code, out, err = _run(
-        capsys, "split", str(resnet_file), "-o", str(tmp_path / "b"), "--cut", "c10",
-        "--codec", "fp16", "--device-profile", str(resnet_profile),
-        "--server-profile", str(resnet_profile), "--json",
+        capsys,
+        "split",
+        str(resnet_file),
+        "-o",
+        str(tmp_path / "b"),
+        "--cut",
+        "c10",
+        "--codec",
+        "fp16",
+        "--device-profile",
+        str(resnet_profile),
+        "--server-profile",
+        str(resnet_profile),
+        "--json",
     )
     assert code == 0, err
     result = json.loads(out)
@@ -72,8 +95,14 @@ def test_split_json_with_forced_cut(capsys, resnet_file, resnet_profile, tmp_pat
 
 def test_cuts_json_lists_every_cut(capsys, resnet_file, resnet_profile):
     code, out, err = _run(
-        capsys, "cuts", str(resnet_file), "--json", "--device-profile", str(resnet_profile),
-        "--server-profile", str(resnet_profile),
+        capsys,
+        "cuts",
+        str(resnet_file),
+        "--json",
+        "--device-profile",
+        str(resnet_profile),
+        "--server-profile",
+        str(resnet_profile),
     )
     assert code == 0, err
     payload = json.loads(out)
@@ -86,8 +115,15 @@ def test_cuts_json_lists_every_cut(capsys, resnet_file, resnet_profile):
 
 def test_cuts_table(capsys, resnet_file, resnet_profile):
     code, out, err = _run(
-        capsys, "cuts", str(resnet_file), "--device-profile", str(resnet_profile),
-        "--server-profile", str(resnet_profile), "--network", "3g",
+        capsys,
+        "cuts",
+        str(resnet_file),
+        "--device-profile",
+        str(resnet_profile),
+        "--server-profile",
+        str(resnet_profile),
+        "--network",
+        "3g",
     )
     assert code == 0, err
     assert "layer-boundary cuts" in out and "chosen cut" in out
@@ -120,8 +156,17 @@ def test_truncated_onnx(capsys, resnet_file, tmp_path):
 
 def test_unknown_cut(capsys, resnet_file, resnet_profile, tmp_path):
     code, _, err = _run(
-        capsys, "split", str(resnet_file), "-o", str(tmp_path / "b"), "--cut", "block3/conv9",
-        "--device-profile", str(resnet_profile), "--server-profile", str(resnet_profile),
+        capsys,
+        "split",
+        str(resnet_file),
+        "-o",
+        str(tmp_path / "b"),
+        "--cut",
+        "block3/conv9",
+        "--device-profile",
+        str(resnet_profile),
+        "--server-profile",
+        str(resnet_profile),
     )
     _assert_one_line_error(err, code, 3)
     assert "no cut named" in err and "hint:" in err
@@ -134,17 +179,27 @@ def _if_model(path: Path) -> Path:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
     two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
     then_graph = helper.make_graph(
-        [helper.make_node("Mul", ["r", "two"], ["t_out"], name="then/mul")], "then", [],
+        [helper.make_node("Mul", ["r", "two"], ["t_out"], name="then/mul")],
+        "then",
+        [],
         [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 4])],
     )
     else_graph = helper.make_graph(
-        [helper.make_node("Neg", ["r"], ["e_out"], name="else/neg")], "else", [],
+        [helper.make_node("Neg", ["r"], ["e_out"], name="else/neg")],
+        "else",
+        [],
         [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 4])],
     )
     nodes = [
         helper.make_node("Relu", ["x"], ["r"], name="pre/relu"),
-        helper.make_node("If", ["cond"], ["branch"], name="select/if",
-                         then_branch=then_graph, else_branch=else_graph),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["branch"],
+            name="select/if",
+            then_branch=then_graph,
+            else_branch=else_graph,
+        ),
         helper.make_node("Sigmoid", ["branch"], ["y"], name="post/sigmoid"),
     ]
     graph = helper.make_graph(nodes, "ifmodel", [x, cond], [y], [two])
@@ -166,9 +221,16 @@ def test_control_flow_model_splits_before_the_if(capsys, tmp_path):
     model = _if_model(tmp_path / "if.onnx")
     inputs = tmp_path / "in.npz"
     np.savez(inputs, x=np.arange(4, dtype=np.float32).reshape(1, 4) - 2, cond=np.array(True))
-    code, out, err = _run(
-        capsys, "split", str(model), "-o", str(tmp_path / "b"), "--cut", "pre/relu",
-        "--input", str(inputs),
+    code, _, err = _run(
+        capsys,
+        "split",
+        str(model),
+        "-o",
+        str(tmp_path / "b"),
+        "--cut",
+        "pre/relu",
+        "--input",
+        str(inputs),
     )
     assert code == 0, err
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
@@ -177,9 +239,19 @@ def test_control_flow_model_splits_before_the_if(capsys, tmp_path):
 
 def test_impossible_memory_constraint(capsys, resnet_file, resnet_profile, tmp_path):
     code, _, err = _run(
-        capsys, "split", str(resnet_file), "-o", str(tmp_path / "b"), "--max-device-memory",
-        "1KiB", "--min-head-depth", "1", "--device-profile", str(resnet_profile),
-        "--server-profile", str(resnet_profile),
+        capsys,
+        "split",
+        str(resnet_file),
+        "-o",
+        str(tmp_path / "b"),
+        "--max-device-memory",
+        "1KiB",
+        "--min-head-depth",
+        "1",
+        "--device-profile",
+        str(resnet_profile),
+        "--server-profile",
+        str(resnet_profile),
     )
     _assert_one_line_error(err, code, 4)
     assert "no cut satisfies" in err
@@ -187,10 +259,23 @@ def test_impossible_memory_constraint(capsys, resnet_file, resnet_profile, tmp_p
 
 def test_modified_bundle(capsys, resnet_file, resnet_profile, tmp_path):
     out_dir = tmp_path / "b"
-    assert main([
-        "split", str(resnet_file), "-o", str(out_dir), "--cut", "c20",
-        "--device-profile", str(resnet_profile), "--server-profile", str(resnet_profile),
-    ]) == 0
+    assert (
+        main(
+            [
+                "split",
+                str(resnet_file),
+                "-o",
+                str(out_dir),
+                "--cut",
+                "c20",
+                "--device-profile",
+                str(resnet_profile),
+                "--server-profile",
+                str(resnet_profile),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     tail = out_dir / "tail.onnx"
     data = bytearray(tail.read_bytes())
@@ -204,8 +289,15 @@ def test_modified_bundle(capsys, resnet_file, resnet_profile, tmp_path):
 def test_profile_of_another_model(capsys, resnet_profile, tmp_path):
     model = zoo.save("mobilenetv2", tmp_path / "m.onnx")
     code, _, err = _run(
-        capsys, "split", str(model), "-o", str(tmp_path / "b"),
-        "--device-profile", str(resnet_profile), "--server-profile", str(resnet_profile),
+        capsys,
+        "split",
+        str(model),
+        "-o",
+        str(tmp_path / "b"),
+        "--device-profile",
+        str(resnet_profile),
+        "--server-profile",
+        str(resnet_profile),
     )
     _assert_one_line_error(err, code, 8)
 

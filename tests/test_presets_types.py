@@ -161,11 +161,6 @@ def test_device_slowdown_unknown_class_hint_lists_classes() -> None:
     assert all(name in info.value.hint for name in presets.DEVICE_CLASSES)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: device_slowdown('inf') returns math.inf; DeviceProfile.with_slowdown later "
-    "rejects it with a ProfileError instead of a UsageError at parse time",
-)
 def test_device_slowdown_rejects_infinity() -> None:
     with pytest.raises(UsageError):
         presets.device_slowdown("inf")
@@ -251,15 +246,19 @@ def test_link_profile_round_trip(link: LinkProfile) -> None:
     assert LinkProfile.from_dict(json.loads(json.dumps(link.to_dict()))) == link
 
 
+_DROP = object()  # marks a field to delete
+
+
 def _link_dict(**changes: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "name": "l", "up_bps": 1e6, "down_bps": 2e6, "rtt_ms": 10.0, "source": "test"
+        "name": "l",
+        "up_bps": 1e6,
+        "down_bps": 2e6,
+        "rtt_ms": 10.0,
+        "source": "test",
     }
     data.update(changes)
     return {k: v for k, v in data.items() if v is not _DROP}
-
-
-_DROP = object()
 
 
 def test_link_profile_source_is_optional() -> None:
@@ -292,11 +291,6 @@ def test_link_profile_from_dict_rejects(changes: dict[str, Any]) -> None:
         LinkProfile.from_dict(_link_dict(**changes))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _Fields.number calls float() on a JSON integer too large for a float and "
-    "lets OverflowError escape instead of raising ProfileError",
-)
 def test_link_profile_from_dict_huge_integer_is_a_profile_error() -> None:
     data = json.loads('{"name": "l", "up_bps": 1' + "0" * 400 + ', "down_bps": 1, "rtt_ms": 1}')
     with pytest.raises(ProfileError):
@@ -435,11 +429,6 @@ def test_device_profile_from_dict_rejects(changes: dict[str, Any]) -> None:
         DeviceProfile.from_dict(_profile_dict(**changes))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: DeviceProfile.from_dict accepts NaN/inf in node_ms and codec_bps (the checks "
-    "`value < 0` / `value <= 0` are False for NaN) and a zero or negative thread count",
-)
 @pytest.mark.parametrize(
     "changes",
     [
@@ -468,7 +457,9 @@ def test_device_profile_with_slowdown() -> None:
     assert slower.codec_bps == profile.codec_bps
     assert slower.power == profile.power
     assert (slower.threads, slower.model_sha256, slower.machine) == (
-        profile.threads, profile.model_sha256, profile.machine
+        profile.threads,
+        profile.model_sha256,
+        profile.machine,
     )
     assert profile.slowdown == 1.5  # the original is untouched
     assert profile.with_slowdown(0.5, name="fast box").name == "fast box"

@@ -75,3 +75,19 @@ def test_residual_cuts_cross_two_tensors(zoo_analyses):
     assert inside and all(len(c.tensors) == 2 for c in inside)
     skip = {t.name for t in inside[0].tensors} & {t.name for t in inside[-1].tensors}
     assert skip, "the skip tensor should cross every cut inside the block"
+
+
+@pytest.mark.slow
+def test_minilm_cuts_verify(minilm_analysis):
+    """Real weights: every single-tensor cut and 20 multi-tensor cuts of MiniLM verify."""
+    analysis = minilm_analysis
+    samples = [analysis.inputs]
+    interior = _interior(analysis)
+    single = [c for c in interior if len(c.tensors) == 1]
+    multi = _spread([c for c in interior if len(c.tensors) > 1], 20)
+    assert len(multi) >= 20
+    for cut in single + multi:
+        _verify(analysis, cut, samples)
+    # The cuts at encoder layer boundaries carry the hidden state and the attention mask.
+    boundaries = [c for c in interior if c.boundary and c.layer.startswith("encoder/layer.")]
+    assert len(boundaries) >= 5
