@@ -520,21 +520,26 @@ def demo(
     model: Annotated[
         str, typer.Option("--model", help="Model to demo (default: embedded MobileNetV2).")
     ] = "zoo:mobilenetv2",
+    requests: Annotated[
+        int, typer.Option("--requests", min=1, max=1000, help="Offloaded inferences.")
+    ] = 10,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Keep the bundle here.")
     ] = None,
 ) -> None:
-    """Profile, plan, split and verify the embedded default model, and print the decision."""
+    """Split the embedded model for a link, serve its tail locally, run it offloaded, compare."""
+    from .demo import full_model_runner, run_loopback
     from .presets import parse_link
     from .splitter import split_model
 
     started = time.perf_counter()
     link = parse_link(network)
     analysis = _analysis(model, None, None)
+    n = len(analysis.graph.nodes)
     out.print(
-        f"model: {analysis.source_name} ({len(analysis.graph.nodes)} nodes, "
-        f"{len(analysis.cuts)} cuts); device: {device}; network: {link.name} "
-        f"({link.up_bps / 1e6:g}/{link.down_bps / 1e6:g} Mbit/s, RTT {link.rtt_ms:g} ms)"
+        f"model: {analysis.source_name} ({n} nodes, {len(analysis.cuts)} cuts); device: "
+        f"{device}; network: {link.name} ({link.up_bps / 1e6:g}/{link.down_bps / 1e6:g} "
+        f"Mbit/s, RTT {link.rtt_ms:g} ms)"
     )
     dev, srv, notes = _profiles(
         analysis, device_profile=None, server_profile=None, device_class=device, threads=1
@@ -542,15 +547,230 @@ def demo(
     for note in notes:
         out.print(note)
     report = analysis.plan(device=dev, server=srv, link=link)
-    with tempfile.TemporaryDirectory(prefix="edgeoffload-demo-") as tmp:
-        target = output or Path(tmp) / "bundle"
-        bundle = split_model(
-            analysis, report.best.cut, target, codec=report.best.codec, report=report
+    for line in _decision_lines(report):
+        out.print(line)
+    plan = report.best
+    if plan.cut.index == n:  # all-local wins: still show the offload path at the best split
+        plan = min(
+            (p for p in report.plans if 0 < p.cut.index < n and p.feasible),
+            key=lambda p: p.cost.total_ms,
         )
-        for line in _decision_lines(report, bundle.path if output else None):
-            out.print(line)
-        seconds = time.perf_counter() - started
-        out.print(f"{_verification_line(bundle.manifest.verification)}; demo took {seconds:.1f} s")
+        out.print(
+            f"the cost model keeps everything on the device; demonstrating offload at the "
+            f"best split instead: {plan.cut.id} ({plan.codec})"
+        )
+    with tempfile.TemporaryDirectory(prefix="edgeoffload-demo-") as tmp:
+        split_dir = output or Path(tmp) / "split"
+        bundle = split_model(analysis, plan.cut, split_dir, codec=plan.codec, report=report)
+        remote = split_model(analysis, analysis.cuts[0], Path(tmp) / "remote", codec="none")
+        out.print(_verification_line(bundle.manifest.verification))
+        samples = [analysis.graph.sample_inputs(seed=100 + i) for i in range(requests)]
+        full = full_model_runner(analysis.graph.model)
+        local_ms = []
+        for inputs in samples:
+            t0 = time.perf_counter()
+            full(inputs)
+            local_ms.append((time.perf_counter() - t0) * 1e3)
+        out.print(
+            f"starting a local edge server (127.0.0.1, Noise IK, {requests} requests per bundle)"
+        )
+        runs = run_loopback(
+            [bundle, remote],
+            {str(bundle.path): samples, str(remote.path): samples},
+            reference=full,
+        )
+    table = Table(title="measured on this machine over loopback (median ms per request)")
+    for col in (
+        "path",
+        "head",
+        "encode+encrypt",
+        "network",
+        "tail (server)",
+        "decode",
+        "total",
+        "max |diff| vs full",
+    ):
+        table.add_column(col, justify="right" if col != "path" else "left")
+    import statistics
+
+    table.add_row(
+        "all-local",
+        f"{statistics.median(local_ms):.2f}",
+        "-",
+        "-",
+        "-",
+        "-",
+        f"{statistics.median(local_ms):.2f}",
+        "0",
+    )
+    for label, result in (
+        (f"split {plan.cut.id} ({plan.codec})", runs[0]),
+        ("all-remote (c0)", runs[1]),
+    ):
+        table.add_row(
+            label,
+            *(
+                f"{result.median(c):.2f}"
+                for c in (
+                    "head_ms",
+                    "encode_ms",
+                    "network_ms",
+                    "server_ms",
+                    "decode_ms",
+                    "total_ms",
+                )
+            ),
+            f"{result.max_abs_error:.2g}",
+        )
+    out.print(table)
+    out.print(
+        "loopback has no real link and the device here is this machine; the predictions "
+        f"above model a {device} device on {link.name}."
+    )
+    out.print(f"demo took {time.perf_counter() - started:.1f} s")
+
+
+keys_app = typer.Typer(
+    help="Long-term X25519 keys for devices and edge servers.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder for private.key (0600) and public.key.")
+    ],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key.")] = False,
+) -> None:
+    """Create a new identity key pair."""
+    from .keys import encode_public, generate_identity
+
+    identity = generate_identity(directory, overwrite=force)
+    out.print(f"public key:  {encode_public(identity.public)}")
+    out.print(f"fingerprint: {identity.fingerprint}")
+    out.print(f"private key: {directory / 'private.key'} (mode 0600; never share it)")
+
+
+@keys_app.command("show")
+def keys_show(
+    directory: Annotated[Path, typer.Argument(help="Key folder written by keys generate.")],
+) -> None:
+    """Print the public key and fingerprint of an identity."""
+    from .keys import encode_public, load_identity
+
+    identity = load_identity(directory)
+    out.print(f"public key:  {encode_public(identity.public)}")
+    out.print(f"fingerprint: {identity.fingerprint}")
+
+
+@app.command()
+def serve(
+    bundles: Annotated[list[Path], typer.Argument(help="Bundle folders whose tails to serve.")],
+    key: Annotated[Path, typer.Option("--key", help="Server key folder (keys generate).")],
+    allow: Annotated[Path, typer.Option("--allow", help="Authorized device keys: file or folder.")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port (0: any free port).")
+    ] = 8765,
+    threads: ThreadsOpt = 1,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Concurrent tail runs (0: CPUs).")
+    ] = 0,
+    max_inflight: Annotated[
+        int,
+        typer.Option("--max-inflight", min=0, help="Requests accepted at once (0: 4 x workers)."),
+    ] = 0,
+    idle_timeout: Annotated[
+        float, typer.Option("--idle-timeout", help="Seconds before a silent device is dropped.")
+    ] = 120.0,
+) -> None:
+    """Serve bundle tails to allow-listed devices over the encrypted protocol."""
+    import asyncio
+    import signal
+
+    from .bundle import load_bundle
+    from .keys import AllowList, load_identity
+    from .server import EdgeServer, ServerConfig
+
+    loaded = [load_bundle(b) for b in bundles]
+    identity = load_identity(key)
+    allow_list = AllowList(allow)
+    config = ServerConfig(
+        host=host,
+        port=port,
+        threads=threads,
+        workers=workers,
+        max_inflight=max_inflight,
+        idle_timeout=idle_timeout,
+    )
+
+    async def main_loop() -> None:
+        server = EdgeServer(loaded, identity=identity, allow=allow_list, config=config)
+        await server.start()
+        out.print(
+            f"serving {len(loaded)} bundle(s) on ws://{host}:{server.port} "
+            f"(key {identity.fingerprint}, {len(allow_list)} device key(s) allowed); "
+            f"GET /healthz for status; SIGTERM drains and stops"
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, allow_list.try_reload)
+        await stop.wait()
+        out.print("draining in-flight requests…")
+        await server.shutdown()
+        out.print(f"stopped: {server.stats.results} results, errors {server.stats.errors}")
+
+    asyncio.run(main_loop())
+
+
+@app.command("run")
+def run_cmd(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder (the device's copy).")],
+    server: Annotated[str, typer.Option("--server", help="Edge server URL, ws://HOST:PORT.")],
+    server_key: Annotated[
+        str, typer.Option("--server-key", help="Server public key, or its key file/folder.")
+    ],
+    key: Annotated[Path, typer.Option("--key", help="This device's key folder.")],
+    input_path: Annotated[
+        Path, typer.Option("--input", help="Inputs (.npz, one array per model input).")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Where to write the outputs (.npz).")
+    ],
+    fallback: Annotated[str, typer.Option("--fallback", help="local or error.")] = "local",
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 10.0,
+    threads: ThreadsOpt = 1,
+) -> None:
+    """Run a bundle: head here, tail on the edge server (or locally as fallback)."""
+    import numpy as np
+
+    from .client import BlockingOffloadClient
+    from .keys import load_identity, load_public
+
+    inputs = _load_inputs(input_path)
+    assert inputs is not None
+    with BlockingOffloadClient(
+        bundle_dir,
+        server=server,
+        server_key=load_public(server_key),
+        identity=load_identity(key),
+        fallback=fallback,
+        timeout=timeout,
+        threads=threads,
+    ) as client:
+        outputs = client.run(inputs)
+        timing = client.last_timing
+    np.savez(output, **outputs)
+    assert timing is not None
+    where = "offloaded" if timing.offloaded else f"ran locally ({timing.fallback_reason})"
+    out.print(
+        f"{where}: total {timing.total_ms:.2f} ms (head {timing.head_ms:.2f}, encode+encrypt "
+        f"{timing.encode_ms:.2f}, network {timing.network_ms:.2f}, tail {timing.server_ms:.2f}, "
+        f"decode {timing.decode_ms:.2f}) -> {output}"
+    )
 
 
 @app.command()

@@ -1,0 +1,109 @@
+"""End-to-end offload on this machine: a local edge server, a device client, real crypto.
+
+Used by ``edgeoffload demo`` and by the loopback benchmark. Everything binds 127.0.0.1 and
+uses throwaway keys in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .client import OffloadClient, RequestTiming
+from .keys import AllowList, encode_public, generate_identity
+from .ortutil import make_session, run
+from .server import EdgeServer, ServerConfig
+
+COMPONENTS = ("head_ms", "encode_ms", "network_ms", "server_ms", "decode_ms", "total_ms")
+
+
+@dataclass
+class LoopbackRun:
+    label: str
+    timings: list[RequestTiming]
+    max_abs_error: float
+
+    def median(self, component: str) -> float:
+        return statistics.median(getattr(t, component) for t in self.timings)
+
+
+async def serve_and_run(
+    bundles: Sequence[Bundle],
+    requests: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+    *,
+    reference: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+    workdir: Path,
+    threads: int = 1,
+) -> list[LoopbackRun]:
+    """Start a server hosting ``bundles``; for each bundle (by path) run its requests."""
+    server_id = generate_identity(workdir / "server")
+    device_id = generate_identity(workdir / "device")
+    allow_file = workdir / "authorized_keys"
+    allow_file.write_text(f"{encode_public(device_id.public)} demo-device\n")
+    server = EdgeServer(
+        bundles,
+        identity=server_id,
+        allow=AllowList(allow_file),
+        config=ServerConfig(port=0, threads=threads, workers=1),
+    )
+    await server.start()
+    results: list[LoopbackRun] = []
+    try:
+        for bundle in bundles:
+            inputs_list = requests[str(bundle.path)]
+            client = OffloadClient(
+                bundle,
+                server=f"ws://127.0.0.1:{server.port}",
+                server_key=server_id.public,
+                identity=device_id,
+                fallback="error",
+                threads=threads,
+            )
+            async with client:
+                await client.connect()
+                await client.run(inputs_list[0])  # warm-up: sessions, connection
+                timings: list[RequestTiming] = []
+                worst = 0.0
+                for inputs in inputs_list:
+                    outputs = await client.run(inputs)
+                    assert client.last_timing is not None
+                    timings.append(client.last_timing)
+                    expected = reference(inputs)
+                    for name, ref in expected.items():
+                        diff = np.abs(outputs[name].astype(np.float64) - ref.astype(np.float64))
+                        worst = max(worst, float(diff.max(initial=0.0)))
+                results.append(LoopbackRun(str(bundle.path), timings, worst))
+    finally:
+        await server.shutdown()
+    return results
+
+
+def full_model_runner(
+    model: Any, *, threads: int = 1
+) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The unsplit model on this machine, as the reference and the all-local baseline."""
+    session = make_session(model, threads=threads)
+    return lambda inputs: run(session, inputs)
+
+
+def run_loopback(
+    bundles: Sequence[Bundle],
+    requests: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+    *,
+    reference: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+    threads: int = 1,
+) -> list[LoopbackRun]:
+    with tempfile.TemporaryDirectory(prefix="edgeoffload-loopback-") as tmp:
+        return asyncio.run(
+            serve_and_run(
+                bundles, requests, reference=reference, workdir=Path(tmp), threads=threads
+            )
+        )

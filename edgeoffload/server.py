@@ -1,0 +1,377 @@
+"""The edge server: hosts bundles' tails and answers devices over the encrypted protocol.
+
+One asyncio event loop owns the sockets (websockets.asyncio); tails run in a bounded thread
+pool of onnxruntime sessions (ORT releases the GIL while it computes). Safety defaults:
+binds 127.0.0.1, admits only allow-listed device keys, ``compression=None`` (ciphertext does
+not compress, and no decompression-bomb surface), ``max_size`` derived from the largest
+declared crossing tensor, timeouts on handshakes and silent peers, a hard bound on in-flight
+requests (beyond it the answer is ``overloaded``, never an unbounded queue), ``GET /healthz``
+over plain HTTP, and a graceful drain on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import codec as codec_mod
+from .bundle import Bundle
+from .errors import AuthenticationFailed, EdgeOffloadError, PayloadError, ProtocolError, UsageError
+from .keys import AllowList, Identity
+from .noise import KeyPair
+from .ortutil import make_session, run
+from .protocol import (
+    CLOSE_AUTH,
+    CLOSE_PROTOCOL,
+    CLOSE_SHUTDOWN,
+    CLOSE_VERSION,
+    CloseRequested,
+    ErrorReply,
+    HandshakeComplete,
+    HostedBundle,
+    Ping,
+    ReplayGuard,
+    RunRequest,
+)
+from .protocol import ServerConnection as ProtocolConnection
+from .runtime import decode_checked
+
+log = logging.getLogger("edgeoffload.server")
+
+MIN_MAX_MESSAGE = 1 << 20
+CHUNK_OVERHEAD = 16 / 65535
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    threads: int = 1  # intra-op threads per tail session run
+    workers: int = 0  # concurrent tail runs; 0 = number of CPUs
+    max_inflight: int = 0  # requests accepted at once (running + queued); 0 = 4 x workers
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 120.0
+    request_timeout: float = 60.0
+    drain_timeout: float = 30.0
+
+
+@dataclass
+class _Hosted:
+    bundle: Bundle
+    info: HostedBundle
+    session: Any
+    codec: codec_mod.CodecSpec
+    max_tensor_bytes: int
+
+
+@dataclass
+class ServerStats:
+    connections: int = 0
+    handshakes_ok: int = 0
+    handshakes_rejected: int = 0
+    requests: int = 0
+    results: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+def _declared_bytes(bundle: Bundle) -> int:
+    """Bytes of the crossing tensors at the bundle's split-time dims (x2 for other dims)."""
+    total = 0
+    dims = bundle.manifest.dims
+    for spec in bundle.manifest.crossing:
+        size = spec.nbytes(dims)
+        total += size if size is not None else 0
+    return total
+
+
+class EdgeServer:
+    """Serve the tails of ``bundles`` to allow-listed devices."""
+
+    def __init__(
+        self,
+        bundles: Sequence[Bundle],
+        *,
+        identity: Identity,
+        allow: AllowList,
+        config: ServerConfig | None = None,
+    ) -> None:
+        self.config = config or ServerConfig()
+        self.identity = identity
+        self.allow = allow
+        self.stats = ServerStats()
+        cpus = os.cpu_count() or 1
+        self.workers = self.config.workers or cpus
+        self.max_inflight = self.config.max_inflight or 4 * self.workers
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeoffload-tail")
+        self._hosted: dict[str, _Hosted] = {}
+        self.bundles: dict[str, HostedBundle] = {}
+        for bundle in bundles:
+            self.add_bundle(bundle)
+        largest = max((h.max_tensor_bytes for h in self._hosted.values()), default=0)
+        # Room for the declared tensors twice over (other symbolic dims), framing and tags.
+        self.max_message = max(
+            MIN_MAX_MESSAGE, math.ceil(2 * largest * (1 + CHUNK_OVERHEAD)) + 65536
+        )
+        self._replay = ReplayGuard()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._server: Server | None = None
+        self._closing = False
+        self._static = KeyPair(private=identity.private, public=identity.public)
+
+    def add_bundle(self, bundle: Bundle) -> None:
+        manifest = bundle.manifest
+        if bundle.tail_path is None:
+            raise UsageError(
+                f"bundle {bundle.path} is all-local (no tail): nothing to serve",
+                hint="split with a cut that leaves work for the server",
+            )
+        session = make_session(bundle.tail_path, threads=self.config.threads)
+        info = HostedBundle(manifest.identity, manifest.version)
+        self._hosted[manifest.version] = _Hosted(
+            bundle,
+            info,
+            session,
+            codec_mod.CodecSpec.parse(manifest.codec),
+            max(_declared_bytes(bundle), 1),
+        )
+        self.bundles[manifest.version] = info
+        log.info("hosting %s version %s from %s", manifest.identity, manifest.version, bundle.path)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            compression=None,
+            max_size=self.max_message,
+            max_queue=4,
+            process_request=self._process_request,
+            open_timeout=self.config.handshake_timeout,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=5,
+        )
+        log.info("listening on %s:%d", self.config.host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        sock = next(iter(self._server.sockets))
+        return int(sock.getsockname()[1])
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then close everyone."""
+        if self._server is None:
+            return
+        self._closing = True
+        self._server.close(close_connections=False)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: %d request(s) still running", self._inflight)
+        for conn in list(self._server.connections):
+            await conn.close(CLOSE_SHUTDOWN, "server shutting down")
+        await self._server.wait_closed()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.wait_closed()
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            body = {
+                "status": "draining" if self._closing else "ok",
+                "bundles": sorted(h.version for h in self.bundles.values()),
+                "inflight": self._inflight,
+                "max_inflight": self.max_inflight,
+            }
+            response = connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+            response.headers["Content-Type"] = "application/json"
+            return response
+        return None
+
+    # -- one device ------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.stats.connections += 1
+        conn = ProtocolConnection(
+            static=self._static,
+            is_allowed=self.allow.allows,
+            bundles=self.bundles,
+            replay_guard=self._replay,
+            max_message=self.max_message,
+        )
+        send_lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            first = await asyncio.wait_for(ws.recv(), self.config.handshake_timeout)
+            if not isinstance(first, bytes):
+                await ws.close(CLOSE_PROTOCOL, "binary messages only")
+                return
+            events = conn.receive(first)
+            for data in conn.data_to_send():
+                await ws.send(data)
+            if isinstance(events[0], ErrorReply):
+                self.stats.handshakes_rejected += 1
+                await ws.close(CLOSE_VERSION, events[0].code)
+                return
+            assert isinstance(events[0], HandshakeComplete)
+            self.stats.handshakes_ok += 1
+            hosted = self._hosted[events[0].version]
+            while True:
+                data = await asyncio.wait_for(ws.recv(), self.config.idle_timeout)
+                if not isinstance(data, bytes):
+                    await ws.close(CLOSE_PROTOCOL, "binary messages only")
+                    return
+                for event in conn.receive(data):
+                    if isinstance(event, RunRequest):
+                        task = asyncio.create_task(
+                            self._serve_request(ws, conn, send_lock, hosted, event)
+                        )
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    elif isinstance(event, Ping):
+                        async with send_lock:
+                            conn.send_pong(event.request_id, event.payload)
+                            for out in conn.data_to_send():
+                                await ws.send(out)
+                    elif isinstance(event, CloseRequested):
+                        await ws.close()
+                        return
+        except AuthenticationFailed:
+            self.stats.handshakes_rejected += 1
+            self.stats.error("auth")
+            await ws.close(CLOSE_AUTH, "authentication failed")
+        except ProtocolError as exc:
+            self.stats.error("protocol")
+            log.info("protocol error from %s: %s", ws.remote_address, exc)
+            await ws.close(CLOSE_PROTOCOL, str(exc)[:120])
+        except asyncio.TimeoutError:
+            self.stats.error("timeout")
+            await ws.close(CLOSE_PROTOCOL, "timeout")
+        except ConnectionClosed:
+            pass
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve_request(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        hosted: _Hosted,
+        request: RunRequest,
+    ) -> None:
+        self.stats.requests += 1
+        if self._closing:
+            await self._reply_error(
+                ws, conn, send_lock, request.request_id, "shutting_down", "server is shutting down"
+            )
+            return
+        if self._inflight >= self.max_inflight:
+            await self._reply_error(
+                ws,
+                conn,
+                send_lock,
+                request.request_id,
+                "overloaded",
+                f"{self._inflight} requests in flight",
+            )
+            return
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            outputs = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._run_tail, hosted, request),
+                self.config.request_timeout,
+            )
+            server_ms = (time.perf_counter() - started) * 1e3
+            encoded = [
+                (name, codec_mod.encode(a, codec_mod.CodecSpec())) for name, a in outputs.items()
+            ]
+            async with send_lock:
+                conn.send_result(request.request_id, encoded, server_ms)
+                for out in conn.data_to_send():
+                    await ws.send(out)
+            self.stats.results += 1
+        except PayloadError as exc:
+            await self._reply_error(ws, conn, send_lock, request.request_id, "payload", exc.message)
+        except asyncio.TimeoutError:
+            await self._reply_error(
+                ws,
+                conn,
+                send_lock,
+                request.request_id,
+                "timeout",
+                "the tail did not finish in time",
+            )
+        except ConnectionClosed:
+            pass
+        except EdgeOffloadError as exc:
+            await self._reply_error(
+                ws, conn, send_lock, request.request_id, "internal", exc.message
+            )
+        except Exception:  # an ORT failure must not take the server down
+            log.exception("tail failed for request %d", request.request_id)
+            await self._reply_error(
+                ws, conn, send_lock, request.request_id, "internal", "the tail failed on the server"
+            )
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    def _run_tail(self, hosted: _Hosted, request: RunRequest) -> dict[str, np.ndarray]:
+        manifest = hosted.bundle.manifest
+        feed = decode_checked(
+            request.tensors,
+            manifest.crossing,
+            lambda dtype: codec_mod.codec_for_dtype(hosted.codec, dtype).name,
+            max_bytes=self.max_message,
+        )
+        return run(hosted.session, feed)
+
+    async def _reply_error(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        request_id: int,
+        code: str,
+        message: str,
+    ) -> None:
+        self.stats.error(code)
+        try:
+            async with send_lock:
+                conn.send_error(request_id, code, message)
+                for out in conn.data_to_send():
+                    await ws.send(out)
+        except ConnectionClosed:
+            pass
