@@ -763,7 +763,7 @@ def run_cmd(
     ) as client:
         outputs = client.run(inputs)
         timing = client.last_timing
-    np.savez(output, **outputs)
+    np.savez(output, **outputs)  # type: ignore[arg-type]
     assert timing is not None
     where = "offloaded" if timing.offloaded else f"ran locally ({timing.fallback_reason})"
     out.print(

@@ -41,6 +41,7 @@ from .errors import (
     Overloaded,
     PayloadError,
     ProtocolError,
+    ServerBusy,
     UsageError,
     VersionMismatch,
 )
@@ -268,12 +269,16 @@ class OffloadClient:
             await ws.close()
 
     async def _drop(self) -> None:
+        """Forget the current connection without waiting on a peer that may be dead."""
         ws, self._ws, self._conn = self._ws, None, None
-        if ws is not None:
-            await ws.close()
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(), 0.5)
+            except (asyncio.TimeoutError, ConnectionClosed, OSError):
+                ws.transport.abort()  # a stopped peer would hold a graceful close for long
 
     async def close(self) -> None:
         if self._ws is not None and self._conn is not None:
@@ -297,14 +302,21 @@ class OffloadClient:
         ws, conn = self._ws, self._conn
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        async with self._send_lock:
-            started = time.perf_counter()
-            build(conn)
-            messages = conn.data_to_send()
-            encrypt_ms = (time.perf_counter() - started) * 1e3
-            sent_at = time.perf_counter()
-            for data in messages:
-                await ws.send(data)
+        try:
+            async with self._send_lock:
+                started = time.perf_counter()
+                build(conn)
+                messages = conn.data_to_send()
+                encrypt_ms = (time.perf_counter() - started) * 1e3
+                sent_at = time.perf_counter()
+                for data in messages:
+                    await ws.send(data)
+        except (ConnectionClosed, OSError) as exc:
+            self._pending.pop(request_id, None)
+            future.cancel()
+            raise OffloadUnavailable(
+                f"connection to the edge server lost while sending ({exc})"
+            ) from None
         return future, encrypt_ms, sum(len(m) for m in messages), sent_at
 
     async def ping(self, pad: int = 0) -> float:
@@ -314,8 +326,11 @@ class OffloadClient:
         future, _, _, sent_at = await self._send(
             lambda c: c.send_ping(request_id, payload), request_id
         )
-        _, received, _ = await asyncio.wait_for(future, self.timeout)
-        ms = (received - sent_at) * 1e3
+        try:
+            _, received, _ = await asyncio.wait_for(future, self.timeout)
+        finally:
+            self._pending.pop(request_id, None)
+        ms: float = (received - sent_at) * 1e3
         if pad == 0:
             self.link.add_rtt(ms)
         return ms
@@ -370,6 +385,9 @@ class OffloadClient:
             except Overloaded as exc:
                 reason = f"overloaded: {exc}"
                 break  # retrying an overloaded server makes it worse
+            except ServerBusy as exc:
+                reason = str(exc)
+                continue  # the connection is fine (other requests may be in flight on it)
             except OffloadUnavailable as exc:
                 reason = str(exc)
                 await self._drop()
@@ -404,7 +422,10 @@ class OffloadClient:
         future, encrypt_ms, wire, sent_at = await self._send(
             lambda c: c.send_run(request_id, encoded), request_id
         )
-        event, received, decrypt_ms = await future
+        try:
+            event, received, decrypt_ms = await future
+        finally:
+            self._pending.pop(request_id, None)  # also when cancelled by the request timeout
         assert isinstance(event, RunResult)
         decode_start = time.perf_counter()
         outputs = decode_checked(
@@ -460,7 +481,7 @@ class BlockingOffloadClient:
             target=self._loop.run_forever, daemon=True, name="edgeoffload-client"
         )
         self._thread.start()
-        self._client = self._call(self._make(args, kwargs))
+        self._client: OffloadClient = self._call(self._make(args, kwargs))
 
     @staticmethod
     async def _make(args: tuple[Any, ...], kwargs: dict[str, Any]) -> OffloadClient:

@@ -32,7 +32,7 @@ class LoopbackRun:
     max_abs_error: float
 
     def median(self, component: str) -> float:
-        return statistics.median(getattr(t, component) for t in self.timings)
+        return float(statistics.median(float(getattr(t, component)) for t in self.timings))
 
 
 async def serve_and_run(

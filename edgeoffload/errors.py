@@ -126,5 +126,12 @@ class OffloadUnavailable(EdgeOffloadError):
     exit_code = 11
 
 
-class Overloaded(OffloadUnavailable):
+class ServerBusy(OffloadUnavailable):
+    """The edge server answered but could not serve this request (timeout, shutting down).
+
+    The connection itself is fine; other requests on it are unaffected.
+    """
+
+
+class Overloaded(ServerBusy):
     """The edge server refused the request because it is at its concurrency limit."""

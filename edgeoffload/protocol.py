@@ -27,11 +27,11 @@ from .codec import ALLOWED_DTYPES, EncodedTensor
 from .errors import (
     AuthenticationFailed,
     LocalProtocolError,
-    OffloadUnavailable,
     Overloaded,
     PayloadError,
     ProtocolError,
     RemoteProtocolError,
+    ServerBusy,
     VersionMismatch,
 )
 from .noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, HandshakeState, KeyPair, Transport
@@ -149,7 +149,7 @@ class ErrorReply(Event):
             return VersionMismatch(self.message)
         if self.code in ("timeout", "shutting_down", "internal"):
             # The server could not answer this time: the client may retry or fall back.
-            return OffloadUnavailable(f"edge server could not answer ({self.code}): {self.message}")
+            return ServerBusy(f"edge server could not answer ({self.code}): {self.message}")
         return RemoteProtocolError(f"edge server error ({self.code}): {self.message}")
 
 

@@ -35,7 +35,8 @@ def check_inputs(
             "inputs do not match the model: "
             + (f"missing {missing} " if missing else "")
             + (f"unexpected {extra}" if extra else ""),
-            hint="the model takes " + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs),
+            hint="the model takes "
+            + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs),
         )
     bound: dict[str, int] = {}
     for name, spec in expected.items():

@@ -233,8 +233,8 @@ class EdgeServer:
                 await ws.close(CLOSE_PROTOCOL, "binary messages only")
                 return
             events = conn.receive(first)
-            for data in conn.data_to_send():
-                await ws.send(data)
+            for reply in conn.data_to_send():
+                await ws.send(reply)
             if isinstance(events[0], ErrorReply):
                 self.stats.handshakes_rejected += 1
                 await ws.close(CLOSE_VERSION, events[0].code)
