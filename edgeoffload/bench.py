@@ -140,3 +140,215 @@ def cost_accuracy(
         "environment": environment(),
         "rows": rows,
     }
+
+
+def _size_model(n_floats: int) -> Any:
+    """x[n] -> Relu (head) | Neg -> ReduceSum (tail): the cut carries exactly n floats."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"], name="head/relu"),
+        helper.make_node("Neg", ["h"], ["t"], name="tail/neg"),
+        helper.make_node("ReduceSum", ["t"], ["y"], name="tail/sum", keepdims=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "overhead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n_floats])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def offload_overhead(
+    sizes: tuple[int, ...] = (4 << 10, 256 << 10, 4 << 20),
+    *,
+    requests: int = 60,
+    codec: str = "none",
+    protocol: str | None = None,
+) -> dict[str, Any]:
+    """Per-request framework overhead on loopback: end to end minus head and tail compute.
+
+    The edge server runs in its own process (``edgeoffload serve``), as in deployment, and
+    the device client in this one. Head and tail compute are measured by timing their
+    onnxruntime sessions directly, in the same run, on the same inputs; everything else
+    (encode, encrypt, websocket, server scheduling, decrypt, decode, result) is overhead.
+    """
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
+    from .demo import run_client, spawn_server
+    from .keys import encode_public, generate_identity
+    from .noise import DEFAULT_PROTOCOL
+    from .splitter import Analysis, split_model
+
+    rows = []
+    for size in sizes:
+        n = size // 4
+        analysis = Analysis.of(_size_model(n))
+        cut = analysis.graph.find_cut("head/relu")
+        rng = np.random.default_rng(0)
+        inputs = [{"x": rng.standard_normal(n).astype(np.float32)} for _ in range(requests)]
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            bundle = split_model(analysis, cut, root / "b", codec=codec)
+            head = make_session(bundle.head_path)
+            tail = make_session(bundle.tail_path)
+            crossing = run(head, inputs[0])
+            head_ms, tail_ms = _interleaved_ms(
+                [functools.partial(run, head, inputs[0]), functools.partial(run, tail, crossing)],
+                runs=requests,
+            )
+            server_id = generate_identity(root / "server")
+            device_id = generate_identity(root / "device")
+            (root / "allow").write_text(encode_public(device_id.public) + "\n")
+            proc, port = spawn_server([bundle.path], key_dir=root / "server", allow=root / "allow")
+            try:
+                timings = asyncio.run(
+                    run_client(
+                        bundle,
+                        inputs,
+                        port=port,
+                        server_public=server_id.public,
+                        device=device_id,
+                        protocol=protocol or DEFAULT_PROTOCOL,
+                    )
+                )
+            finally:
+                proc.terminate()
+                proc.wait(30)
+
+        floor_ms = _raw_websocket_round_trip_ms(size, requests)
+
+        def med(component: str, ts: list[Any] = timings) -> float:
+            return round(float(statistics.median(float(getattr(t, component)) for t in ts)), 4)
+
+        totals = [t.total_ms for t in timings]
+        rows.append(
+            {
+                "crossing_bytes": size,
+                "requests": len(totals),
+                "median_total_ms": med("total_ms"),
+                "p90_total_ms": round(float(np.percentile(totals, 90)), 4),
+                "head_ms": round(head_ms, 4),
+                "tail_ms": round(tail_ms, 4),
+                "median_overhead_ms": round(statistics.median(totals) - head_ms - tail_ms, 4),
+                "median_encode_ms": med("encode_ms"),
+                "median_network_ms": med("network_ms"),
+                "median_server_ms": med("server_ms"),
+                "median_decode_ms": med("decode_ms"),
+                "raw_websocket_round_trip_ms": round(floor_ms, 4),
+            }
+        )
+    return {
+        "benchmark": "offload-overhead",
+        "codec": codec,
+        "protocol": protocol or "default",
+        "server": "separate process (edgeoffload serve), 127.0.0.1",
+        "environment": environment(),
+        "rows": rows,
+    }
+
+
+_ECHO_SERVER = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+async def main():
+    async def handler(ws):
+        async for _ in ws:
+            await ws.send(b"ok")
+    async with serve(handler, "127.0.0.1", 0, compression=None, max_size=None,
+                     write_limit=1 << 22) as server:
+        print(next(iter(server.sockets)).getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+def _raw_websocket_round_trip_ms(size: int, requests: int) -> float:
+    """Baseline: plain websockets (no crypto, no codec) sending ``size`` bytes to a server
+    process on 127.0.0.1 that answers two bytes; median round trip in ms."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from websockets.asyncio.client import connect
+
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+
+        async def measure() -> float:
+            payload = bytes(size)
+            times = []
+            async with connect(
+                f"ws://127.0.0.1:{port}",
+                compression=None,
+                max_size=None,
+                proxy=None,
+                write_limit=1 << 22,
+            ) as ws:
+                for i in range(requests + 3):
+                    start = time.perf_counter()
+                    await ws.send(payload)
+                    await ws.recv()
+                    if i >= 3:
+                        times.append((time.perf_counter() - start) * 1e3)
+            return float(statistics.median(times))
+
+        return asyncio.run(measure())
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def pipeline_throughput(size: int = 4 << 20, *, repeats: int = 20) -> dict[str, Any]:
+    """encode + encrypt + decrypt + decode of one tensor, GB/s, per Noise suite and codec.
+
+    The full wire path of a request body: codec.encode, msgpack framing, Transport.encrypt
+    on the device; Transport.decrypt, strict unpack, codec.decode on the server.
+    """
+    from . import codec as codec_mod
+    from .noise import RUNTIME_PROTOCOLS, HandshakeState, KeyPair
+    from .protocol import decode_tensors, encode_tensors, pack, unpack
+
+    rng = np.random.default_rng(0)
+    array = np.maximum(rng.standard_normal(size // 4), 0).astype(np.float32)  # ReLU-like
+    rows = []
+    for suite in RUNTIME_PROTOCOLS:
+        server = KeyPair.generate()
+        init = HandshakeState(suite, initiator=True, s=KeyPair.generate(), rs=server.public)
+        resp = HandshakeState(suite, initiator=False, s=server)
+        resp.read_message(init.write_message())
+        init.read_message(resp.write_message())
+        send, recv = init.transport(), resp.transport()
+        for codec_name in ("none", "lz4", "fp16"):
+            spec = codec_mod.CodecSpec.parse(codec_name)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                encoded = codec_mod.encode(array, spec)
+                wire = send.encrypt(
+                    pack({"t": "run", "id": 1, "tensors": encode_tensors([("x", encoded)])})
+                )
+                message = unpack(recv.decrypt(wire), max_bin=size * 2)
+                ((_, received),) = decode_tensors(message["tensors"], "bench")
+                codec_mod.decode(received)
+                times.append(time.perf_counter() - start)
+            best = statistics.median(times)
+            rows.append(
+                {
+                    "suite": suite,
+                    "codec": codec_name,
+                    "tensor_bytes": array.nbytes,
+                    "median_ms": round(best * 1e3, 3),
+                    "gb_per_s": round(array.nbytes / best / 1e9, 3),
+                }
+            )
+    return {"benchmark": "pipeline-throughput", "environment": environment(), "rows": rows}

@@ -802,59 +802,71 @@ def inspect(
     out.print(f"  crossing: {crossing or '(nothing: all-local)'}")
 
 
-BENCHMARKS = ("cost-accuracy",)
+BENCHMARKS = ("cost-accuracy", "overhead", "throughput")
 
 
 @app.command()
 def bench(
-    scenario: Annotated[str, typer.Argument(help="Benchmark to run: cost-accuracy.")],
+    scenario: Annotated[str, typer.Argument(help="cost-accuracy, overhead or throughput.")],
     model: Annotated[
-        str, typer.Option("--model", help="Model (path or zoo:NAME).")
+        str, typer.Option("--model", help="Model for cost-accuracy (path or zoo:NAME).")
     ] = "zoo:mobilenetv2",
     dim: DimOpt = None,
     threads: ThreadsOpt = 1,
-    runs: Annotated[int, typer.Option("--runs", min=3, help="Timed runs per measurement.")] = 15,
+    runs: Annotated[int, typer.Option("--runs", min=3, help="Timed runs / requests.")] = 15,
+    codec: CodecOpt = "none",
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the result JSON here.")
     ] = None,
 ) -> None:
-    """Run a benchmark and print its summary (JSON with -o)."""
+    """Run a benchmark and print its summary (JSON with -o).
+
+    cost-accuracy: predicted vs measured head/tail times over every single-tensor cut.
+    overhead: per-request framework overhead on loopback for 4 KiB, 256 KiB, 4 MiB tensors.
+    throughput: encode+encrypt+decrypt+decode GB/s of a 4 MiB tensor per Noise suite.
+    """
+    from . import bench as bench_mod
+
     if scenario not in BENCHMARKS:
         raise UsageError(
             f"unknown benchmark {scenario!r}", hint=f"choose one of {', '.join(BENCHMARKS)}"
         )
-    from .bench import cost_accuracy
-
-    with _progress() as progress:
-        result = cost_accuracy(
-            resolve_model(model),
-            threads=threads,
-            runs=runs,
-            dims=_parse_dims(dim),
-            progress=progress,
-        )
+    if scenario == "cost-accuracy":
+        with _progress() as progress:
+            result = bench_mod.cost_accuracy(
+                resolve_model(model),
+                threads=threads,
+                runs=runs,
+                dims=_parse_dims(dim),
+                progress=progress,
+            )
+    elif scenario == "overhead":
+        result = bench_mod.offload_overhead(requests=max(runs, 20), codec=codec)
+    else:
+        result = bench_mod.pipeline_throughput()
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=1) + "\n")
-    table = Table(title=f"cost model accuracy: {result['model']}, {threads} thread(s)")
-    for col in ("cut", "pred head ms", "meas head ms", "pred tail ms", "meas tail ms"):
+    _print_bench(result)
+
+
+def _print_bench(result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    if result["benchmark"] == "cost-accuracy":
+        for kind in ("head", "tail"):
+            s = result[kind]
+            out.print(
+                f"{kind}: Spearman {s['spearman']:.3f}, median relative error "
+                f"{s['median_relative_error']:.1%}, max {s['max_relative_error']:.1%} over "
+                f"{result['single_tensor_cuts']} single-tensor cuts of {result['model']}"
+            )
+        return
+    table = Table(title=result["benchmark"])
+    for col in rows[0]:
         table.add_column(col, justify="right")
-    for row in result["rows"]:
-        table.add_row(
-            row["cut"],
-            f"{row['predicted_head_ms']:.2f}",
-            f"{row['measured_head_ms']:.2f}",
-            f"{row['predicted_tail_ms']:.2f}",
-            f"{row['measured_tail_ms']:.2f}",
-        )
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
     out.print(table)
-    for kind in ("head", "tail"):
-        s = result[kind]
-        out.print(
-            f"{kind}: Spearman {s['spearman']:.3f}, median relative error "
-            f"{s['median_relative_error']:.1%}, max {s['max_relative_error']:.1%} over "
-            f"{result['single_tensor_cuts']} single-tensor cuts"
-        )
 
 
 @app.callback(invoke_without_command=True)

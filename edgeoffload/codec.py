@@ -205,7 +205,7 @@ class EncodedTensor:
     dtype: str
     shape: tuple[int, ...]
     codec: str
-    data: bytes
+    data: bytes | memoryview  # a zero-copy view of the array for uncompressed codecs
     scales: bytes = b""
 
     @property
@@ -246,10 +246,17 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _compress(compression: str, buf: npt.NDArray[Any]) -> bytes:
-    """Compress the bytes of a C-contiguous array without copying it first."""
+def _compress(compression: str, buf: npt.NDArray[Any]) -> bytes | memoryview:
+    """Compress the bytes of a C-contiguous array without copying it first.
+
+    Without compression the result is a zero-copy view of ``buf`` (the caller's array for
+    codec ``none``): a 4 MiB copy is ~10% of the whole wire path. Keep the array unchanged
+    until the encoded tensor has been sent.
+    """
     if compression == "none":
-        return buf.tobytes()
+        if buf.size == 0:
+            return b""
+        return memoryview(buf.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     if compression == "zstd":
         return _zstd_compressor().compress(buf.data)
     try:
@@ -259,7 +266,7 @@ def _compress(compression: str, buf: npt.NDArray[Any]) -> bytes:
     return out
 
 
-def _decompress(compression: str, data: bytes, expected: int) -> bytes:
+def _decompress(compression: str, data: bytes | memoryview, expected: int) -> bytes | memoryview:
     """Decompress ``data`` into exactly ``expected`` bytes, never allocating more."""
     if compression == "none":
         payload = data
@@ -373,7 +380,9 @@ def _fp16_table(dtype: str) -> npt.NDArray[Any]:
     return table
 
 
-def _dequantise_fp16(payload: bytes, shape: tuple[int, ...], dtype: str) -> npt.NDArray[Any]:
+def _dequantise_fp16(
+    payload: bytes | memoryview, shape: tuple[int, ...], dtype: str
+) -> npt.NDArray[Any]:
     bits = np.frombuffer(payload, dtype=np.dtype("<u2"), count=math.prod(shape)).reshape(shape)
     out = np.empty(shape, dtype=dtype)
     np.take(_fp16_table(dtype), bits, out=out)
@@ -499,7 +508,9 @@ def decode(encoded: EncodedTensor, *, max_bytes: int | None = None) -> npt.NDArr
     payload = _decompress(spec.compression, data, count * wire_itemsize)
 
     if spec.quant == "none":
-        return np.frombuffer(payload, dtype=_WIRE_DTYPE[dtype], count=count).reshape(shape)
+        result = np.frombuffer(payload, dtype=_WIRE_DTYPE[dtype], count=count).reshape(shape)
+        result.flags.writeable = False  # also when the payload is a view of a writable array
+        return result
     out_dtype = np.dtype(dtype)
     if spec.quant == "fp16":
         return _dequantise_fp16(payload, shape, dtype)

@@ -7,8 +7,12 @@ uses throwaway keys in a temporary folder.
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ import numpy as np
 from .bundle import Bundle
 from .client import OffloadClient, RequestTiming
 from .keys import AllowList, encode_public, generate_identity
+from .noise import DEFAULT_PROTOCOL
 from .ortutil import make_session, run
 from .server import EdgeServer, ServerConfig
 
@@ -42,6 +47,7 @@ async def serve_and_run(
     reference: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
     workdir: Path,
     threads: int = 1,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> list[LoopbackRun]:
     """Start a server hosting ``bundles``; for each bundle (by path) run its requests."""
     server_id = generate_identity(workdir / "server")
@@ -66,6 +72,7 @@ async def serve_and_run(
                 identity=device_id,
                 fallback="error",
                 threads=threads,
+                protocol=protocol,
             )
             async with client:
                 await client.connect()
@@ -107,3 +114,73 @@ def run_loopback(
                 bundles, requests, reference=reference, workdir=Path(tmp), threads=threads
             )
         )
+
+
+def spawn_server(
+    bundle_dirs: Sequence[Path],
+    *,
+    key_dir: Path,
+    allow: Path,
+    extra: Sequence[str] = (),
+    timeout: float = 30.0,
+) -> tuple[subprocess.Popen[str], int]:
+    """``edgeoffload serve`` in its own process on 127.0.0.1 and a free port; (process, port)."""
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "edgeoffload.cli",
+        "serve",
+        *map(str, bundle_dirs),
+        "--key",
+        str(key_dir),
+        "--allow",
+        str(allow),
+        "--port",
+        "0",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(r"ws://127\.0\.0\.1:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+    proc.kill()
+    raise RuntimeError("edge server did not start: " + "".join(seen))
+
+
+async def run_client(
+    bundle: Bundle,
+    inputs_list: Sequence[Mapping[str, np.ndarray]],
+    *,
+    port: int,
+    server_public: bytes,
+    device: Any,
+    protocol: str = DEFAULT_PROTOCOL,
+    warmup: int = 3,
+) -> list[RequestTiming]:
+    """Run requests through a fresh client against a server on 127.0.0.1:port."""
+    client = OffloadClient(
+        bundle,
+        server=f"ws://127.0.0.1:{port}",
+        server_key=server_public,
+        identity=device,
+        fallback="error",
+        protocol=protocol,
+    )
+    timings: list[RequestTiming] = []
+    async with client:
+        for inputs in list(inputs_list[:1]) * warmup:
+            await client.run(inputs)
+        for inputs in inputs_list:
+            await client.run(inputs)
+            assert client.last_timing is not None
+            timings.append(client.last_timing)
+    return timings

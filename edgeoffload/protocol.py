@@ -128,6 +128,14 @@ class RunRequest(Event):
 
 
 @dataclass(frozen=True)
+class InvalidRequest(Event):
+    """A run request whose tensors are malformed; it gets a "payload" error reply."""
+
+    request_id: int
+    message: str
+
+
+@dataclass(frozen=True)
 class RunResult(Event):
     request_id: int
     tensors: tuple[tuple[str, EncodedTensor], ...]
@@ -186,7 +194,7 @@ def _ext_forbidden(code: int, data: bytes) -> Any:
     raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def unpack(data: bytes, *, max_bin: int) -> dict[str, Any]:
+def unpack(data: bytes | bytearray | memoryview, *, max_bin: int) -> dict[str, Any]:
     """Decode one message map with strict limits; any violation is a RemoteProtocolError."""
     try:
         obj = msgpack.unpackb(
@@ -222,6 +230,20 @@ def pack(obj: Mapping[str, Any]) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def pack_large(obj: Mapping[str, Any], *, size_hint: int) -> bytes | memoryview:
+    """msgpack bytes of ``obj``; large messages are packed into one pre-sized buffer.
+
+    ``msgpack.packb`` grows its buffer by doubling (several copies of a 4 MiB tensor) and
+    copies the result out; a Packer sized from ``size_hint`` writes once and lends its buffer.
+    """
+    if size_hint < 1 << 16:
+        return pack(obj)
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False, buf_size=size_hint + 4096)
+    packer.pack(obj)
+    buffer: memoryview = packer.getbuffer()
+    return buffer
+
+
 class _Message:
     """Typed, strict accessors over a decoded map (unknown keys are an error)."""
 
@@ -253,6 +275,10 @@ class _Message:
         extra = set(self.data) - self.seen
         if extra:
             raise RemoteProtocolError(f"{self.what}: unknown field(s) {sorted(map(str, extra))}")
+
+
+def _tensor_bytes(tensors: Sequence[tuple[str, EncodedTensor]]) -> int:
+    return sum(t.wire_bytes for _, t in tensors) + 256 * len(tensors)
 
 
 def encode_tensors(tensors: Sequence[tuple[str, EncodedTensor]]) -> list[dict[str, Any]]:
@@ -385,7 +411,7 @@ class _Connection:
     def __init__(self, *, max_message: int) -> None:
         self.state = State.IDLE if self.role is Role.CLIENT else State.AWAIT_HELLO
         self.max_message = max_message
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[bytes | bytearray] = []
         self._transport: Transport | None = None
 
     def _transition(self, action: str) -> None:
@@ -395,17 +421,17 @@ class _Connection:
             raise error(f"{action.split(':')[1]!r} is not allowed in state {self.state.value}")
         self.state = TRANSITIONS[key]
 
-    def data_to_send(self) -> list[bytes]:
+    def data_to_send(self) -> list[bytes | bytearray]:
         """Websocket binary messages to send, in order."""
         out, self._outgoing = self._outgoing, []
         return out
 
-    def _send_encrypted(self, action: str, message: dict[str, Any]) -> None:
+    def _send_encrypted(self, action: str, message: dict[str, Any], size_hint: int = 0) -> None:
         self._transition(action)
         assert self._transport is not None
-        self._outgoing.append(self._transport.encrypt(pack(message)))
+        self._outgoing.append(self._transport.encrypt(pack_large(message, size_hint=size_hint)))
 
-    def _decrypt(self, data: bytes) -> dict[str, Any]:
+    def _decrypt(self, data: bytes | bytearray) -> dict[str, Any]:
         assert self._transport is not None
         if len(data) > self.max_message:
             raise RemoteProtocolError(f"message of {len(data)} bytes exceeds {self.max_message}")
@@ -545,7 +571,9 @@ class ClientConnection(_Connection):
 
     def send_run(self, request_id: int, tensors: Sequence[tuple[str, EncodedTensor]]) -> None:
         self._send_encrypted(
-            "send:run", {"t": "run", "id": request_id, "tensors": encode_tensors(tensors)}
+            "send:run",
+            {"t": "run", "id": request_id, "tensors": encode_tensors(tensors)},
+            size_hint=_tensor_bytes(tensors),
         )
 
     def send_ping(self, request_id: int, pad: bytes = b"") -> None:
@@ -596,7 +624,12 @@ class ServerConnection(_Connection):
         if kind == "run":
             self._transition("recv:run")
             rid = m.request_id()
-            event: Event = RunRequest(rid, decode_tensors(m.get("tensors", list), "request"))
+            try:
+                event: Event = RunRequest(rid, decode_tensors(m.get("tensors", list), "request"))
+            except PayloadError as exc:
+                # The message is well-formed but its tensors lie: answer this request with a
+                # payload error and keep the connection (the transport is intact).
+                event = InvalidRequest(rid, exc.message)
         elif kind == "ping":
             self._transition("recv:ping")
             event = Ping(m.request_id(), m.get("pad", bytes))
@@ -687,6 +720,7 @@ class ServerConnection(_Connection):
                 "tensors": encode_tensors(tensors),
                 "server_ms": float(server_ms),
             },
+            size_hint=_tensor_bytes(tensors),
         )
 
     def send_error(self, request_id: int | None, code: str, message: str) -> None:

@@ -235,7 +235,7 @@ def test_wrong_data_length() -> None:
     with pytest.raises(PayloadError, match="63 bytes, expected 64"):
         decode(dataclasses.replace(good, data=good.data[:-1]))
     with pytest.raises(PayloadError, match="65 bytes, expected 64"):
-        decode(dataclasses.replace(good, data=good.data + b"\0"))
+        decode(dataclasses.replace(good, data=bytes(good.data) + b"\0"))
 
 
 @pytest.mark.parametrize(

@@ -8,25 +8,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgeoffload import zoo
 from edgeoffload.client import BlockingOffloadClient, OffloadClient
+from edgeoffload.demo import spawn_server
 from edgeoffload.errors import OffloadUnavailable
 from edgeoffload.keys import AllowList, encode_public, generate_identity
 from edgeoffload.runtime import DeviceRuntime
 from edgeoffload.server import EdgeServer, ServerConfig
 from edgeoffload.splitter import CODEC_TOLERANCE, Analysis, split_model
-
 
 
 def run_async(coro, timeout: float = 60.0):
@@ -124,7 +122,9 @@ def test_blocking_client_and_link_measurement(bundles, keys):
 
     async def scenario():
         server = EdgeServer(
-            [bundle], identity=keys["server"], allow=AllowList(keys["allow"]),
+            [bundle],
+            identity=keys["server"],
+            allow=AllowList(keys["allow"]),
             config=ServerConfig(port=0),
         )
         await server.start()
@@ -139,13 +139,17 @@ def test_blocking_client_and_link_measurement(bundles, keys):
     try:
         inputs = {"input": np.random.default_rng(5).standard_normal((1, 3, 224, 224), np.float32)}
         with BlockingOffloadClient(
-            bundle, server=f"ws://127.0.0.1:{server.port}", server_key=keys["server"].public,
-            identity=keys["device"], fallback="error",
+            bundle,
+            server=f"ws://127.0.0.1:{server.port}",
+            server_key=keys["server"].public,
+            identity=keys["device"],
+            fallback="error",
         ) as client:
             first = client.run(inputs)
             second = client.run(inputs)  # same connection, reused
             np.testing.assert_array_equal(first["logits"], second["logits"])
-            np.testing.assert_array_equal(first["logits"], DeviceRuntime(bundle).run_local(inputs)["logits"])
+            local = DeviceRuntime(bundle).run_local(inputs)
+            np.testing.assert_array_equal(first["logits"], local["logits"])
             link = client.measure_link(probe_bytes=64 * 1024, rounds=2)
             assert link.rtt_ms > 0 and link.up_bps > 0
             assert client.last_timing is not None and client.last_timing.wire_bytes > 0
@@ -160,23 +164,9 @@ def test_blocking_client_and_link_measurement(bundles, keys):
 
 
 def _start_server_process(bundle_dirs, keys, *extra) -> tuple[subprocess.Popen, int]:
-    cmd = [
-        sys.executable, "-u", "-m", "edgeoffload.cli", "serve", *map(str, bundle_dirs),
-        "--key", str(keys["root"] / "server"), "--allow", str(keys["allow"]), "--port", "0",
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"ws://127\.0\.0\.1:(\d+)", line)
-        if match:
-            return proc, int(match.group(1))
-    proc.kill()
-    raise AssertionError("server did not start: " + (proc.stdout.read() or ""))
+    return spawn_server(
+        bundle_dirs, key_dir=keys["root"] / "server", allow=keys["allow"], extra=extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +186,15 @@ def test_server_killed_mid_request(heavy_bundle, keys, fallback):
     proc, port = _start_server_process([heavy_bundle.path], keys)
     timeout = 5.0
     try:
+
         async def scenario():
             client = OffloadClient(
-                heavy_bundle, server=f"ws://127.0.0.1:{port}", server_key=keys["server"].public,
-                identity=keys["device"], fallback=fallback, timeout=timeout,
+                heavy_bundle,
+                server=f"ws://127.0.0.1:{port}",
+                server_key=keys["server"].public,
+                identity=keys["device"],
+                fallback=fallback,
+                timeout=timeout,
             )
             async with client:
                 await client.connect()
@@ -230,10 +225,15 @@ def test_server_killed_mid_request(heavy_bundle, keys, fallback):
 def test_silent_server_times_out(heavy_bundle, keys):
     proc, port = _start_server_process([heavy_bundle.path], keys)
     try:
+
         async def scenario():
             client = OffloadClient(
-                heavy_bundle, server=f"ws://127.0.0.1:{port}", server_key=keys["server"].public,
-                identity=keys["device"], fallback="error", timeout=1.5,
+                heavy_bundle,
+                server=f"ws://127.0.0.1:{port}",
+                server_key=keys["server"].public,
+                identity=keys["device"],
+                fallback="error",
+                timeout=1.5,
             )
             async with client:
                 await client.connect()
@@ -253,10 +253,15 @@ def test_silent_server_times_out(heavy_bundle, keys):
 def test_sigterm_drains_in_flight_requests(heavy_bundle, keys):
     proc, port = _start_server_process([heavy_bundle.path], keys, "--workers", "1")
     try:
+
         async def scenario():
             client = OffloadClient(
-                heavy_bundle, server=f"ws://127.0.0.1:{port}", server_key=keys["server"].public,
-                identity=keys["device"], fallback="error", timeout=30,
+                heavy_bundle,
+                server=f"ws://127.0.0.1:{port}",
+                server_key=keys["server"].public,
+                identity=keys["device"],
+                fallback="error",
+                timeout=30,
             )
             async with client:
                 await client.connect()
@@ -301,17 +306,35 @@ def test_cli_run_against_cli_serve(bundles, keys, tmp_path):
         }
         np.savez(tmp_path / "in.npz", **inputs)
         result = subprocess.run(
-            [sys.executable, "-m", "edgeoffload.cli", "run", str(bundle.path), "--server",
-             f"ws://127.0.0.1:{port}", "--server-key", str(keys["root"] / "server"), "--key",
-             str(keys["root"] / "device"), "--input", str(tmp_path / "in.npz"), "-o",
-             str(tmp_path / "out.npz"), "--fallback", "error"],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "edgeoffload.cli",
+                "run",
+                str(bundle.path),
+                "--server",
+                f"ws://127.0.0.1:{port}",
+                "--server-key",
+                str(keys["root"] / "server"),
+                "--key",
+                str(keys["root"] / "device"),
+                "--input",
+                str(tmp_path / "in.npz"),
+                "-o",
+                str(tmp_path / "out.npz"),
+                "--fallback",
+                "error",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 0, result.stderr
         assert "offloaded" in result.stdout
         got = np.load(tmp_path / "out.npz")["last_hidden_state"]
         expected = DeviceRuntime(bundle).run_local(inputs)["last_hidden_state"]
-        assert float(np.max(np.abs(got - expected))) <= CODEC_TOLERANCE["fp16"] * float(np.max(np.abs(expected)))
+        bound = CODEC_TOLERANCE["fp16"] * float(np.max(np.abs(expected)))
+        assert float(np.max(np.abs(got - expected))) <= bound
         assert _healthz(port)["status"] == "ok"
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -279,6 +279,14 @@ def test_unknown_device_key_is_rejected(env: Env) -> None:
                 await asyncio.wait_for(stranger.run(env.inputs), 15)
             await stranger.close()
             assert server.stats.handshakes_rejected == 2
+            # An unknown device learns nothing about the hosted bundles: with a mismatched
+            # bundle it still gets the opaque AuthenticationFailed, not a VersionMismatch.
+            stranger = make_client(env, server, bundle=env.other_cut, identity=env.stranger_id)
+            with pytest.raises(AuthenticationFailed) as info:
+                await asyncio.wait_for(stranger.connect(), 15)
+            await stranger.close()
+            assert env.main.manifest.version not in str(info.value)
+            assert server.stats.handshakes_rejected == 3
             await assert_honest(env, server)
 
     run_async(main)
@@ -618,25 +626,26 @@ def test_text_message_closes_4400(env: Env) -> None:
 def _lies(env: Env) -> dict[str, list[tuple[str, EncodedTensor]]]:
     ((name, t),) = honest_tensors(env)
     assert t.dtype == "float32" and t.shape == (1, 256) and t.codec == "none"
-    as64 = np.frombuffer(t.data, dtype="<f4").astype("<f8").tobytes()
+    data = bytes(t.data)  # the codec may hand out a memoryview
+    as64 = np.frombuffer(data, dtype="<f4").astype("<f8").tobytes()
     return {
         "float64-for-float32": [(name, EncodedTensor("float64", t.shape, "none", as64))],
-        "float64-label-float32-bytes": [(name, EncodedTensor("float64", (1, 128), "none", t.data))],
-        "int32-label": [(name, EncodedTensor("int32", t.shape, "none", t.data))],
-        "wrong-shape": [(name, EncodedTensor("float32", (1, 255), "none", t.data[:-4]))],
-        "transposed": [(name, EncodedTensor("float32", (256, 1), "none", t.data))],
-        "wrong-rank": [(name, EncodedTensor("float32", (1, 16, 16), "none", t.data))],
-        "short-data": [(name, EncodedTensor("float32", t.shape, "none", t.data[:-1]))],
-        "long-data": [(name, EncodedTensor("float32", t.shape, "none", t.data + b"\x00" * 4))],
+        "float64-label-float32-bytes": [(name, EncodedTensor("float64", (1, 128), "none", data))],
+        "int32-label": [(name, EncodedTensor("int32", t.shape, "none", data))],
+        "wrong-shape": [(name, EncodedTensor("float32", (1, 255), "none", data[:-4]))],
+        "transposed": [(name, EncodedTensor("float32", (256, 1), "none", data))],
+        "wrong-rank": [(name, EncodedTensor("float32", (1, 16, 16), "none", data))],
+        "short-data": [(name, EncodedTensor("float32", t.shape, "none", data[:-1]))],
+        "long-data": [(name, EncodedTensor("float32", t.shape, "none", data + b"\x00" * 4))],
         "empty-data": [(name, EncodedTensor("float32", t.shape, "none", b""))],
-        "huge-shape": [(name, EncodedTensor("float32", (1 << 40, 256), "none", t.data))],
+        "huge-shape": [(name, EncodedTensor("float32", (1 << 40, 256), "none", data))],
         "missing-tensor": [],
         "extra-tensor": [(name, t), ("extra", t)],
         "renamed-tensor": [("not-" + name, t)],
-        "wrong-codec": [(name, EncodedTensor("float32", t.shape, "fp16", t.data[:512]))],
-        "unknown-codec": [(name, EncodedTensor("float32", t.shape, "rot13", t.data))],
+        "wrong-codec": [(name, EncodedTensor("float32", t.shape, "fp16", data[:512]))],
+        "unknown-codec": [(name, EncodedTensor("float32", t.shape, "rot13", data))],
         "zstd-bomb-codec": [(name, EncodedTensor("float32", t.shape, "zstd", b"\x28\xb5\x2f\xfd"))],
-        "scales-on-none": [(name, EncodedTensor("float32", t.shape, "none", t.data, b"\0" * 4))],
+        "scales-on-none": [(name, EncodedTensor("float32", t.shape, "none", data, b"\0" * 4))],
     }
 
 
@@ -669,13 +678,6 @@ def test_lying_tensors_get_payload_errors_and_the_connection_survives(env: Env) 
     run_async(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tensor checks done in protocol.decode_tensors (duplicate name, disallowed dtype, "
-    "negative/non-int dim) raise PayloadError inside ServerConnection.receive; the server's "
-    "_handle catches it as ProtocolError and closes the session with 4400 instead of replying "
-    "code 'payload' on a live connection like every other lying tensor",
-)
 @pytest.mark.parametrize("lie", ["duplicate-name", "disallowed-dtype", "negative-dim"])
 def test_structurally_lying_tensors_get_payload_errors(env: Env, lie: str) -> None:
     ((name, t),) = honest_tensors(env)
@@ -773,12 +775,6 @@ def test_healthz_over_plain_http(env: Env) -> None:
     run_async(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: /healthz sends two Content-Type headers ('text/plain; charset=utf-8' from "
-    "connection.respond, then 'application/json'): websockets' Headers.__setitem__ appends; "
-    "the server must replace the header (del then set)",
-)
 def test_healthz_has_one_json_content_type(env: Env) -> None:
     async def main() -> None:
         async with serving(env) as server:

@@ -1,0 +1,513 @@
+#!/usr/bin/env python
+"""Generate the edgeoffload wire protocol v1 golden vectors (``protocol-v1.json``).
+
+Run from the repository root::
+
+    python mobile_bridge/vectors/generate.py            # rewrite protocol-v1.json
+    python mobile_bridge/vectors/generate.py --check    # exit 1 if the committed file differs
+
+Everything comes from fixed inputs: static and ephemeral X25519 keys derived from fixed labels,
+a fixed clock (``TIME_NS``), a fixed bundle manifest and fixed tensors. The handshake and the
+transport messages are produced by the real sans-I/O connections
+(:class:`edgeoffload.protocol.ClientConnection` / :class:`~edgeoffload.protocol.ServerConnection`,
+with ``ephemeral=`` and ``time_ns=`` pinned), and every byte is cross-checked against a second,
+independent run of the bare Noise primitives (:mod:`edgeoffload.noise`) before it is written.
+The file is never edited by hand: change the code, rerun this script, review the diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from edgeoffload import __version__
+from edgeoffload import codec as codec_mod
+from edgeoffload.bundle import Manifest, PartInfo
+from edgeoffload.errors import VersionMismatch
+from edgeoffload.keys import encode_public, fingerprint
+from edgeoffload.noise import CHUNK, RUNTIME_PROTOCOLS, HandshakeState, KeyPair, Transport
+from edgeoffload.protocol import (
+    MAX_STR,
+    PROLOGUE_PREFIX,
+    PROTOCOL_VERSION,
+    ClientConnection,
+    CloseRequested,
+    ErrorReply,
+    HandshakeComplete,
+    HostedBundle,
+    Ping,
+    Pong,
+    ReplayGuard,
+    RunRequest,
+    RunResult,
+    ServerConnection,
+    prologue,
+    tai64n,
+)
+from edgeoffload.types import TensorSpec
+
+OUTPUT = Path(__file__).resolve().parent / "protocol-v1.json"
+
+# 2026-01-01T00:00:00.123456789Z as Unix nanoseconds.
+TIME_NS = 1_767_225_600_123_456_789
+KEY_LABEL = b"edgeoffload protocol-v1 golden vector: "
+SERVER_MAX_MESSAGE = 1 << 20  # the edge server's floor (server.MIN_MAX_MESSAGE)
+CLIENT_MAX_MESSAGE = 1 << 20
+UNHOSTED_VERSION = "0000000000000000"
+CHUNKED_PAD = 70_000  # > 65519: a ping/pong that needs two transport chunks
+REKEY_MESSAGES = 2  # the rekey vector lowers the limit (the wire default is 2**16)
+
+
+def _key(label: str) -> KeyPair:
+    """A fixed key pair: private key = sha256(KEY_LABEL + label), used as raw X25519 bytes."""
+    return KeyPair.from_private(hashlib.sha256(KEY_LABEL + label.encode()).digest())
+
+
+CLIENT_STATIC = _key("device static")
+CLIENT_EPHEMERAL = _key("device ephemeral")
+SERVER_STATIC = _key("server static")
+SERVER_EPHEMERAL = _key("server ephemeral")
+
+
+def golden_manifest() -> Manifest:
+    """A bundle manifest with fixed hashes; only identity and version reach the wire."""
+    x = TensorSpec("x", "float32", ("batch", 3))
+    y = TensorSpec("y", "float32", ("batch", 2))
+    return Manifest(
+        source_sha256=hashlib.sha256(b"golden source model").hexdigest(),
+        source_name="golden",
+        cut_id="c3",
+        cut_after="relu_2",
+        crossing=(x,),
+        passthrough=(),
+        graph_inputs=(TensorSpec("input", "float32", ("batch", 4)),),
+        graph_outputs=(y,),
+        head=PartInfo("head.onnx", hashlib.sha256(b"golden head").hexdigest(), (), (x,)),
+        tail=PartInfo("tail.onnx", hashlib.sha256(b"golden tail").hexdigest(), (x,), (y,)),
+        codec="fp16+zstd",
+    )
+
+
+# Tensors of the transport vectors.
+RUN_ARRAY = np.array([[1.0, -2.5, 0.0], [3.25, 0.001, -7.0]], dtype=np.float32)
+RESULT_ARRAY = np.array([[0.25, 0.75], [-1.0, 2.0]], dtype=np.float32)
+
+# Inputs of the codec vectors: fp16 saturation (70000), int8 rounding, an int64 tensor that
+# keeps quant "none" whatever the codec asks for.
+CODEC_FLOAT = np.array([[0.5, -1.25, 3.0], [100.0, -0.001, 70000.0]], dtype=np.float32)
+CODEC_INT64 = np.array([[0, 1, -1], [2**40, -(2**40), 7]], dtype=np.int64)
+CODEC_CASES: tuple[tuple[str, np.ndarray, str], ...] = (
+    ("float32 none", CODEC_FLOAT, "none"),
+    ("float32 fp16", CODEC_FLOAT, "fp16"),
+    ("float32 int8", CODEC_FLOAT, "int8"),
+    ("float32 int8c", CODEC_FLOAT, "int8c"),
+    ("float32 zstd", CODEC_FLOAT, "zstd"),
+    ("float32 lz4", CODEC_FLOAT, "lz4"),
+    ("float32 fp16+zstd", CODEC_FLOAT, "fp16+zstd"),
+    ("float32 int8c+lz4", CODEC_FLOAT, "int8c+lz4"),
+    ("int64 fp16+zstd (quant does not apply: codec becomes zstd)", CODEC_INT64, "fp16+zstd"),
+    ("int64 int8+lz4 (quant does not apply: codec becomes lz4)", CODEC_INT64, "int8+lz4"),
+)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    """A decoded msgpack value as JSON: bin values become {"bin": hex}."""
+    if isinstance(obj, bytes):
+        return {"bin": obj.hex()}
+    if isinstance(obj, dict):
+        return {key: _plain(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(value) for value in obj]
+    return obj
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=True)
+
+
+def _keypair(pair: KeyPair, label: str) -> dict[str, str]:
+    return {
+        "label": label,
+        "private": pair.private.hex(),
+        "public": pair.public.hex(),
+        "text": encode_public(pair.public),
+        "fingerprint": fingerprint(pair.public),
+    }
+
+
+def _le_bytes(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def _mirror_handshake(
+    protocol: str, bundle: str, message1: bytes, message2: bytes
+) -> tuple[HandshakeState, HandshakeState, bytes, bytes]:
+    """Replay the handshake with bare Noise states; check it yields the same bytes.
+
+    Returns the completed initiator and responder states and the two plaintext payloads.
+    """
+    pro = prologue(protocol, bundle)
+    init = HandshakeState(
+        protocol,
+        initiator=True,
+        prologue=pro,
+        s=CLIENT_STATIC,
+        e=CLIENT_EPHEMERAL,
+        rs=SERVER_STATIC.public,
+    )
+    resp = HandshakeState(
+        protocol, initiator=False, prologue=pro, s=SERVER_STATIC, e=SERVER_EPHEMERAL
+    )
+    noise1 = _unpack(message1)["noise"]
+    noise2 = _unpack(message2)["noise"]
+    hello = resp.read_message(noise1)
+    if init.write_message(hello) != noise1:
+        raise AssertionError(f"{protocol}: message 1 differs from a bare Noise initiator")
+    welcome = init.read_message(noise2)
+    if resp.write_message(welcome) != noise2:
+        raise AssertionError(f"{protocol}: message 2 differs from a bare Noise responder")
+    if init.handshake_hash != resp.handshake_hash:
+        raise AssertionError(f"{protocol}: handshake hashes differ")
+    if resp.remote_static != CLIENT_STATIC.public:
+        raise AssertionError(f"{protocol}: responder did not learn the device key")
+    return init, resp, hello, welcome
+
+
+def _handshake_message(message: bytes, payload: bytes) -> dict[str, Any]:
+    envelope = _unpack(message)
+    return {
+        "envelope_hex": message.hex(),
+        "envelope": _plain(envelope),
+        "noise_hex": envelope["noise"].hex(),
+        "noise_len": len(envelope["noise"]),
+        "payload_hex": payload.hex(),
+        "payload": _plain(_unpack(payload)),
+    }
+
+
+class _Recorder:
+    """Sends messages through the real connections and records them, checked twice."""
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        server: ServerConnection,
+        init: Transport,
+        resp: Transport,
+    ) -> None:
+        self.client, self.server = client, server
+        self.init, self.resp = init, resp
+        self.nonces = {"client->server": 0, "server->client": 0}
+        self.messages: list[dict[str, Any]] = []
+
+    def send(
+        self,
+        direction: str,
+        send: Callable[[], None],
+        expect: type,
+        *,
+        note: str = "",
+        compact: bool = False,
+    ) -> Any:
+        if direction == "client->server":
+            sender, receiver, mirror_send, mirror_recv = (
+                self.client,
+                self.server,
+                self.init,
+                self.resp,
+            )
+        else:
+            sender, receiver, mirror_send, mirror_recv = (
+                self.server,
+                self.client,
+                self.resp,
+                self.init,
+            )
+        send()
+        (ciphertext,) = sender.data_to_send()
+        plaintext = mirror_recv.decrypt(ciphertext)
+        if mirror_send.encrypt(plaintext) != ciphertext:
+            raise AssertionError(f"{direction}: ciphertext differs from a bare Noise transport")
+        (event,) = receiver.receive(ciphertext)
+        if not isinstance(event, expect):
+            raise AssertionError(f"{direction}: expected {expect.__name__}, got {event!r}")
+        chunks = len(plaintext) // CHUNK + 1
+        entry: dict[str, Any] = {
+            "direction": direction,
+            "type": _unpack(plaintext)["t"],
+            "nonce": self.nonces[direction],
+            "chunks": chunks,
+        }
+        if note:
+            entry["note"] = note
+        self.nonces[direction] += chunks
+        entry["plaintext_len"] = len(plaintext)
+        entry["ciphertext_len"] = len(ciphertext)
+        if compact:
+            message = _unpack(plaintext)
+            if any(message["pad"]):
+                raise AssertionError("compact vectors describe zero-filled pads only")
+            message["pad"] = {"zero_bytes": len(message["pad"])}
+            entry["message"] = message
+            entry["plaintext_head_hex"] = plaintext[:16].hex()
+            entry["plaintext_sha256"] = hashlib.sha256(plaintext).hexdigest()
+            entry["ciphertext_sha256"] = hashlib.sha256(ciphertext).hexdigest()
+            entry["ciphertext_chunk_lens"] = [
+                len(ciphertext[i : i + CHUNK + 16]) for i in range(0, len(ciphertext), CHUNK + 16)
+            ]
+        else:
+            entry["plaintext_hex"] = plaintext.hex()
+            entry["ciphertext_hex"] = ciphertext.hex()
+            entry["message"] = _plain(_unpack(plaintext))
+        self.messages.append(entry)
+        return event
+
+
+# -- vectors ----------------------------------------------------------------------------------
+
+
+def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
+    """The handshake, transport, refusal and rekey vectors of one Noise suite."""
+    identity, version = manifest.identity, manifest.version
+    hosted = {version: HostedBundle(identity, version)}
+
+    def new_server() -> ServerConnection:
+        return ServerConnection(
+            static=SERVER_STATIC,
+            is_allowed=lambda key: key == CLIENT_STATIC.public,
+            bundles=hosted,
+            replay_guard=ReplayGuard(),
+            max_message=SERVER_MAX_MESSAGE,
+            ephemeral=SERVER_EPHEMERAL,
+        )
+
+    def new_client(bundle_version: str) -> ClientConnection:
+        return ClientConnection(
+            static=CLIENT_STATIC,
+            server_public=SERVER_STATIC.public,
+            bundle=identity,
+            version=bundle_version,
+            time_ns=TIME_NS,
+            protocol=protocol,
+            ephemeral=CLIENT_EPHEMERAL,
+            max_message=CLIENT_MAX_MESSAGE,
+        )
+
+    # Accepted handshake.
+    client, server = new_client(version), new_server()
+    client.start()
+    (message1,) = client.data_to_send()
+    (server_event,) = server.receive(message1)
+    if not isinstance(server_event, HandshakeComplete):
+        raise AssertionError(f"server did not accept the handshake: {server_event!r}")
+    (message2,) = server.data_to_send()
+    (client_event,) = client.receive(message2)
+    if not isinstance(client_event, HandshakeComplete):
+        raise AssertionError(f"client did not accept the welcome: {client_event!r}")
+    init, resp, hello, welcome = _mirror_handshake(protocol, identity, message1, message2)
+    handshake_hash = init.handshake_hash
+
+    # Transport messages, in the order they are sent.
+    rec = _Recorder(client, server, init.transport(), resp.transport())
+    none = codec_mod.CodecSpec()
+    rec.send(
+        "client->server",
+        lambda: client.send_run(1, [("x", codec_mod.encode(RUN_ARRAY, none))]),
+        RunRequest,
+        note="run, float32 [2, 3] under codec none",
+    )
+    fp16_zstd = codec_mod.CodecSpec.parse("fp16+zstd")
+    rec.send(
+        "client->server",
+        lambda: client.send_run(2, [("x", codec_mod.encode(RUN_ARRAY, fp16_zstd))]),
+        RunRequest,
+        note="run, the same tensor under codec fp16+zstd (the bundle's codec)",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_result(1, [("y", codec_mod.encode(RESULT_ARRAY, none))], 1.5),
+        RunResult,
+        note="result of request 1 (results always use codec none)",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_error(2, "overloaded", "4 requests in flight"),
+        ErrorReply,
+        note="error for request 2",
+    )
+    rec.send("client->server", lambda: client.send_ping(3, b"\x01\x02\x03"), Ping, note="ping")
+    rec.send(
+        "server->client", lambda: server.send_pong(3, b"\x01\x02\x03"), Pong, note="pong echoes pad"
+    )
+    big_pad = bytes(CHUNKED_PAD)
+    rec.send(
+        "client->server",
+        lambda: client.send_ping(4, big_pad),
+        Ping,
+        note=f"ping with {CHUNKED_PAD} zero bytes of pad: two chunks (listed by hash)",
+        compact=True,
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_pong(4, big_pad),
+        Pong,
+        note="pong with the same pad: two chunks (listed by hash)",
+        compact=True,
+    )
+    rec.send("client->server", lambda: client.send_close("done"), CloseRequested, note="close")
+
+    # Refused handshake: the device asks for a version the server does not host.
+    refused_client, refused_server = new_client(UNHOSTED_VERSION), new_server()
+    refused_client.start()
+    (refused1,) = refused_client.data_to_send()
+    (refused_event,) = refused_server.receive(refused1)
+    if not isinstance(refused_event, ErrorReply):
+        raise AssertionError(f"server did not refuse: {refused_event!r}")
+    (refused2,) = refused_server.data_to_send()
+    try:
+        refused_client.receive(refused2)
+    except VersionMismatch:
+        pass
+    else:
+        raise AssertionError("client accepted a refusal")
+    _, _, refused_hello, refused_reply = _mirror_handshake(protocol, identity, refused1, refused2)
+
+    # Rekey rule at a lowered limit, on a fresh transport with this suite's session keys.
+    rk_init, rk_resp, _, _ = _mirror_handshake(protocol, identity, message1, message2)
+    sender = rk_init.transport(rekey_messages=REKEY_MESSAGES)
+    receiver = rk_resp.transport(rekey_messages=REKEY_MESSAGES)
+    rekey_messages = []
+    for index in range(3):
+        plaintext = f"rekey vector message {index}".encode()
+        ciphertext = sender.encrypt(plaintext)
+        if receiver.decrypt(ciphertext) != plaintext:
+            raise AssertionError(f"{protocol}: rekey vector does not round-trip")
+        rekey_messages.append(
+            {"nonce": index, "plaintext_hex": plaintext.hex(), "ciphertext_hex": ciphertext.hex()}
+        )
+
+    return {
+        "protocol_name": protocol,
+        "keys": {
+            "client_static": _keypair(CLIENT_STATIC, "device static"),
+            "client_ephemeral": _keypair(CLIENT_EPHEMERAL, "device ephemeral"),
+            "server_static": _keypair(SERVER_STATIC, "server static"),
+            "server_ephemeral": _keypair(SERVER_EPHEMERAL, "server ephemeral"),
+        },
+        "prologue_hex": prologue(protocol, identity).hex(),
+        "handshake": {
+            "message1": _handshake_message(message1, hello),
+            "message2": _handshake_message(message2, welcome),
+            "handshake_hash_hex": handshake_hash.hex(),
+        },
+        "transport": rec.messages,
+        "refused_handshake": {
+            "note": f"the device offers bundle version {UNHOSTED_VERSION}, which the server "
+            "does not host; the server answers message 2 with ok=false and closes (4409)",
+            "message1": _handshake_message(refused1, refused_hello),
+            "message2": _handshake_message(refused2, refused_reply),
+        },
+        "rekey": {
+            "note": f"client->server on a fresh transport of this suite's session (nonce 0), "
+            f"with rekey_messages={REKEY_MESSAGES} instead of the wire default 2**16: messages "
+            "0 and 1 use the split key k, then the key becomes REKEY(k) and message 2 uses it "
+            "with nonce 2 (rekeying does not reset the nonce)",
+            "rekey_messages": REKEY_MESSAGES,
+            "messages": rekey_messages,
+        },
+    }
+
+
+def codec_vectors() -> list[dict[str, Any]]:
+    out = []
+    for name, array, codec_name in CODEC_CASES:
+        encoded = codec_mod.encode(array, codec_mod.CodecSpec.parse(codec_name))
+        decoded = codec_mod.decode(encoded)
+        out.append(
+            {
+                "name": name,
+                "input_dtype": array.dtype.name,
+                "input_shape": list(array.shape),
+                "input_hex": _le_bytes(array).hex(),
+                "requested_codec": codec_name,
+                "codec": encoded.codec,
+                "data_hex": encoded.data.hex(),
+                "scales_hex": encoded.scales.hex(),
+                "decoded_hex": _le_bytes(decoded).hex(),
+                # Compressor output may differ between zstd/lz4 versions and implementations;
+                # quantisation and the raw layout are fully specified (PROTOCOL.md §8).
+                "encoded_bytes_reproducible": encoded.codec in codec_mod.QUANTS,
+            }
+        )
+    return out
+
+
+def build_vectors() -> dict[str, Any]:
+    manifest = golden_manifest()
+    head = manifest.head.sha256 if manifest.head else "-"
+    tail = manifest.tail.sha256 if manifest.tail else "-"
+    version_input = "|".join([manifest.identity, manifest.codec, head, tail])
+    if hashlib.sha256(version_input.encode()).hexdigest()[:16] != manifest.version:
+        raise AssertionError("Manifest.version no longer follows the documented derivation")
+    return {
+        "format": "edgeoffload wire protocol golden vectors",
+        "protocol_version": PROTOCOL_VERSION,
+        "spec": "mobile_bridge/PROTOCOL.md",
+        "generator": "mobile_bridge/vectors/generate.py (never edit this file by hand)",
+        "edgeoffload_version": __version__,
+        "prologue_prefix_hex": PROLOGUE_PREFIX.hex(),
+        "max_str": MAX_STR,
+        "time_ns": TIME_NS,
+        "tai64n_hex": tai64n(TIME_NS).hex(),
+        "key_derivation": "private = sha256(" + repr(KEY_LABEL.decode()) + " + label)",
+        "bundle": {
+            "source_sha256": manifest.source_sha256,
+            "cut_id": manifest.cut_id,
+            "identity": manifest.identity,
+            "codec": manifest.codec,
+            "head_sha256": head,
+            "tail_sha256": tail,
+            "version_input": version_input,
+            "version": manifest.version,
+        },
+        "suites": [suite_vectors(protocol, manifest) for protocol in RUNTIME_PROTOCOLS],
+        "codecs": codec_vectors(),
+    }
+
+
+def render() -> str:
+    """The exact text of protocol-v1.json."""
+    return json.dumps(build_vectors(), indent=2, ensure_ascii=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
+        if current != text:
+            print(f"{args.output} is out of date: rerun {Path(__file__).name}", file=sys.stderr)
+            return 1
+        print(f"{args.output} is up to date")
+        return 0
+    args.output.write_text(text, encoding="utf-8")
+    print(f"wrote {args.output} ({len(text)} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

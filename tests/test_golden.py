@@ -1,0 +1,395 @@
+"""Golden vectors of the wire protocol v1 (mobile_bridge/vectors/protocol-v1.json).
+
+Two kinds of checks:
+
+* Regeneration: running the generator in-process gives exactly the committed file, so any change
+  to the bytes on the wire (handshake, envelopes, msgpack layout, transport framing, codecs)
+  shows up here and has to be made on purpose (regenerate, review the diff, bump the protocol
+  version when old peers would break).
+* Independent re-check: the committed vectors are decoded the way a port to another language
+  would do it, with the Noise primitives (HandshakeState, CipherState, Transport), msgpack,
+  numpy and the compression libraries, never with edgeoffload.protocol's connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lz4.block
+import msgpack
+import numpy as np
+import pytest
+import zstandard
+
+from edgeoffload import codec as codec_mod
+from edgeoffload.noise import MAX_MESSAGE, RUNTIME_PROTOCOLS, TAG, HandshakeState, KeyPair
+
+ROOT = Path(__file__).resolve().parents[1]
+VECTOR_DIR = ROOT / "mobile_bridge" / "vectors"
+VECTORS_PATH = VECTOR_DIR / "protocol-v1.json"
+GENERATOR_PATH = VECTOR_DIR / "generate.py"
+VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
+SUITES: list[dict[str, Any]] = VECTORS["suites"]
+CHUNK = MAX_MESSAGE - TAG
+
+
+def _load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("edgeoffload_golden_generate", GENERATOR_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def _first_difference(a: Any, b: Any, path: str = "$") -> str | None:
+    """The JSON path of the first place two decoded documents differ (for a short message)."""
+    if type(a) is not type(b):
+        return f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return f"{path}: keys {list(a)} != {list(b)}"
+        for key in a:
+            found = _first_difference(a[key], b[key], f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return f"{path}: {len(a)} items != {len(b)}"
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_difference(x, y, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{path}: {a!r} != {b!r}"
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return {"bin": obj.hex()}
+    if isinstance(obj, dict):
+        return {key: _plain(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(value) for value in obj]
+    return obj
+
+
+def _strict_unpack(data: bytes) -> Any:
+    """msgpack as a port must read it: str keys, no ext types, no duplicate keys."""
+
+    def no_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        keys = [key for key, _ in pairs]
+        assert len(set(keys)) == len(keys), f"duplicate keys in {keys}"
+        assert all(isinstance(key, str) for key in keys)
+        return dict(pairs)
+
+    return msgpack.unpackb(
+        data, raw=False, strict_map_key=True, object_pairs_hook=no_duplicates, max_ext_len=0
+    )
+
+
+def _pair(private_hex: str, public_hex: str) -> KeyPair:
+    pair = KeyPair.from_private(bytes.fromhex(private_hex))
+    assert pair.public.hex() == public_hex, "the listed public key does not match the private key"
+    return pair
+
+
+def _keys(suite: dict[str, Any]) -> dict[str, KeyPair]:
+    return {name: _pair(k["private"], k["public"]) for name, k in suite["keys"].items()}
+
+
+def _prologue(protocol: str, identity: str) -> bytes:
+    # PROTOCOL.md §5, written out rather than imported from edgeoffload.protocol.
+    return b"edgeoffload/1\x00" + protocol.encode("ascii") + b"\x00" + identity.encode("utf-8")
+
+
+def _handshake(suite: dict[str, Any], hs: dict[str, Any]) -> tuple[HandshakeState, HandshakeState]:
+    """Run one recorded handshake with bare Noise states and check every recorded byte."""
+    keys = _keys(suite)
+    protocol = suite["protocol_name"]
+    identity = VECTORS["bundle"]["identity"]
+    prologue = _prologue(protocol, identity)
+    assert prologue.hex() == suite["prologue_hex"]
+
+    m1, m2 = hs["message1"], hs["message2"]
+    envelope1 = _strict_unpack(bytes.fromhex(m1["envelope_hex"]))
+    assert set(envelope1) == {"v", "proto", "bundle", "noise"}
+    assert envelope1["v"] == 1
+    assert envelope1["proto"] == protocol
+    assert envelope1["bundle"] == identity
+    noise1 = envelope1["noise"]
+    assert noise1.hex() == m1["noise_hex"]
+
+    # The responder (server) side: it knows only its own keys and learns the device's.
+    responder = HandshakeState(
+        protocol,
+        initiator=False,
+        prologue=prologue,
+        s=keys["server_static"],
+        e=keys["server_ephemeral"],
+    )
+    hello = responder.read_message(noise1)
+    assert hello.hex() == m1["payload_hex"]
+    assert responder.remote_static == keys["client_static"].public
+
+    # The initiator (device) side, with the pinned server key: it must produce message 1 exactly.
+    initiator = HandshakeState(
+        protocol,
+        initiator=True,
+        prologue=prologue,
+        s=keys["client_static"],
+        e=keys["client_ephemeral"],
+        rs=keys["server_static"].public,
+    )
+    assert initiator.write_message(hello) == noise1
+
+    envelope2 = _strict_unpack(bytes.fromhex(m2["envelope_hex"]))
+    assert set(envelope2) == {"v", "noise"}
+    assert envelope2["v"] == 1
+    noise2 = envelope2["noise"]
+    assert noise2.hex() == m2["noise_hex"]
+    reply = initiator.read_message(noise2)
+    assert reply.hex() == m2["payload_hex"]
+    assert responder.write_message(reply) == noise2
+    assert initiator.handshake_hash == responder.handshake_hash
+    return initiator, responder
+
+
+def _tai64n(time_ns: int) -> bytes:
+    seconds, nanos = divmod(time_ns, 1_000_000_000)
+    return struct.pack(">QI", 2**62 + seconds, nanos)
+
+
+# -- regeneration -------------------------------------------------------------------------------
+
+
+def test_regenerated_vectors_match_the_committed_file() -> None:
+    text = _load_generator().render()
+    committed = VECTORS_PATH.read_text(encoding="utf-8")
+    if text != committed:
+        where = _first_difference(json.loads(committed), json.loads(text)) or "formatting"
+        pytest.fail(
+            f"the wire bytes changed ({where}); if intended, run "
+            "`python mobile_bridge/vectors/generate.py`, review the diff and update "
+            "mobile_bridge/PROTOCOL.md"
+        )
+
+
+def test_generator_check_mode(tmp_path: Path) -> None:
+    generator = _load_generator()
+    out = tmp_path / "v.json"
+    assert generator.main(["--check", "--output", str(out)]) == 1
+    assert generator.main(["--output", str(out)]) == 0
+    assert generator.main(["--check", "--output", str(out)]) == 0
+
+
+# -- independent re-check -----------------------------------------------------------------------
+
+
+def test_vectors_cover_both_runtime_suites() -> None:
+    assert [s["protocol_name"] for s in SUITES] == list(RUNTIME_PROTOCOLS)
+    assert VECTORS["protocol_version"] == 1
+    assert bytes.fromhex(VECTORS["prologue_prefix_hex"]) == b"edgeoffload/1\x00"
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_key_text_forms(suite: dict[str, Any]) -> None:
+    for key in suite["keys"].values():
+        private = hashlib.sha256(b"edgeoffload protocol-v1 golden vector: " + key["label"].encode())
+        assert key["private"] == private.hexdigest()
+        public = bytes.fromhex(key["public"])
+        assert key["text"] == "x25519:" + base64.urlsafe_b64encode(public).decode().rstrip("=")
+        digest = hashlib.sha256(b"edgeoffload-key-v1" + public).digest()[:10]
+        text = base64.b32encode(digest).decode().lower()
+        assert key["fingerprint"] == "-".join(text[i : i + 4] for i in range(0, 16, 4))
+
+
+def test_bundle_identity_and_version() -> None:
+    b = VECTORS["bundle"]
+    assert b["identity"] == f"{b['source_sha256']}:{b['cut_id']}"
+    version_input = "|".join([b["identity"], b["codec"], b["head_sha256"], b["tail_sha256"]])
+    assert b["version_input"] == version_input
+    assert b["version"] == hashlib.sha256(version_input.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_handshake_payloads(suite: dict[str, Any]) -> None:
+    hs = suite["handshake"]
+    initiator, _ = _handshake(suite, hs)
+    assert initiator.handshake_hash.hex() == hs["handshake_hash_hex"]
+
+    hello = _strict_unpack(bytes.fromhex(hs["message1"]["payload_hex"]))
+    assert list(hello) == ["ts", "version", "agent"]
+    assert hello["ts"] == _tai64n(VECTORS["time_ns"])
+    assert hello["ts"].hex() == VECTORS["tai64n_hex"]
+    assert hello["version"] == VECTORS["bundle"]["version"]
+    assert hello["agent"].startswith("edgeoffload/")
+    assert _plain(hello) == hs["message1"]["payload"]
+
+    welcome = _strict_unpack(bytes.fromhex(hs["message2"]["payload_hex"]))
+    assert list(welcome) == ["ok", "version", "max_message", "agent"]
+    assert welcome["ok"] is True
+    assert welcome["version"] == VECTORS["bundle"]["version"]
+    assert isinstance(welcome["max_message"], int) and welcome["max_message"] > 0
+    assert _plain(welcome) == hs["message2"]["payload"]
+
+    # IK message sizes: e (32) + encrypted s (32 + 16) + payload + tag (16); e (32) + payload + 16.
+    assert (
+        hs["message1"]["noise_len"]
+        == 32 + 48 + len(bytes.fromhex(hs["message1"]["payload_hex"])) + 16
+    )
+    assert (
+        hs["message2"]["noise_len"] == 32 + len(bytes.fromhex(hs["message2"]["payload_hex"])) + 16
+    )
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_refused_handshake(suite: dict[str, Any]) -> None:
+    refused = suite["refused_handshake"]
+    _handshake(suite, refused)
+    hello = _strict_unpack(bytes.fromhex(refused["message1"]["payload_hex"]))
+    assert hello["version"] != VECTORS["bundle"]["version"]
+    reply = _strict_unpack(bytes.fromhex(refused["message2"]["payload_hex"]))
+    assert reply["ok"] is False
+    assert reply["code"] == "version_mismatch"
+    assert reply["version"] == VECTORS["bundle"]["version"]
+    assert isinstance(reply["message"], str)
+
+
+def _zero_pad_message(message: dict[str, Any]) -> bytes:
+    rebuilt = dict(message)
+    rebuilt["pad"] = bytes(message["pad"]["zero_bytes"])
+    return msgpack.packb(rebuilt, use_bin_type=True)
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_transport_messages(suite: dict[str, Any]) -> None:
+    initiator, responder = _handshake(suite, suite["handshake"])
+    client, server = initiator.transport(), responder.transport()
+    nonces = {"client->server": 0, "server->client": 0}
+    for entry in suite["transport"]:
+        direction = entry["direction"]
+        sender, receiver = (client, server) if direction == "client->server" else (server, client)
+        assert entry["nonce"] == nonces[direction]
+        length = entry["plaintext_len"]
+        # PROTOCOL.md §6: L // 65519 + 1 chunks, 16 bytes of tag each.
+        assert entry["chunks"] == length // CHUNK + 1
+        assert entry["ciphertext_len"] == length + TAG * entry["chunks"]
+        nonces[direction] += entry["chunks"]
+        if "plaintext_hex" in entry:
+            plaintext = bytes.fromhex(entry["plaintext_hex"])
+            ciphertext = bytes.fromhex(entry["ciphertext_hex"])
+            assert receiver.decrypt(ciphertext) == plaintext
+            assert sender.encrypt(plaintext) == ciphertext
+            message = _strict_unpack(plaintext)
+            assert _plain(message) == entry["message"]
+        else:  # long messages are listed by hash; the plaintext is rebuilt from its description
+            plaintext = _zero_pad_message(entry["message"])
+            assert plaintext.hex().startswith(entry["plaintext_head_hex"])
+            assert hashlib.sha256(plaintext).hexdigest() == entry["plaintext_sha256"]
+            ciphertext = sender.encrypt(plaintext)
+            assert hashlib.sha256(ciphertext).hexdigest() == entry["ciphertext_sha256"]
+            pieces = [
+                len(ciphertext[i : i + MAX_MESSAGE]) for i in range(0, len(ciphertext), MAX_MESSAGE)
+            ]
+            assert pieces == entry["ciphertext_chunk_lens"]
+            assert receiver.decrypt(ciphertext) == plaintext
+            message = _strict_unpack(plaintext)
+        assert len(plaintext) == length
+        assert message["t"] == entry["type"]
+    assert [e["type"] for e in suite["transport"]] == [
+        "run", "run", "result", "error", "ping", "pong", "ping", "pong", "close"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_run_request_tensors_decode(suite: dict[str, Any]) -> None:
+    first, second = (e for e in suite["transport"] if e["type"] == "run")
+    tensors = [
+        _strict_unpack(bytes.fromhex(e["plaintext_hex"]))["tensors"][0] for e in (first, second)
+    ]
+    assert [t["codec"] for t in tensors] == ["none", "fp16+zstd"]
+    for t in tensors:
+        assert set(t) == {"name", "dtype", "shape", "codec", "data"}
+    raw = np.frombuffer(tensors[0]["data"], dtype="<f4").reshape(tensors[0]["shape"])
+    half = zstandard.ZstdDecompressor().decompress(tensors[1]["data"])
+    assert zstandard.frame_content_size(tensors[1]["data"]) == len(half) == raw.size * 2
+    approx = np.frombuffer(half, dtype="<f2").astype(np.float32).reshape(tensors[1]["shape"])
+    np.testing.assert_allclose(approx, raw, rtol=2**-11, atol=2**-25)
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_rekey_vector(suite: dict[str, Any]) -> None:
+    rekey = suite["rekey"]
+    assert rekey["rekey_messages"] == 2
+    _, responder = _handshake(suite, suite["handshake"])
+    # Bare cipher states, rekeyed by hand after the second message (PROTOCOL.md §6 rule 5).
+    to_server, _ = responder.split()
+    for entry in rekey["messages"]:
+        assert to_server.n == entry["nonce"]
+        plaintext = to_server.decrypt_with_ad(b"", bytes.fromhex(entry["ciphertext_hex"]))
+        assert plaintext.hex() == entry["plaintext_hex"]
+        if entry["nonce"] == 1:
+            to_server.rekey()
+
+
+def _independent_decode(entry: dict[str, Any]) -> np.ndarray:
+    """PROTOCOL.md §8 written out with numpy and the compression libraries."""
+    dtype, shape, codec = entry["input_dtype"], entry["input_shape"], entry["codec"]
+    quant, _, compression = codec.partition("+")
+    if quant in ("zstd", "lz4"):
+        quant, compression = "none", quant
+    count = int(np.prod(shape))
+    wire_itemsize = {"none": np.dtype(dtype).itemsize, "fp16": 2, "int8": 1, "int8c": 1}[quant]
+    data = bytes.fromhex(entry["data_hex"])
+    if compression == "zstd":
+        assert zstandard.frame_content_size(data) == count * wire_itemsize
+        data = zstandard.ZstdDecompressor().decompress(data)
+    elif compression == "lz4":
+        data = lz4.block.decompress(data, uncompressed_size=count * wire_itemsize)
+    assert len(data) == count * wire_itemsize
+    if quant == "none":
+        return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    if quant == "fp16":
+        return np.frombuffer(data, dtype="<f2").astype(dtype).reshape(shape)
+    q = np.frombuffer(data, dtype=np.int8).reshape(shape)
+    scales = np.frombuffer(bytes.fromhex(entry["scales_hex"]), dtype="<f4").astype(dtype)
+    if quant == "int8c" and len(shape) >= 2:
+        scales = scales.reshape((1, shape[1], *([1] * (len(shape) - 2))))
+    else:
+        assert scales.size == 1
+    return (q * scales).astype(dtype)
+
+
+@pytest.mark.parametrize("entry", VECTORS["codecs"], ids=lambda e: e["name"])
+def test_codec_vectors(entry: dict[str, Any]) -> None:
+    decoded = _independent_decode(entry)
+    assert decoded.astype(decoded.dtype.newbyteorder("<")).tobytes().hex() == entry["decoded_hex"]
+    encoded = codec_mod.EncodedTensor(
+        entry["input_dtype"],
+        tuple(entry["input_shape"]),
+        entry["codec"],
+        bytes.fromhex(entry["data_hex"]),
+        bytes.fromhex(entry["scales_hex"]),
+    )
+    assert codec_mod.decode(encoded).tobytes().hex() == entry["decoded_hex"]
+    if entry["encoded_bytes_reproducible"]:
+        source = np.frombuffer(
+            bytes.fromhex(entry["input_hex"]),
+            dtype=np.dtype(entry["input_dtype"]).newbyteorder("<"),
+        ).reshape(entry["input_shape"])
+        again = codec_mod.encode(source, codec_mod.CodecSpec.parse(entry["requested_codec"]))
+        assert again.data.hex() == entry["data_hex"]
+        assert again.scales.hex() == entry["scales_hex"]
