@@ -311,44 +311,69 @@ def _raw_websocket_round_trip_ms(size: int, requests: int) -> float:
 def pipeline_throughput(size: int = 4 << 20, *, repeats: int = 20) -> dict[str, Any]:
     """encode + encrypt + decrypt + decode of one tensor, GB/s, per Noise suite and codec.
 
-    The full wire path of a request body: codec.encode, msgpack framing, Transport.encrypt
-    on the device; Transport.decrypt, strict unpack, codec.decode on the server.
+    Drives the real sans-I/O connections: ``ClientConnection.send_run`` (codec encode,
+    msgpack framing, Transport encryption) on one side and ``ServerConnection.receive`` plus
+    ``decode_checked`` (decryption, strict unpack, byte-length checks, codec decode) on the
+    other — everything a request does except the socket.
     """
     from . import codec as codec_mod
-    from .noise import RUNTIME_PROTOCOLS, HandshakeState, KeyPair
-    from .protocol import decode_tensors, encode_tensors, pack, unpack
+    from .noise import RUNTIME_PROTOCOLS, KeyPair
+    from .protocol import ClientConnection, HostedBundle, ReplayGuard, RunRequest
+    from .protocol import ServerConnection as ProtocolServer
+    from .runtime import decode_checked
+    from .types import TensorSpec
 
     rng = np.random.default_rng(0)
     array = np.maximum(rng.standard_normal(size // 4), 0).astype(np.float32)  # ReLU-like
+    spec = TensorSpec("x", "float32", (array.size,))
     rows = []
     for suite in RUNTIME_PROTOCOLS:
-        server = KeyPair.generate()
-        init = HandshakeState(suite, initiator=True, s=KeyPair.generate(), rs=server.public)
-        resp = HandshakeState(suite, initiator=False, s=server)
-        resp.read_message(init.write_message())
-        init.read_message(resp.write_message())
-        send, recv = init.transport(), resp.transport()
+        server_key, device_key = KeyPair.generate(), KeyPair.generate()
+        hosted = {"v1": HostedBundle("model:c1", "v1")}
+        client = ClientConnection(
+            static=device_key,
+            server_public=server_key.public,
+            bundle="model:c1",
+            version="v1",
+            time_ns=time.time_ns(),
+            protocol=suite,
+        )
+        server = ProtocolServer(
+            static=server_key,
+            is_allowed=lambda _: True,
+            bundles=hosted,
+            replay_guard=ReplayGuard(),
+            max_message=4 * size,
+        )
+        client.start()
+        server.receive(client.data_to_send()[0])
+        client.receive(server.data_to_send()[0])
         for codec_name in ("none", "lz4", "fp16"):
-            spec = codec_mod.CodecSpec.parse(codec_name)
-            times = []
-            for _ in range(repeats):
+            codec = codec_mod.CodecSpec.parse(codec_name)
+            device_ms, server_ms = [], []
+            for request_id in range(repeats):
                 start = time.perf_counter()
-                encoded = codec_mod.encode(array, spec)
-                wire = send.encrypt(
-                    pack({"t": "run", "id": 1, "tensors": encode_tensors([("x", encoded)])})
-                )
-                message = unpack(recv.decrypt(wire), max_bin=size * 2)
-                ((_, received),) = decode_tensors(message["tensors"], "bench")
-                codec_mod.decode(received)
-                times.append(time.perf_counter() - start)
-            best = statistics.median(times)
+                client.send_run(request_id, [("x", codec_mod.encode(array, codec))])
+                (wire,) = client.data_to_send()
+                middle = time.perf_counter()
+                (event,) = server.receive(wire)
+                assert isinstance(event, RunRequest)
+                wanted = codec.name
+                decode_checked(event.tensors, (spec,), lambda _, c=wanted: c, max_bytes=4 * size)
+                end = time.perf_counter()
+                device_ms.append((middle - start) * 1e3)
+                server_ms.append((end - middle) * 1e3)
+            dev, srv = statistics.median(device_ms), statistics.median(server_ms)
             rows.append(
                 {
-                    "suite": suite,
+                    "suite": suite.removeprefix("Noise_IK_25519_"),
                     "codec": codec_name,
                     "tensor_bytes": array.nbytes,
-                    "median_ms": round(best * 1e3, 3),
-                    "gb_per_s": round(array.nbytes / best / 1e9, 3),
+                    "device_encode_encrypt_ms": round(dev, 3),
+                    "server_decrypt_decode_ms": round(srv, 3),
+                    "round_trip_gb_per_s": round(array.nbytes / (dev + srv) / 1e6, 3),
+                    "device_gb_per_s": round(array.nbytes / dev / 1e6, 3),
+                    "server_gb_per_s": round(array.nbytes / srv / 1e6, 3),
                 }
             )
     return {"benchmark": "pipeline-throughput", "environment": environment(), "rows": rows}

@@ -81,7 +81,7 @@ import hmac
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -661,24 +661,29 @@ class Transport:
 
     def encrypt(self, plaintext: Buffer) -> bytes | bytearray:
         """Encrypt one application message (any length) into one ciphertext."""
+        return self.encrypt_parts((plaintext,))
+
+    def encrypt_parts(self, parts: Sequence[Buffer]) -> bytes | bytearray:
+        """Encrypt the concatenation of ``parts`` as one message, without concatenating it.
+
+        The chunks are cut from the logical concatenation; only a chunk that straddles two
+        parts is assembled (at most 64 KiB copied), so a large tensor can be encrypted
+        straight from its own memory.
+        """
         self._check_alive()
-        size = plaintext.nbytes if isinstance(plaintext, memoryview) else len(plaintext)
         encrypt = self._send.encrypt_with_ad
         ciphertext: bytes | bytearray
         try:
-            if size < CHUNK:  # the common case: one short chunk, no copy, no join
-                ciphertext = encrypt(b"", plaintext)
-            elif size >= PARALLEL_MIN and _workers() > 1:
-                ciphertext = _encrypt_parallel(self._send, memoryview(plaintext).cast("B"))
+            if len(parts) == 1 and _nbytes(parts[0]) < CHUNK:  # common: one short chunk
+                size = _nbytes(parts[0])
+                ciphertext = encrypt(b"", parts[0])
             else:
-                view = memoryview(plaintext).cast("B")
-                size = view.nbytes
-                ciphertext = b"".join(
-                    [
-                        encrypt(b"", view[start : start + CHUNK])
-                        for start in range(0, size + 1, CHUNK)
-                    ]
-                )
+                chunks = _chunks(parts)
+                size = sum(_nbytes(c) for c in chunks)
+                if size >= PARALLEL_MIN and _workers() > 1:
+                    ciphertext = _encrypt_parallel(self._send, chunks, size)
+                else:
+                    ciphertext = b"".join([encrypt(b"", chunk) for chunk in chunks])
         except BaseException:
             self._dead = True
             raise
@@ -763,9 +768,37 @@ def _groups(count: int) -> list[range]:
     return [range(i, min(i + step, count)) for i in range(0, count, step)]
 
 
-def _encrypt_parallel(state: CipherState, view: memoryview) -> bytearray:
-    size = view.nbytes
-    count = size // CHUNK + 1
+def _nbytes(buffer: Buffer) -> int:
+    return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+
+
+def _chunks(parts: Sequence[Buffer]) -> list[Buffer]:
+    """The plaintext chunks of the concatenation of ``parts`` (rule 1 of the module docstring:
+    full chunks of CHUNK bytes, then one final chunk shorter than CHUNK, possibly empty)."""
+    chunks: list[Buffer] = []
+    pending: list[memoryview] = []
+    pending_len = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        offset = 0
+        while offset < view.nbytes:
+            take = min(CHUNK - pending_len, view.nbytes - offset)
+            piece = view[offset : offset + take]
+            offset += take
+            if not pending and take == CHUNK:
+                chunks.append(piece)  # a whole chunk inside one part: no copy
+                continue
+            pending.append(piece)
+            pending_len += take
+            if pending_len == CHUNK:
+                chunks.append(b"".join(pending))
+                pending, pending_len = [], 0
+    chunks.append(b"".join(pending))
+    return chunks
+
+
+def _encrypt_parallel(state: CipherState, chunks: Sequence[Buffer], size: int) -> bytearray:
+    count = len(chunks)
     factory, nonces = state.reserve(count)
     out = bytearray(size + TAG * count)
     target = memoryview(out)
@@ -773,9 +806,10 @@ def _encrypt_parallel(state: CipherState, view: memoryview) -> bytearray:
     def work(indices: range) -> None:
         aead = factory()
         for i in indices:
-            piece = view[i * CHUNK : (i + 1) * CHUNK]
+            piece = chunks[i]
             start = i * MAX_MESSAGE
-            aead.encrypt_into(nonces[i], piece, b"", target[start : start + len(piece) + TAG])
+            end = start + _nbytes(piece) + TAG
+            aead.encrypt_into(nonces[i], piece, b"", target[start:end])
 
     for future in [_executor().submit(work, g) for g in _groups(count)]:
         future.result()

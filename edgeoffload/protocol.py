@@ -230,18 +230,50 @@ def pack(obj: Mapping[str, Any]) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def pack_large(obj: Mapping[str, Any], *, size_hint: int) -> bytes | memoryview:
-    """msgpack bytes of ``obj``; large messages are packed into one pre-sized buffer.
+ZERO_COPY_BIN = 1 << 14  # bytes-like values at least this big are not copied by pack_parts
+_PACKER = msgpack.Packer(use_bin_type=True)
 
-    ``msgpack.packb`` grows its buffer by doubling (several copies of a 4 MiB tensor) and
-    copies the result out; a Packer sized from ``size_hint`` writes once and lends its buffer.
+
+def pack_parts(obj: Any) -> list[bytes | bytearray | memoryview]:
+    """The msgpack encoding of ``obj`` as a list of buffers whose concatenation equals
+    ``pack(obj)`` byte for byte; large bytes-like values are referenced, not copied.
+
+    Tensor payloads (megabytes) then go from the array's memory straight into encryption
+    (:meth:`edgeoffload.noise.Transport.encrypt_parts`) instead of being copied into a
+    msgpack buffer first.
     """
-    if size_hint < 1 << 16:
-        return pack(obj)
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False, buf_size=size_hint + 4096)
-    packer.pack(obj)
-    buffer: memoryview = packer.getbuffer()
-    return buffer
+    parts: list[bytes | bytearray | memoryview] = []
+    small = bytearray()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            small.extend(_PACKER.pack_map_header(len(value)))
+            for key, item in value.items():
+                small.extend(_PACKER.pack(key))
+                walk(item)
+        elif isinstance(value, list | tuple):
+            small.extend(_PACKER.pack_array_header(len(value)))
+            for item in value:
+                walk(item)
+        elif isinstance(value, bytes | bytearray | memoryview):
+            size = value.nbytes if isinstance(value, memoryview) else len(value)
+            if size < ZERO_COPY_BIN:
+                small.extend(_PACKER.pack(bytes(value)))
+                return
+            # bin 16 / bin 32 headers, exactly as msgpack writes them for these sizes
+            small.extend(
+                struct.pack(">BH", 0xC5, size) if size < 1 << 16 else struct.pack(">BI", 0xC6, size)
+            )
+            parts.append(bytes(small))
+            small.clear()
+            parts.append(value)
+        else:
+            small.extend(_PACKER.pack(value))
+
+    walk(obj)
+    if small or not parts:
+        parts.append(bytes(small))
+    return parts
 
 
 class _Message:
@@ -277,11 +309,8 @@ class _Message:
             raise RemoteProtocolError(f"{self.what}: unknown field(s) {sorted(map(str, extra))}")
 
 
-def _tensor_bytes(tensors: Sequence[tuple[str, EncodedTensor]]) -> int:
-    return sum(t.wire_bytes for _, t in tensors) + 256 * len(tensors)
-
-
 def encode_tensors(tensors: Sequence[tuple[str, EncodedTensor]]) -> list[dict[str, Any]]:
+    """Tensor maps for a message; "data" comes last so that pack_parts can stream it."""
     items = []
     for name, t in tensors:
         item: dict[str, Any] = {
@@ -289,10 +318,10 @@ def encode_tensors(tensors: Sequence[tuple[str, EncodedTensor]]) -> list[dict[st
             "dtype": t.dtype,
             "shape": list(t.shape),
             "codec": t.codec,
-            "data": t.data,
         }
         if t.scales:
             item["scales"] = t.scales
+        item["data"] = t.data
         items.append(item)
     return items
 
@@ -426,10 +455,10 @@ class _Connection:
         out, self._outgoing = self._outgoing, []
         return out
 
-    def _send_encrypted(self, action: str, message: dict[str, Any], size_hint: int = 0) -> None:
+    def _send_encrypted(self, action: str, message: dict[str, Any]) -> None:
         self._transition(action)
         assert self._transport is not None
-        self._outgoing.append(self._transport.encrypt(pack_large(message, size_hint=size_hint)))
+        self._outgoing.append(self._transport.encrypt_parts(pack_parts(message)))
 
     def _decrypt(self, data: bytes | bytearray) -> dict[str, Any]:
         assert self._transport is not None
@@ -501,7 +530,7 @@ class ClientConnection(_Connection):
         }
         self._outgoing.append(pack(envelope))
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | bytearray) -> list[Event]:
         if self.state is State.HANDSHAKE_SENT:
             return [self._receive_welcome(data)]
         if self.state is not State.READY:
@@ -533,7 +562,7 @@ class ClientConnection(_Connection):
         m.done()
         return [event]
 
-    def _receive_welcome(self, data: bytes) -> Event:
+    def _receive_welcome(self, data: bytes | bytearray) -> Event:
         envelope = _Message(unpack(data, max_bin=4096), "handshake reply")
         if envelope.get("v", int) != PROTOCOL_VERSION:
             raise RemoteProtocolError("server speaks another protocol version")
@@ -573,7 +602,6 @@ class ClientConnection(_Connection):
         self._send_encrypted(
             "send:run",
             {"t": "run", "id": request_id, "tensors": encode_tensors(tensors)},
-            size_hint=_tensor_bytes(tensors),
         )
 
     def send_ping(self, request_id: int, pad: bytes = b"") -> None:
@@ -614,7 +642,7 @@ class ServerConnection(_Connection):
         self.peer_public: bytes | None = None
         self.bundle: HostedBundle | None = None
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | bytearray) -> list[Event]:
         if self.state is State.AWAIT_HELLO:
             return [self._receive_hello(data)]
         if self.state is not State.READY:
@@ -641,7 +669,7 @@ class ServerConnection(_Connection):
         m.done()
         return [event]
 
-    def _receive_hello(self, data: bytes) -> Event:
+    def _receive_hello(self, data: bytes | bytearray) -> Event:
         """Handshake message 1. Every authentication failure is the same opaque error."""
         envelope = _Message(unpack(data, max_bin=4096), "handshake")
         if envelope.get("v", int) != PROTOCOL_VERSION:
@@ -720,7 +748,6 @@ class ServerConnection(_Connection):
                 "tensors": encode_tensors(tensors),
                 "server_ms": float(server_ms),
             },
-            size_hint=_tensor_bytes(tensors),
         )
 
     def send_error(self, request_id: int | None, code: str, message: str) -> None:

@@ -30,7 +30,14 @@ import pytest
 import zstandard
 
 from edgeoffload import codec as codec_mod
-from edgeoffload.noise import MAX_MESSAGE, RUNTIME_PROTOCOLS, TAG, HandshakeState, KeyPair
+from edgeoffload.noise import (
+    MAX_MESSAGE,
+    RUNTIME_PROTOCOLS,
+    TAG,
+    CipherState,
+    HandshakeState,
+    KeyPair,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTOR_DIR = ROOT / "mobile_bridge" / "vectors"
@@ -268,55 +275,99 @@ def test_refused_handshake(suite: dict[str, Any]) -> None:
     assert isinstance(reply["message"], str)
 
 
-def _zero_pad_message(message: dict[str, Any]) -> bytes:
-    rebuilt = dict(message)
-    rebuilt["pad"] = bytes(message["pad"]["zero_bytes"])
-    return msgpack.packb(rebuilt, use_bin_type=True)
+def _rebuild(obj: Any) -> Any:
+    """The msgpack value a compact vector describes (see the generator's ``_described``)."""
+    if isinstance(obj, dict) and len(obj) == 1 and "bin" in obj:
+        return bytes.fromhex(obj["bin"])
+    if isinstance(obj, dict) and len(obj) == 1 and "zero_bytes" in obj:
+        return bytes(obj["zero_bytes"])
+    if isinstance(obj, dict) and len(obj) == 1 and "arange_float32" in obj:
+        return np.arange(obj["arange_float32"], dtype="<f4").tobytes()
+    if isinstance(obj, dict):
+        return {key: _rebuild(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuild(value) for value in obj]
+    return obj
+
+
+def _seal(state: CipherState, plaintext: bytes) -> bytes:
+    """PROTOCOL.md §6 rules 1-2 by hand: full chunks of 65519 bytes, then a short last one."""
+    starts = range(0, len(plaintext) + 1, CHUNK)
+    return b"".join(state.encrypt_with_ad(b"", plaintext[i : i + CHUNK]) for i in starts)
+
+
+def _open(state: CipherState, ciphertext: bytes) -> bytes:
+    """PROTOCOL.md §6 rule 3 by hand: cut every 65535 bytes; the last piece is 16..65534."""
+    assert len(ciphertext) % MAX_MESSAGE >= TAG
+    starts = range(0, len(ciphertext), MAX_MESSAGE)
+    return b"".join(state.decrypt_with_ad(b"", ciphertext[i : i + MAX_MESSAGE]) for i in starts)
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
 def test_transport_messages(suite: dict[str, Any]) -> None:
     initiator, responder = _handshake(suite, suite["handshake"])
-    client, server = initiator.transport(), responder.transport()
-    nonces = {"client->server": 0, "server->client": 0}
+    # Bare cipher states from Split(), used as a port would: c1 device -> server, c2 back.
+    send_c1, send_c2 = initiator.split()
+    recv_c1, recv_c2 = responder.split()
+    states = {"client->server": (send_c1, recv_c1), "server->client": (recv_c2, send_c2)}
     for entry in suite["transport"]:
         direction = entry["direction"]
-        sender, receiver = (client, server) if direction == "client->server" else (server, client)
-        assert entry["nonce"] == nonces[direction]
+        sender, receiver = states[direction]
+        assert entry["nonce"] == sender.n == receiver.n
         length = entry["plaintext_len"]
-        # PROTOCOL.md §6: L // 65519 + 1 chunks, 16 bytes of tag each.
+        # L // 65519 + 1 chunks, 16 bytes of tag each.
         assert entry["chunks"] == length // CHUNK + 1
         assert entry["ciphertext_len"] == length + TAG * entry["chunks"]
-        nonces[direction] += entry["chunks"]
         if "plaintext_hex" in entry:
             plaintext = bytes.fromhex(entry["plaintext_hex"])
             ciphertext = bytes.fromhex(entry["ciphertext_hex"])
-            assert receiver.decrypt(ciphertext) == plaintext
-            assert sender.encrypt(plaintext) == ciphertext
+            assert _open(receiver, ciphertext) == plaintext
+            assert _seal(sender, plaintext) == ciphertext
             message = _strict_unpack(plaintext)
             assert _plain(message) == entry["message"]
         else:  # long messages are listed by hash; the plaintext is rebuilt from its description
-            plaintext = _zero_pad_message(entry["message"])
+            plaintext = msgpack.packb(_rebuild(entry["message"]), use_bin_type=True)
             assert plaintext.hex().startswith(entry["plaintext_head_hex"])
             assert hashlib.sha256(plaintext).hexdigest() == entry["plaintext_sha256"]
-            ciphertext = sender.encrypt(plaintext)
+            ciphertext = _seal(sender, plaintext)
             assert hashlib.sha256(ciphertext).hexdigest() == entry["ciphertext_sha256"]
             pieces = [
                 len(ciphertext[i : i + MAX_MESSAGE]) for i in range(0, len(ciphertext), MAX_MESSAGE)
             ]
             assert pieces == entry["ciphertext_chunk_lens"]
-            assert receiver.decrypt(ciphertext) == plaintext
+            assert _open(receiver, ciphertext) == plaintext
             message = _strict_unpack(plaintext)
         assert len(plaintext) == length
         assert message["t"] == entry["type"]
+        assert sender.n == receiver.n == entry["nonce"] + entry["chunks"]
     assert [e["type"] for e in suite["transport"]] == [
-        "run", "run", "result", "error", "ping", "pong", "ping", "pong", "close"
+        "run", "run", "result", "error", "ping", "pong", "ping", "pong", "run", "result", "close"
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_transport_class_agrees(suite: dict[str, Any]) -> None:
+    """noise.Transport (with its large-message paths) gives the listed bytes too."""
+    initiator, responder = _handshake(suite, suite["handshake"])
+    peers = {"client->server": (initiator.transport(), responder.transport())}
+    peers["server->client"] = (peers["client->server"][1], peers["client->server"][0])
+    for entry in suite["transport"]:
+        sender, receiver = peers[entry["direction"]]
+        if "plaintext_hex" in entry:
+            plaintext = bytes.fromhex(entry["plaintext_hex"])
+        else:
+            plaintext = msgpack.packb(_rebuild(entry["message"]), use_bin_type=True)
+        ciphertext = bytes(sender.encrypt(plaintext))
+        if "ciphertext_hex" in entry:
+            assert ciphertext.hex() == entry["ciphertext_hex"]
+        else:
+            assert hashlib.sha256(ciphertext).hexdigest() == entry["ciphertext_sha256"]
+        assert bytes(receiver.decrypt(ciphertext)) == plaintext
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
 def test_run_request_tensors_decode(suite: dict[str, Any]) -> None:
-    first, second = (e for e in suite["transport"] if e["type"] == "run")
+    first, second = [e for e in suite["transport"] if e["type"] == "run"][:2]
     tensors = [
         _strict_unpack(bytes.fromhex(e["plaintext_hex"]))["tensors"][0] for e in (first, second)
     ]
