@@ -36,7 +36,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 # soft_wrap: long lines stay whole when piped (logs, CI) instead of wrapping at 80 columns.
-out = Console(highlight=False, soft_wrap=True, markup=False)
+# Tables keep a readable width when piped (rich would otherwise assume 80 columns).
+_WIDTH = None if sys.stdout.isatty() else 140
+out = Console(highlight=False, soft_wrap=True, markup=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ZOO_PREFIX = "zoo:"

@@ -127,7 +127,8 @@ class OffloadUnavailable(EdgeOffloadError):
 
 
 class ServerBusy(OffloadUnavailable):
-    """The edge server answered but could not serve this request (timeout, shutting down).
+    """The edge server answered but could not serve this request (timeout, shutting down,
+    internal error).
 
     The connection itself is fine; other requests on it are unaffected.
     """

@@ -38,6 +38,7 @@ from .noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, HandshakeState, KeyPair,
 from .types import TensorSpec
 
 PROTOCOL_VERSION = 1
+DEFAULT_AGENT = f"edgeoffload/{__version__}"
 PROLOGUE_PREFIX = b"edgeoffload/1\x00"
 
 # Decoding limits (PROTOCOL.md §4). Tensor payloads are bounded by the connection's
@@ -49,13 +50,13 @@ MAX_TENSORS = 1024
 MAX_DIMS = 32
 MAX_REQUEST_ID = 2**63 - 1
 
-# websocket close codes (PROTOCOL.md §7): 4000-4999 are for applications.
+# websocket close codes (PROTOCOL.md §9): 4000-4999 are for applications.
 CLOSE_AUTH = 4401  # opaque: handshake failed, unknown device key, replay, bad ciphertext
 CLOSE_PROTOCOL = 4400  # authenticated peer broke the protocol
 CLOSE_VERSION = 4409  # bundle not hosted / version mismatch (after authentication)
 CLOSE_SHUTDOWN = 4503  # server is shutting down
 
-# Error codes carried in "error" messages (PROTOCOL.md §6).
+# Error codes carried in "error" messages (PROTOCOL.md §9).
 ERROR_CODES = (
     "overloaded",
     "payload",
@@ -179,6 +180,14 @@ class CloseRequested(Event):
 
 
 # -- strict msgpack -------------------------------------------------------------------------------
+
+
+def truncate_utf8(text: str, limit: int = MAX_STR) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (peers count bytes, not characters)."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", errors="ignore")
 
 
 def _pairs_no_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -368,6 +377,8 @@ def check_against_specs(
     """
     expected = {s.name: s for s in specs}
     got = [name for name, _ in tensors]
+    if len(set(got)) != len(got):
+        raise PayloadError("a tensor name appears twice")
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     if missing or unexpected:
@@ -405,6 +416,12 @@ def check_against_specs(
 # -- TAI64N timestamps (handshake replay protection, as WireGuard) ------------------------------
 
 
+def _milliseconds(value: Any) -> float:
+    if isinstance(value, bool) or not 0 <= value < 1e9:
+        raise RemoteProtocolError("server_ms must be a non-negative number")
+    return float(value)
+
+
 def tai64n(time_ns: int) -> bytes:
     seconds, nanos = divmod(time_ns, 1_000_000_000)
     return struct.pack(">QI", 2**62 + seconds, nanos)
@@ -437,7 +454,9 @@ def prologue(protocol: str, bundle: str) -> bytes:
 class _Connection:
     role: Role
 
-    def __init__(self, *, max_message: int) -> None:
+    def __init__(self, *, max_message: int, agent: str = DEFAULT_AGENT) -> None:
+        self.agent = truncate_utf8(agent, 256)
+        self.peer_max_message: int | None = None
         self.state = State.IDLE if self.role is Role.CLIENT else State.AWAIT_HELLO
         self.max_message = max_message
         self._outgoing: list[bytes | bytearray] = []
@@ -472,7 +491,7 @@ class _Connection:
         return unpack(plaintext, max_bin=self.max_message)
 
     def send_close(self, reason: str = "") -> None:
-        self._send_encrypted("send:close", {"t": "close", "reason": reason[:MAX_STR]})
+        self._send_encrypted("send:close", {"t": "close", "reason": truncate_utf8(reason)})
 
     @property
     def transport(self) -> Transport | None:
@@ -494,11 +513,12 @@ class ClientConnection(_Connection):
         time_ns: int,
         protocol: str = DEFAULT_PROTOCOL,
         ephemeral: KeyPair | None = None,
+        agent: str = DEFAULT_AGENT,
         max_message: int = 1 << 26,
     ) -> None:
         if protocol not in RUNTIME_PROTOCOLS:
             raise LocalProtocolError(f"unsupported Noise protocol {protocol!r}")
-        super().__init__(max_message=max_message)
+        super().__init__(max_message=max_message, agent=agent)
         self.bundle = bundle
         self.version = version
         self.protocol = protocol
@@ -519,7 +539,7 @@ class ClientConnection(_Connection):
             {
                 "ts": tai64n(self._time_ns),
                 "version": self.version,
-                "agent": f"edgeoffload/{__version__}",
+                "agent": self.agent,
             }
         )
         envelope = {
@@ -537,29 +557,28 @@ class ClientConnection(_Connection):
             raise LocalProtocolError(f"cannot receive in state {self.state.value}")
         m = _Message(self._decrypt(data), "server message")
         kind = m.get("t", str)
+        event: Event
         if kind == "result":
-            self._transition("recv:result")
-            event: Event = RunResult(
+            event = RunResult(
                 m.request_id(),
                 decode_tensors(m.get("tensors", list), "result"),
-                float(m.get("server_ms", (int, float))),
+                _milliseconds(m.get("server_ms", (int, float))),
             )
         elif kind == "error":
-            self._transition("recv:error")
-            rid = m.get("id", int, optional=True)
+            rid = m.request_id() if "id" in m.data else None
             code = m.get("code", str)
             event = ErrorReply(
                 rid, code if code in ERROR_CODES else "internal", m.get("message", str)
             )
         elif kind == "pong":
-            self._transition("recv:pong")
             event = Pong(m.request_id(), m.get("pad", bytes))
         elif kind == "close":
-            self._transition("recv:close")
             event = CloseRequested(m.get("reason", str))
         else:
             raise RemoteProtocolError(f"unknown server message type {kind!r}")
         m.done()
+        # The state changes only for a message that was entirely valid (PROTOCOL.md §3).
+        self._transition(f"recv:{kind}")
         return [event]
 
     def _receive_welcome(self, data: bytes | bytearray) -> Event:
@@ -589,7 +608,9 @@ class ClientConnection(_Connection):
         reply.done()
         self._transition("recv:welcome")
         self._transport = self._hs.transport()
-        self.max_message = max_message
+        # What the server accepts; our own receive limit stays ours (results can be larger
+        # than requests, e.g. logits).
+        self.peer_max_message = max_message
         assert self._hs.remote_static is not None
         return HandshakeComplete(
             self._hs.remote_static,
@@ -599,9 +620,15 @@ class ClientConnection(_Connection):
         )
 
     def send_run(self, request_id: int, tensors: Sequence[tuple[str, EncodedTensor]]) -> None:
+        """Queue a run request; refuses one the server announced it would not accept."""
+        size = sum(t.wire_bytes for _, t in tensors)
+        if self.peer_max_message is not None and size > self.peer_max_message:
+            raise PayloadError(
+                f"request of {size} bytes exceeds the server's limit of {self.peer_max_message}",
+                hint="the server sizes its limit from the bundle's declared tensors",
+            )
         self._send_encrypted(
-            "send:run",
-            {"t": "run", "id": request_id, "tensors": encode_tensors(tensors)},
+            "send:run", {"t": "run", "id": request_id, "tensors": encode_tensors(tensors)}
         )
 
     def send_ping(self, request_id: int, pad: bytes = b"") -> None:
@@ -630,8 +657,9 @@ class ServerConnection(_Connection):
         replay_guard: ReplayGuard,
         max_message: int,
         ephemeral: KeyPair | None = None,
+        agent: str = DEFAULT_AGENT,
     ) -> None:
-        super().__init__(max_message=max_message)
+        super().__init__(max_message=max_message, agent=agent)
         self._static = static
         self._is_allowed = is_allowed
         # version -> hosted bundle: several versions of one model may be hosted during an
@@ -649,28 +677,35 @@ class ServerConnection(_Connection):
             raise LocalProtocolError(f"cannot receive in state {self.state.value}")
         m = _Message(self._decrypt(data), "device message")
         kind = m.get("t", str)
+        event: Event
         if kind == "run":
-            self._transition("recv:run")
             rid = m.request_id()
             try:
-                event: Event = RunRequest(rid, decode_tensors(m.get("tensors", list), "request"))
+                event = RunRequest(rid, decode_tensors(m.get("tensors", list), "request"))
             except PayloadError as exc:
                 # The message is well-formed but its tensors lie: answer this request with a
                 # payload error and keep the connection (the transport is intact).
                 event = InvalidRequest(rid, exc.message)
         elif kind == "ping":
-            self._transition("recv:ping")
             event = Ping(m.request_id(), m.get("pad", bytes))
         elif kind == "close":
-            self._transition("recv:close")
             event = CloseRequested(m.get("reason", str))
         else:
             raise RemoteProtocolError(f"unknown device message type {kind!r}")
         m.done()
+        self._transition(f"recv:{kind}")  # only for an entirely valid message (§3)
         return [event]
 
     def _receive_hello(self, data: bytes | bytearray) -> Event:
-        """Handshake message 1. Every authentication failure is the same opaque error."""
+        """Handshake message 1; any failure closes this connection for good."""
+        try:
+            return self._accept_hello(data)
+        except BaseException:
+            self.state = State.CLOSED
+            raise
+
+    def _accept_hello(self, data: bytes | bytearray) -> Event:
+        """Every authentication failure is the same opaque error."""
         envelope = _Message(unpack(data, max_bin=4096), "handshake")
         if envelope.get("v", int) != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"protocol version must be {PROTOCOL_VERSION}")
@@ -679,7 +714,7 @@ class ServerConnection(_Connection):
         noise_msg = envelope.get("noise", bytes)
         envelope.done()
         if protocol not in RUNTIME_PROTOCOLS:
-            raise RemoteProtocolError(f"unsupported Noise protocol {protocol!r}")
+            raise RemoteProtocolError("unsupported Noise protocol")
         hs = HandshakeState(
             protocol,
             initiator=False,
@@ -689,16 +724,16 @@ class ServerConnection(_Connection):
         )
         payload = hs.read_message(noise_msg)  # AuthenticationFailed on any tampering
         peer = hs.remote_static
+        # Check the key before looking at the payload: an unknown device learns nothing, not
+        # even whether its payload was well-formed.
+        if peer is None or not self._is_allowed(peer):
+            raise AuthenticationFailed()
         hello = _Message(unpack(payload, max_bin=64), "handshake payload")
         timestamp = hello.get("ts", bytes)
         version = hello.get("version", str)
         hello.get("agent", str)
         hello.done()
-        if peer is None or not self._is_allowed(peer):
-            self.state = State.CLOSED
-            raise AuthenticationFailed()
         if len(timestamp) != 12 or not self._replay.accept(peer, timestamp):
-            self.state = State.CLOSED
             raise AuthenticationFailed()
         self.peer_public = peer
         hosted = self._bundles.get(version)
@@ -729,7 +764,7 @@ class ServerConnection(_Connection):
             "ok": True,
             "version": hosted.version,
             "max_message": self.max_message,
-            "agent": f"edgeoffload/{__version__}",
+            "agent": self.agent,
         }
         self._outgoing.append(pack({"v": PROTOCOL_VERSION, "noise": hs.write_message(pack(reply))}))
         self._transition("recv:hello")
@@ -753,7 +788,7 @@ class ServerConnection(_Connection):
     def send_error(self, request_id: int | None, code: str, message: str) -> None:
         if code not in ERROR_CODES:
             raise LocalProtocolError(f"unknown error code {code!r}")
-        body: dict[str, Any] = {"t": "error", "code": code, "message": message[:MAX_STR]}
+        body: dict[str, Any] = {"t": "error", "code": code, "message": truncate_utf8(message)}
         if request_id is not None:
             body["id"] = request_id
         self._send_encrypted("send:error", body)

@@ -40,7 +40,10 @@ def check_inputs(
         )
     bound: dict[str, int] = {}
     for name, spec in expected.items():
-        array = np.asarray(inputs[name])
+        try:
+            array = np.asarray(inputs[name])
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"input {name!r} is not an array: {exc}") from None
         if array.dtype.name != spec.dtype:
             raise UsageError(f"input {name!r} has dtype {array.dtype.name}, expected {spec.dtype}")
         if array.ndim != len(spec.shape):

@@ -47,6 +47,7 @@ from .protocol import (
     Ping,
     ReplayGuard,
     RunRequest,
+    truncate_utf8,
 )
 from .protocol import ServerConnection as ProtocolConnection
 from .runtime import decode_checked
@@ -283,7 +284,7 @@ class EdgeServer:
         except ProtocolError as exc:
             self.stats.error("protocol")
             log.info("protocol error from %s: %s", ws.remote_address, exc)
-            await ws.close(CLOSE_PROTOCOL, str(exc)[:120])
+            await ws.close(CLOSE_PROTOCOL, truncate_utf8(str(exc), 120))  # close reasons <= 123 B
         except asyncio.TimeoutError:
             self.stats.error("timeout")
             await ws.close(CLOSE_PROTOCOL, "timeout")

@@ -28,7 +28,6 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edgeoffload import __version__
 from edgeoffload import codec as codec_mod
 from edgeoffload.bundle import Manifest, PartInfo
 from edgeoffload.errors import VersionMismatch
@@ -58,6 +57,8 @@ OUTPUT = Path(__file__).resolve().parent / "protocol-v1.json"
 
 # 2026-01-01T00:00:00.123456789Z as Unix nanoseconds.
 TIME_NS = 1_767_225_600_123_456_789
+# The agent string is fixed so that a version bump does not change every vector.
+AGENT = "edgeoffload/golden-vectors"
 KEY_LABEL = b"edgeoffload protocol-v1 golden vector: "
 SERVER_MAX_MESSAGE = 1 << 20  # the edge server's floor (server.MIN_MAX_MESSAGE)
 CLIENT_MAX_MESSAGE = 1 << 20
@@ -312,6 +313,7 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             replay_guard=ReplayGuard(),
             max_message=SERVER_MAX_MESSAGE,
             ephemeral=SERVER_EPHEMERAL,
+            agent=AGENT,
         )
 
     def new_client(bundle_version: str) -> ClientConnection:
@@ -324,6 +326,7 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             protocol=protocol,
             ephemeral=CLIENT_EPHEMERAL,
             max_message=CLIENT_MAX_MESSAGE,
+            agent=AGENT,
         )
 
     # Accepted handshake.
@@ -501,7 +504,6 @@ def build_vectors() -> dict[str, Any]:
         "protocol_version": PROTOCOL_VERSION,
         "spec": "mobile_bridge/PROTOCOL.md",
         "generator": "mobile_bridge/vectors/generate.py (never edit this file by hand)",
-        "edgeoffload_version": __version__,
         "prologue_prefix_hex": PROLOGUE_PREFIX.hex(),
         "max_str": MAX_STR,
         "time_ns": TIME_NS,
