@@ -28,6 +28,7 @@ from .errors import GraphError, UsageError, VerificationError
 from .graph import CutPoint, ModelGraph, sha256_bytes
 from .ortutil import make_session, probe, run
 from .profiler import profile_model
+from .runtime import check_inputs
 from .types import DeviceProfile, LinkProfile, TensorSpec
 
 log = logging.getLogger("edgeoffload.splitter")
@@ -71,7 +72,7 @@ class Analysis:
             graph = ModelGraph.from_model(model, dims=dims)
             name = graph.model.graph.name or "model"
         feed = dict(inputs) if inputs is not None else graph.sample_inputs(seed=seed)
-        _check_inputs(graph, feed)
+        feed = check_inputs(feed, tuple(graph.inputs), graph.dims)
         activations = probe(graph.model, feed)
         graph.set_probe(activations)
         reference = {o: activations[o] for o in graph.output_names}
@@ -164,25 +165,6 @@ def resolve_codecs(codec: str) -> list[str]:
             f"unknown codec {codec!r}",
             hint="use auto, none, zstd, lz4, fp16, int8, int8c, optionally +zstd/+lz4",
         ) from None
-
-
-def _check_inputs(graph: ModelGraph, feed: Mapping[str, np.ndarray]) -> None:
-    expected = {spec.name: spec for spec in graph.inputs}
-    missing = sorted(set(expected) - set(feed))
-    extra = sorted(set(feed) - set(expected))
-    if missing or extra:
-        raise UsageError(
-            "sample inputs do not match the model: "
-            + (f"missing {missing} " if missing else "")
-            + (f"unexpected {extra}" if extra else ""),
-            hint=f"model inputs: {', '.join(expected)}",
-        )
-    for name, array in feed.items():
-        if array.dtype.name != expected[name].dtype:
-            raise UsageError(
-                f"sample input {name!r} has dtype {array.dtype.name}, the model expects "
-                f"{expected[name].dtype}"
-            )
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,16 @@ def test_blocking_client_and_link_measurement(bundles, keys):
 # -- the server as a separate process: kill / stop / drain ---------------------------------------
 
 
+def _client(bundle, port, keys, **options) -> OffloadClient:
+    return OffloadClient(
+        bundle,
+        server=f"ws://127.0.0.1:{port}",
+        server_key=keys["server"].public,
+        identity=keys["device"],
+        **options,
+    )
+
+
 def _start_server_process(bundle_dirs, keys, *extra) -> tuple[subprocess.Popen, int]:
     return spawn_server(
         bundle_dirs, key_dir=keys["root"] / "server", allow=keys["allow"], extra=extra
@@ -188,14 +198,7 @@ def test_server_killed_mid_request(heavy_bundle, keys, fallback):
     try:
 
         async def scenario():
-            client = OffloadClient(
-                heavy_bundle,
-                server=f"ws://127.0.0.1:{port}",
-                server_key=keys["server"].public,
-                identity=keys["device"],
-                fallback=fallback,
-                timeout=timeout,
-            )
+            client = _client(heavy_bundle, port, keys, fallback=fallback, timeout=timeout)
             async with client:
                 await client.connect()
                 os.kill(proc.pid, signal.SIGSTOP)  # the request will reach a frozen server...
@@ -227,14 +230,7 @@ def test_silent_server_times_out(heavy_bundle, keys):
     try:
 
         async def scenario():
-            client = OffloadClient(
-                heavy_bundle,
-                server=f"ws://127.0.0.1:{port}",
-                server_key=keys["server"].public,
-                identity=keys["device"],
-                fallback="error",
-                timeout=1.5,
-            )
+            client = _client(heavy_bundle, port, keys, fallback="error", timeout=1.5)
             async with client:
                 await client.connect()
                 os.kill(proc.pid, signal.SIGSTOP)  # alive but never answers
@@ -255,14 +251,7 @@ def test_sigterm_drains_in_flight_requests(heavy_bundle, keys):
     try:
 
         async def scenario():
-            client = OffloadClient(
-                heavy_bundle,
-                server=f"ws://127.0.0.1:{port}",
-                server_key=keys["server"].public,
-                identity=keys["device"],
-                fallback="error",
-                timeout=30,
-            )
+            client = _client(heavy_bundle, port, keys, fallback="error", timeout=30)
             async with client:
                 await client.connect()
                 tasks = [asyncio.create_task(client.run(_heavy_inputs(i))) for i in range(3)]
