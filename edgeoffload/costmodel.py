@@ -4,8 +4,10 @@ For a cut with head H and tail T, and a codec C::
 
     device_ms   = head time on the device            (calibrated profile, x slowdown)
     encode_ms   = crossing bytes / device codec rate (quantise + compress)
+                  + wire bytes / device channel rate (framing + encryption) + overhead / 2
     network_ms  = RTT + wire bytes(C) / uplink + result bytes / downlink
     decode_ms   = crossing bytes / server codec rate
+                  + wire bytes / server channel rate (decryption + checks) + overhead / 2
     server_ms   = tail time on the server             (calibrated profile, x slowdown)
     total_ms    = device + encode + network + decode + server
 
@@ -207,15 +209,22 @@ class ComputeModel:
         return (full - head + self._calibrated(0.0)) * self.profile.slowdown
 
 
+# Fixed cost of one offloaded request in the runtime (asyncio, websockets, msgpack, one AEAD
+# message each way), measured with `edgeoffload bench overhead` on a 2-core x86 VM: ~0.9 ms
+# for a 4 KiB tensor, of which the per-byte part is negligible. Split between the two sides.
+REQUEST_OVERHEAD_MS = 0.9
+
+
 def _codec_rate(profile: DeviceProfile, direction: str, codec: str) -> float:
     """Raw bytes/s the codec runs at on this machine (``direction``: encode or decode).
 
-    Unmeasured codecs fall back to conservative rates: a memcpy for "none", zstd-like
-    speed for anything else.
+    ``transport`` is the secure channel (msgpack framing + AEAD + websocket framing) on wire
+    bytes. Unmeasured rates fall back to conservative values: a memcpy for "none", ~1 GB/s
+    for the channel, zstd-like speed for anything else.
     """
     rate = profile.codec_bps.get(f"{direction}:{codec}")
     if rate is None:
-        rate = 2e9 if codec == "none" else 3e8
+        rate = {"none": 2e9, "transport": 1e9}.get(codec, 3e8)
     return rate / profile.slowdown
 
 
@@ -268,8 +277,16 @@ def evaluate(
                 cut.device_memory_bytes,
             )
         wire = sum(_wire(wire_bytes, t.name, codec) for t in cut.tensors)
-        encode_ms = cut.nbytes / _codec_rate(device, "encode", codec) * 1e3
-        decode_ms = cut.nbytes / _codec_rate(server, "decode", codec) * 1e3
+        # Codec on the raw bytes, then the secure channel on the wire bytes (framing,
+        # encryption, websocket) plus its fixed cost per request.
+        encode_ms = (
+            cut.nbytes / _codec_rate(device, "encode", codec)
+            + wire / _codec_rate(device, "encrypt", "transport")
+        ) * 1e3 + REQUEST_OVERHEAD_MS / 2
+        decode_ms = (
+            cut.nbytes / _codec_rate(server, "decode", codec)
+            + wire / _codec_rate(server, "decrypt", "transport")
+        ) * 1e3 + REQUEST_OVERHEAD_MS / 2
         up_ms = wire * 8 / link.up_bps * 1e3
         down_ms = output_bytes * 8 / link.down_bps * 1e3
         network_ms = link.rtt_ms + up_ms + down_ms

@@ -196,6 +196,35 @@ def codec_rates(
     return rates
 
 
+def channel_rates(size: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
+    """Bytes/s of the secure channel: msgpack framing + Noise encryption (device side) and
+    decryption + strict unpack (server side), for a ``size``-byte tensor payload."""
+    from .noise import DEFAULT_PROTOCOL, HandshakeState, KeyPair
+    from .protocol import pack_parts, unpack
+
+    server = KeyPair.generate()
+    initiator = HandshakeState(
+        DEFAULT_PROTOCOL, initiator=True, s=KeyPair.generate(), rs=server.public
+    )
+    responder = HandshakeState(DEFAULT_PROTOCOL, initiator=False, s=server)
+    responder.read_message(initiator.write_message())
+    initiator.read_message(responder.write_message())
+    send, receive = initiator.transport(), responder.transport()
+    payload = {"t": "run", "id": 1, "tensors": [{"name": "x", "data": bytes(size)}]}
+    best_encrypt = best_decrypt = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        wire = send.encrypt_parts(pack_parts(payload))
+        middle = time.perf_counter()
+        unpack(receive.decrypt(wire), max_bin=2 * size)
+        best_encrypt = min(best_encrypt, middle - start)
+        best_decrypt = min(best_decrypt, time.perf_counter() - middle)
+    return {
+        "encrypt:transport": size / max(best_encrypt, 1e-9),
+        "decrypt:transport": size / max(best_decrypt, 1e-9),
+    }
+
+
 def largest_activations(
     activations: Mapping[str, np.ndarray], graph: ModelGraph, count: int = 8
 ) -> list[np.ndarray]:
@@ -239,6 +268,7 @@ def profile_model(
         if progress:
             progress("codec rates", 0.9)
         rates = codec_rates(largest_activations(activations, graph), codecs)
+        rates.update(channel_rates())
     if progress:
         progress("done", 1.0)
     return DeviceProfile(

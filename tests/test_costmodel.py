@@ -100,7 +100,7 @@ def _hand_device(**kw: object) -> DeviceProfile:
     return _profile(
         {"a": 1.0, "b": 2.0, "c": 3.0},
         calibration=((0.0, 0.0), (6.0, 6.0)),
-        codec_bps={"encode:none": 2e6, "encode:zstd": 1e6},
+        codec_bps={"encode:none": 2e6, "encode:zstd": 1e6, "encrypt:transport": 4e6},
         name="device",
         **kw,  # type: ignore[arg-type]
     )
@@ -110,7 +110,7 @@ def _hand_server(**kw: object) -> DeviceProfile:
     return _profile(
         {"a": 0.5, "b": 1.0, "c": 1.5},
         calibration=((0.0, 0.0), (3.0, 3.0)),
-        codec_bps={"decode:none": 4e6, "decode:zstd": 2e6},
+        codec_bps={"decode:none": 4e6, "decode:zstd": 2e6, "decrypt:transport": 8e6},
         name="server",
         **kw,  # type: ignore[arg-type]
     )
@@ -129,16 +129,18 @@ def _hand_eval(**kw: object):
 
 
 # (device, encode, network, decode, server, total) per cut, worked out by hand.
+# encode = raw / codec rate + wire / 4 MB/s (channel) + 0.45 ms (half the request overhead);
+# decode = raw / codec rate + wire / 8 MB/s + 0.45 ms.
 HAND_NONE = {
-    0: (0.0, 2.0, 14.4, 1.0, 3.0, 20.4),
-    1: (1.0, 4.0, 18.4, 2.0, 2.5, 27.9),
-    2: (3.0, 1.0, 12.4, 0.5, 1.5, 18.4),
+    0: (0.0, 3.45, 14.4, 1.95, 3.0, 22.8),
+    1: (1.0, 6.45, 18.4, 3.45, 2.5, 31.8),
+    2: (3.0, 1.95, 12.4, 1.2, 1.5, 20.05),
     3: (6.0, 0.0, 0.0, 0.0, 0.0, 6.0),
 }
 HAND_ZSTD = {
-    0: (0.0, 4.0, 11.2, 2.0, 3.0, 20.2),
-    1: (1.0, 8.0, 12.0, 4.0, 2.5, 27.5),
-    2: (3.0, 2.0, 10.8, 1.0, 1.5, 18.3),
+    0: (0.0, 4.65, 11.2, 2.55, 3.0, 21.4),
+    1: (1.0, 8.85, 12.0, 4.65, 2.5, 29.0),
+    2: (3.0, 2.55, 10.8, 1.5, 1.5, 19.35),
     3: (6.0, 0.0, 0.0, 0.0, 0.0, 6.0),
 }
 
@@ -186,8 +188,8 @@ def test_hand_all_remote_sends_raw_input() -> None:
 def test_hand_energy_value() -> None:
     report = _hand_eval(codecs=("none",))
     c1 = report.plans[1].cost
-    # 2 W x (1 + 4) + 1.2 W x 8 ms up + 0.9 W x 0.4 ms down + 0.3 W x (10 + 2 + 2.5)
-    assert c1.energy_mj == pytest.approx(10.0 + 9.6 + 0.36 + 4.35)
+    # 2 W x (1 + 6.45) + 1.2 W x 8 ms up + 0.9 W x 0.4 ms down + 0.3 W x (10 + 3.45 + 2.5)
+    assert c1.energy_mj == pytest.approx(14.9 + 9.6 + 0.36 + 4.785)
 
 
 def test_hand_both_codecs_pick_cheaper_per_cut() -> None:
