@@ -316,7 +316,6 @@ def run_lab(
     progress: Any = None,
 ) -> dict[str, Any]:
     """Every scenario of the grid; returns (and writes) the combined result."""
-    from .bench import environment
     from .cli import resolve_model
     from .deviceemu import CpuLimitedProcess, cpu_fraction
     from .keys import encode_public, generate_identity
@@ -381,9 +380,21 @@ def run_lab(
                             single_tensor_cuts=model_name == "mobilenetv2",
                         )
                     )
+                    if results_dir is not None:  # keep what is measured if the run stops
+                        _write(results_dir, _combine(scenarios, started, partial=True))
+    result = _combine(scenarios, started, partial=False)
+    if results_dir is not None:
+        _write(results_dir, result)
+    return result
+
+
+def _combine(scenarios: list[dict[str, Any]], started: float, *, partial: bool) -> dict[str, Any]:
+    from .bench import environment
+
     regrets = [s["regret"] for s in scenarios]
-    result = {
+    return {
         "benchmark": "lab",
+        "partial": partial,
         "command": " ".join(sys.argv),
         "environment": environment(),
         "seconds": round(time.perf_counter() - started, 1),
@@ -394,10 +405,11 @@ def run_lab(
         ),
         "scenarios": scenarios,
     }
-    if results_dir is not None:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "lab.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+
+
+def _write(results_dir: Path, result: dict[str, Any]) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "lab.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":  # python -m edgeoffload.lab worker JOB.json
