@@ -151,6 +151,7 @@ def run_scenario(
         wanted = len(plan.cut.tensors) == 1 if single_tensor_cuts else plan.cut.boundary
         if wanted:
             candidates.add(plan.cut.index)
+    candidates.discard(n)  # all-local is measured by the worker itself (no bundle to serve)
     ordered = sorted(candidates, key=lambda k: plans[k].cost.total_ms)
     entries = []
     bundles = []
