@@ -612,7 +612,7 @@ def test_transport_rekey_changes_the_key(protocol: str) -> None:
         lax.decrypt(strict.encrypt(b"desync"))
 
 
-# -- large messages: the multi-core path -----------------------------------------------------
+# -- large messages: chunks written into one buffer -------------------------------------
 
 
 def _pair(protocol: str = "Noise_IK_25519_ChaChaPoly_BLAKE2s"):
@@ -629,7 +629,7 @@ def _pair(protocol: str = "Noise_IK_25519_ChaChaPoly_BLAKE2s"):
 )
 @pytest.mark.parametrize("size", [8 * CHUNK - 1, 8 * CHUNK, 3 * 2**20 + 7])
 def test_large_message_round_trip(protocol, size):
-    """Messages big enough for the multi-core path decrypt back and keep nonces aligned."""
+    """Multi-chunk messages decrypt back and keep nonces aligned."""
     init, resp = _pair(protocol)
     plaintext = random.Random(size).randbytes(size)
     sender, receiver = init.transport(), resp.transport()
@@ -641,7 +641,7 @@ def test_large_message_round_trip(protocol, size):
 
 
 def test_large_message_equals_the_chunk_by_chunk_definition():
-    """The multi-core path computes exactly the spec's sequence of chunk messages."""
+    """Writing chunks into one buffer gives exactly the spec's sequence of chunk messages."""
     init, _ = _pair()
     send_state, recv_state = init.split()
     reference = CipherState(send_state.cipher, send_state._key)  # same key, nonce 0
