@@ -804,12 +804,14 @@ def inspect(
     out.print(f"  crossing: {crossing or '(nothing: all-local)'}")
 
 
-BENCHMARKS = ("cost-accuracy", "overhead", "throughput")
+BENCHMARKS = ("cost-accuracy", "overhead", "throughput", "server", "lab")
 
 
 @app.command()
 def bench(
-    scenario: Annotated[str, typer.Argument(help="cost-accuracy, overhead or throughput.")],
+    scenario: Annotated[
+        str, typer.Argument(help="cost-accuracy, overhead, throughput, server or lab.")
+    ],
     model: Annotated[
         str, typer.Option("--model", help="Model for cost-accuracy (path or zoo:NAME).")
     ] = "zoo:mobilenetv2",
@@ -826,6 +828,9 @@ def bench(
     cost-accuracy: predicted vs measured head/tail times over every single-tensor cut.
     overhead: per-request framework overhead on loopback for 4 KiB, 256 KiB, 4 MiB tensors.
     throughput: encode+encrypt+decrypt+decode GB/s of a 4 MiB tensor per Noise suite.
+    server: requests/s and p50/p99 of one edge server under 1, 8, 32, 64 devices vs direct ORT.
+    lab: every model x link x device scenario on emulated devices and links (long; see
+    benchmarks/lab.py for plots and the README table).
     """
     from . import bench as bench_mod
 
@@ -844,6 +849,14 @@ def bench(
             )
     elif scenario == "overhead":
         result = bench_mod.offload_overhead(requests=max(runs, 20), codec=codec)
+    elif scenario == "server":
+        from .loadtest import server_throughput
+
+        result = server_throughput(resolve_model(model), threads=threads)
+    elif scenario == "lab":
+        from .lab import run_lab
+
+        result = run_lab(repeats=max(3, runs // 3), progress=lambda what: err.print(what))
     else:
         result = bench_mod.pipeline_throughput()
     if output is not None:
@@ -853,7 +866,18 @@ def bench(
 
 
 def _print_bench(result: dict[str, Any]) -> None:
+    if result["benchmark"] == "lab":
+        out.print(f"median regret {result['median_regret']}, worst {result['worst_regret']}")
+        for s in result["scenarios"]:
+            out.print(
+                f"{s['model']:<12} {s['device']:<6} {s['link']:<9} chosen {s['chosen']:<6} "
+                f"best {s['measured_best']:<6} regret {s['regret']:.2f} "
+                f"speedup {s['speedup_vs_better_extreme']:.2f}x"
+            )
+        return
     rows = result["rows"]
+    if result["benchmark"] != "cost-accuracy":  # flat columns only (nested details in JSON)
+        rows = [{k: v for k, v in r.items() if not isinstance(v, dict | list)} for r in rows]
     if result["benchmark"] == "cost-accuracy":
         for kind in ("head", "tail"):
             s = result[kind]
