@@ -283,7 +283,11 @@ def _scenario_report(
             ),
             "server": (predicted["server_ms"], chosen_row["measured_server_ms"]),
         }
-        errors = {k: round((p - m) / m, 3) if m > 0 else None for k, (p, m) in pairs.items()}
+        # Relative error where the component exists in the plan (all-remote has no device
+        # compute to predict: its ~0.1 ms of input checks would read as -100%).
+        errors = {
+            k: round((p - m) / m, 3) if p > 0 and m > 0 else None for k, (p, m) in pairs.items()
+        }
     return {
         "model": model_name,
         "link": link_name,
