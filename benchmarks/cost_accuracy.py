@@ -46,7 +46,8 @@ def plot(result: dict, path: Path) -> None:
         ax.scatter(meas, pred, s=12)
         s = result[kind]
         ax.set_title(
-            f"{kind}: Spearman {s['spearman']:.3f}, median rel. err {s['median_relative_error']:.1%}"
+            f"{kind}: Spearman {s['spearman']:.3f}, "
+            f"median rel. err {s['median_relative_error']:.1%}"
         )
         ax.set_xlabel("measured ms (real ORT session)")
         ax.set_ylabel("predicted ms (profile + calibration)")

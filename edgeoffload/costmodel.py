@@ -4,10 +4,12 @@ For a cut with head H and tail T, and a codec C::
 
     device_ms   = head time on the device            (calibrated profile, x slowdown)
     encode_ms   = crossing bytes / device codec rate (quantise + compress)
-                  + wire bytes / device channel rate (framing + encryption) + overhead / 2
+                  + wire bytes / device channel rate (framing + encryption)
+                  + wire bytes / websocket rate / 2 + overhead / 2
     network_ms  = RTT + wire bytes(C) / uplink + result bytes / downlink
     decode_ms   = crossing bytes / server codec rate
-                  + wire bytes / server channel rate (decryption + checks) + overhead / 2
+                  + wire bytes / server channel rate (decryption + checks)
+                  + wire bytes / websocket rate / 2 + overhead / 2
     server_ms   = tail time on the server             (calibrated profile, x slowdown)
     total_ms    = device + encode + network + decode + server
 
@@ -218,13 +220,14 @@ REQUEST_OVERHEAD_MS = 0.9
 def _codec_rate(profile: DeviceProfile, direction: str, codec: str) -> float:
     """Raw bytes/s the codec runs at on this machine (``direction``: encode or decode).
 
-    ``transport`` is the secure channel (msgpack framing + AEAD + websocket framing) on wire
-    bytes. Unmeasured rates fall back to conservative values: a memcpy for "none", ~1 GB/s
-    for the channel, zstd-like speed for anything else.
+    ``transport`` is the secure channel (msgpack framing + AEAD) on wire bytes and
+    ``websocket`` the websocket layer (both ends measured together: half is charged to each
+    side). Unmeasured rates fall back to defaults: a memcpy for "none", ~1 GB/s for the
+    channel, nothing for websockets (old profiles), zstd-like speed for anything else.
     """
     rate = profile.codec_bps.get(f"{direction}:{codec}")
     if rate is None:
-        rate = {"none": 2e9, "transport": 1e9}.get(codec, 3e8)
+        rate = {"none": 2e9, "transport": 1e9, "websocket": math.inf}.get(codec, 3e8)
     return rate / profile.slowdown
 
 
@@ -282,10 +285,12 @@ def evaluate(
         encode_ms = (
             cut.nbytes / _codec_rate(device, "encode", codec)
             + wire / _codec_rate(device, "encrypt", "transport")
+            + wire / _codec_rate(device, "both", "websocket") / 2
         ) * 1e3 + REQUEST_OVERHEAD_MS / 2
         decode_ms = (
             cut.nbytes / _codec_rate(server, "decode", codec)
             + wire / _codec_rate(server, "decrypt", "transport")
+            + wire / _codec_rate(server, "both", "websocket") / 2
         ) * 1e3 + REQUEST_OVERHEAD_MS / 2
         up_ms = wire * 8 / link.up_bps * 1e3
         down_ms = output_bytes * 8 / link.down_bps * 1e3

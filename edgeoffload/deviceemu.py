@@ -2,7 +2,7 @@
 
 The benchmark lab runs the device side of an offload (profiling, the head model, the client) in
 a child process whose CPU time is capped by the kernel's CFS bandwidth controller: a fresh
-cgroup gets ``quota = fraction * period`` microseconds of CPU per ``period`` (10 ms), so a
+cgroup gets ``quota = fraction * period`` microseconds of CPU per ``period`` (4 ms), so a
 single-threaded child runs at ``fraction`` of this machine's core speed.
 
 Device classes (fraction of one core of *this* machine):
@@ -22,10 +22,12 @@ device; the tests check that the two tables agree.
 What the emulation does and does not capture: it slows *compute* (and everything else the
 child does on the CPU) uniformly. It does not emulate a smaller cache, lower memory bandwidth
 or a different instruction set, so memory-bound layers are modelled as slowing down as much as
-compute-bound ones. Quotas are enforced per 10 ms period: a child may run at full speed for
+compute-bound ones. Quotas are enforced per 4 ms period: a child may run at full speed for
 ``quota`` microseconds and then sleep for the rest of the period, which adds up to one period
-of jitter to short operations (the kernel's usual 100 ms period would add up to 100 ms to a
-5 ms head, which no real device does).
+of jitter to short operations. The period is as short as the kernel's 1 ms minimum quota
+allows for a quarter core: with the usual 100 ms (or even 10 ms) period, a 5 ms head's
+latency depends on where in the period it starts, which no real device does (measured in the
+lab: heads of similar cost took 21 or 46 ms with a 10 ms period).
 
 Mechanisms, chosen once per process by :func:`cpu_limit_method`:
 
@@ -72,7 +74,7 @@ DEVICE_CLASSES: dict[str, float] = {"rpi": 0.25, "phone": 0.5}
 """Fraction of one core of this machine per device class (``1 / presets.DEVICE_CLASSES``)."""
 
 MAX_FRACTION = 64.0
-PERIOD_US = 10_000
+PERIOD_US = 4_000
 MIN_QUOTA_US = 1_000  # the kernel refuses quotas below 1 ms
 
 # Intra-op thread pools of the usual numeric runtimes. onnxruntime has no environment variable
@@ -397,19 +399,21 @@ class CpuLimitedProcess:
         with _counter_lock:
             n = next(_counter)
         path = parent / f"{_PREFIX}-{os.getpid()}-{n}"
-        quota = max(MIN_QUOTA_US, int(self.fraction * PERIOD_US))
+        # Small fractions need a longer period: the kernel refuses quotas below 1 ms.
+        period = max(PERIOD_US, math.ceil(MIN_QUOTA_US / self.fraction))
+        quota = int(self.fraction * period)
         path.mkdir()
         try:
             if method == "cgroup-v1":
                 # period first: the kernel checks quota against the current period
-                (path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (path / "cpu.cfs_period_us").write_text(str(period))
                 (path / "cpu.cfs_quota_us").write_text(str(quota))
             else:
-                (path / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+                (path / "cpu.max").write_text(f"{quota} {period}")
         except BaseException:
             _rmdir_quietly(path)
             raise
-        log.debug("created cgroup %s with quota %d/%d us", path, quota, PERIOD_US)
+        log.debug("created cgroup %s with quota %d/%d us", path, quota, period)
         return path, quota
 
     # ---------------------------------------------------------------- Popen-like surface

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -222,7 +223,43 @@ def channel_rates(size: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
     return {
         "encrypt:transport": size / max(best_encrypt, 1e-9),
         "decrypt:transport": size / max(best_decrypt, 1e-9),
+        "both:websocket": websocket_rate(size),
     }
+
+
+def websocket_rate(size: int = 1 << 20, repeats: int = 5) -> float:
+    """Bytes/s of websockets itself (framing, masking, socket I/O, parsing), both ends in this
+    process over 127.0.0.1 — the per-byte cost the secure channel adds on top of the crypto
+    (about as much again as the crypto here, so it matters on fast links)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve
+
+    async def measure() -> float:
+        async def handler(ws: Any) -> None:
+            async for _ in ws:
+                await ws.send(b"k")
+
+        payload = bytes(size)
+        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=None) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            async with connect(
+                f"ws://127.0.0.1:{port}", compression=None, max_size=None, proxy=None
+            ) as ws:
+                small = large = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    await ws.send(b"k")
+                    await ws.recv()
+                    middle = time.perf_counter()
+                    await ws.send(payload)
+                    await ws.recv()
+                    small = min(small, middle - start)
+                    large = min(large, time.perf_counter() - middle)
+        return size / max(large - small, 1e-9)
+
+    return asyncio.run(measure())
 
 
 def largest_activations(

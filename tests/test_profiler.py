@@ -61,7 +61,7 @@ def test_calibration_curve(profile: DeviceProfile) -> None:
 
 def test_codec_rates_recorded(profile: DeviceProfile) -> None:
     expected = {f"{d}:{c}" for d in ("encode", "decode") for c in CODECS}
-    expected |= {"encrypt:transport", "decrypt:transport"}  # the secure channel's rates
+    expected |= {"encrypt:transport", "decrypt:transport", "both:websocket"}  # the channel
     assert set(profile.codec_bps) == expected
     assert all(rate > 0 and math.isfinite(rate) for rate in profile.codec_bps.values())
 
