@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,13 @@ def websocket_rate(size: int = 1 << 20, repeats: int = 5) -> float:
                     large = min(large, time.perf_counter() - middle)
         return size / max(large - small, 1e-9)
 
-    return asyncio.run(measure())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(measure())
+    # Called from async code (a notebook, an app's event loop): measure on a thread of its own.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, measure()).result()
 
 
 def largest_activations(
