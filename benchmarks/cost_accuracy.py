@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from edgeoffload.bench import cost_accuracy
-from edgeoffload.cli import resolve_model
+from edgeoffload.zoo import resolve as resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,8 +51,10 @@ def plot(result: dict, path: Path) -> None:
         )
         ax.set_xlabel("measured ms (real ORT session)")
         ax.set_ylabel("predicted ms (profile + calibration)")
-    fig.suptitle(f"{result['model']}: {result['single_tensor_cuts']} single-tensor cuts, "
-                 f"{result['threads']} thread(s)")
+    fig.suptitle(
+        f"{result['model']}: {result['single_tensor_cuts']} single-tensor cuts, "
+        f"{result['threads']} thread(s)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -73,11 +75,15 @@ def main() -> None:
     plot(result, RESULTS / f"{stem}.png")
     for kind in ("head", "tail"):
         s = result[kind]
-        print(f"{kind}: Spearman {s['spearman']:.3f}  median relative error "
-              f"{s['median_relative_error']:.1%}  max {s['max_relative_error']:.1%}")
-    print(f"single-tensor cuts: {result['single_tensor_cuts']}; profiling took "
-          f"{result['profile_seconds']} s; `edgeoffload split` end to end: "
-          f"{result['split_end_to_end_seconds']} s")
+        print(
+            f"{kind}: Spearman {s['spearman']:.3f}  median relative error "
+            f"{s['median_relative_error']:.1%}  max {s['max_relative_error']:.1%}"
+        )
+    print(
+        f"single-tensor cuts: {result['single_tensor_cuts']}; profiling took "
+        f"{result['profile_seconds']} s; `edgeoffload split` end to end: "
+        f"{result['split_end_to_end_seconds']} s"
+    )
     print(f"wrote {RESULTS / (stem + '.json')}")
 
 

@@ -41,7 +41,6 @@ _WIDTH = None if sys.stdout.isatty() else 140
 out = Console(highlight=False, soft_wrap=True, markup=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ZOO_PREFIX = "zoo:"
 
 # -- shared option types ---------------------------------------------------------------------
 
@@ -113,17 +112,10 @@ def _load_inputs(path: Path | None) -> dict[str, Any] | None:
 
 
 def resolve_model(spec: str) -> Any:
-    """A path, or a ModelProto for ``zoo:NAME`` (``zoo:minilm`` exports the real MiniLM)."""
-    if not spec.startswith(ZOO_PREFIX):
-        return Path(spec)
-    name = spec[len(ZOO_PREFIX) :]
-    if name == "minilm":
-        from .converters.minilm import export_minilm
+    """A path, or a model built for ``zoo:NAME`` (onnx is imported only then)."""
+    from .zoo import resolve
 
-        return export_minilm()
-    from . import zoo
-
-    return zoo.build(name)
+    return resolve(spec)
 
 
 @contextmanager

@@ -321,11 +321,11 @@ def run_lab(
     progress: Any = None,
 ) -> dict[str, Any]:
     """Every scenario of the grid; returns (and writes) the combined result."""
-    from .cli import resolve_model
     from .deviceemu import CpuLimitedProcess, cpu_fraction
     from .keys import encode_public, generate_identity
     from .profiler import load_profile
     from .splitter import Analysis
+    from .zoo import resolve as resolve_model
 
     scenarios = []
     started = time.perf_counter()

@@ -388,7 +388,7 @@ def server_throughput(
     """Requests/s and latency of one edge server under 1..N concurrent devices.
 
     Args:
-        model: an ONNX ModelProto, a path, or ``zoo:NAME`` (see ``edgeoffload.cli.resolve_model``).
+        model: an ONNX ModelProto, a path, or ``zoo:NAME`` (see ``edgeoffload.zoo.resolve``).
         cut: cut id or node/tensor name; default: the first single-tensor cut after ~5% of the
             nodes, so that the tail (on the server) carries most of the compute.
         clients: concurrent device counts, one row each.
@@ -401,12 +401,12 @@ def server_throughput(
             does not compete with the server; default: no pinning, everyone shares the cores.
         progress: ``(what, fraction)`` callback.
     """
-    from .cli import resolve_model
     from .client import OffloadClient
     from .errors import UsageError
     from .keys import Identity, encode_public, generate_identity
     from .ortutil import make_session, run
     from .splitter import Analysis, split_model
+    from .zoo import resolve as resolve_model
 
     if not clients or min(clients) < 1 or requests_per_client < 1:
         raise UsageError("clients must be positive counts and requests_per_client >= 1")

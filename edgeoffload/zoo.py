@@ -688,6 +688,23 @@ def build(name: str, *, seed: int = 0) -> onnx.ModelProto:
     return builder(seed=seed)
 
 
+ZOO_PREFIX = "zoo:"
+
+
+def resolve(spec: str) -> onnx.ModelProto | pathlib.Path:
+    """A model given on a command line: a path, or ``zoo:NAME`` built here (``zoo:minilm``
+    exports the real all-MiniLM-L6-v2 weights through the converter; needs the convert extra).
+    """
+    if not spec.startswith(ZOO_PREFIX):
+        return pathlib.Path(spec)
+    name = spec[len(ZOO_PREFIX) :]
+    if name == "minilm":
+        from .converters.minilm import export_minilm
+
+        return pathlib.Path(export_minilm())
+    return build(name)
+
+
 def save(name: str, path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
     """Build zoo model ``name`` and write it to ``path``.
 
