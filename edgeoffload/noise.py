@@ -291,26 +291,20 @@ class CipherState:
         self.n += 1
         return plaintext
 
-    def reserve(self, count: int) -> tuple[Callable[[], ChaCha20Poly1305 | AESGCM], list[bytes]]:
-        """Take ``count`` consecutive nonces for a batch; returns an AEAD factory and them.
+    def reserve(self, count: int) -> tuple[ChaCha20Poly1305 | AESGCM, list[bytes]]:
+        """The AEAD object and the next ``count`` nonces, for one multi-chunk message.
 
         Used by :class:`Transport` to process the chunks of one large message into a single
         buffer. The counter advances only when :meth:`commit` is called (after success).
         """
-        if self._key is None:
+        if self._aead is None:
             raise LocalProtocolError("cannot reserve nonces on a cipher state with no key")
         if self.n + count > _MAX_NONCE:
             raise LocalProtocolError(
                 "nonce space exhausted (2**64 - 1 is reserved)",
                 hint="close the session and run a new handshake",
             )
-        key = self._key
-        factory: Callable[[], ChaCha20Poly1305 | AESGCM] = (
-            (lambda: ChaCha20Poly1305(key))
-            if self._cipher == "ChaChaPoly"
-            else (lambda: AESGCM(key))
-        )
-        return factory, [self._pack(self.n + i) for i in range(count)]
+        return self._aead, [self._pack(self.n + i) for i in range(count)]
 
     def commit(self, count: int) -> None:
         """Advance the counter past a batch taken with :meth:`reserve`."""
@@ -763,8 +757,7 @@ def _chunks(parts: Sequence[Buffer]) -> list[Buffer]:
 
 def _encrypt_into(state: CipherState, chunks: Sequence[Buffer], size: int) -> bytearray:
     count = len(chunks)
-    factory, nonces = state.reserve(count)
-    aead = factory()
+    aead, nonces = state.reserve(count)
     out = bytearray(size + TAG * count)
     target = memoryview(out)
     for i, piece in enumerate(chunks):
@@ -777,8 +770,7 @@ def _encrypt_into(state: CipherState, chunks: Sequence[Buffer], size: int) -> by
 def _decrypt_into(state: CipherState, view: memoryview) -> bytearray:
     total = view.nbytes
     count = -(-total // MAX_MESSAGE)
-    factory, nonces = state.reserve(count)
-    aead = factory()
+    aead, nonces = state.reserve(count)
     out = bytearray(total - TAG * count)
     target = memoryview(out)
     try:
