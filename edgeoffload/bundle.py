@@ -39,6 +39,14 @@ def _specs(items: list[Any]) -> tuple[TensorSpec, ...]:
 STATE_SIDES = ("device", "server")
 
 
+def _safe_relative(rel: object) -> bool:
+    """A bundle-relative file path that cannot escape the folder."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")):
+        return False
+    parts = rel.split("/")
+    return all(p not in ("", ".", "..") and "\\" not in p for p in parts)
+
+
 def _state_entry(data: object) -> dict[str, str]:
     """One KV-cache state pair: the part's input that receives what ``output`` produced."""
     f = fields(data, "manifest state entry", ManifestError)
@@ -99,6 +107,8 @@ class Manifest:
     dims: dict[str, int] = field(default_factory=dict)
     # State tensors that loop back on the same side (KV cache): [{"side", "input", "output"}].
     state: tuple[dict[str, str], ...] = ()
+    # Other files of the bundle (e.g. ``tokenizer/tokenizer.json``) -> sha256.
+    files: dict[str, str] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
@@ -135,6 +145,7 @@ class Manifest:
             "tail": self.tail.to_dict() if self.tail else None,
             "codec": self.codec,
             "state": [dict(s) for s in self.state],
+            "files": dict(self.files),
             "predicted": self.predicted,
             "verification": self.verification,
         }
@@ -156,6 +167,10 @@ class Manifest:
         if not all(type(v) is int and v > 0 for v in dims.values()):
             raise ManifestError("manifest dims must map names to positive integers")
         state = tuple(_state_entry(s) for s in f.array("state", []))
+        files = f.obj("files", {})
+        for rel, digest in files.items():
+            if not isinstance(digest, str) or not _safe_relative(rel):
+                raise ManifestError(f"manifest files entry {rel!r} is not a safe relative path")
         passthrough = f.array("passthrough")
         if not all(isinstance(p, str) for p in passthrough):
             raise ManifestError("manifest passthrough must list tensor names (strings)")
@@ -175,6 +190,7 @@ class Manifest:
             tail=PartInfo.from_dict(tail_raw) if tail_raw is not None else None,
             codec=f.text("codec"),
             state=state,
+            files=files,
             predicted=f.obj("predicted", {}),
             verification=f.obj("verification", {}),
         )
@@ -216,6 +232,9 @@ def write_bundle(
     """Write the parts and the manifest (last, atomically: a folder with a manifest is whole)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for rel, digest in manifest.files.items():
+        if not (directory / rel).is_file() or sha256_file(directory / rel) != digest:
+            raise ManifestError(f"{rel}: copy the file into the bundle before writing it")
     for part, data in ((manifest.head, head), (manifest.tail, tail)):
         if (part is None) != (data is None):
             raise ManifestError("bundle parts and manifest disagree about which parts exist")
@@ -261,6 +280,15 @@ def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
                 raise ManifestError(
                     f"{path.name} was modified after splitting: sha256 {actual[:16]}… "
                     f"!= manifest {part.sha256[:16]}…",
+                    hint="re-split the model, or restore the original file",
+                )
+        for rel, digest in manifest.files.items():
+            path = directory / rel
+            if not path.is_file():
+                raise ManifestError(f"{path}: file listed in the manifest is missing")
+            if sha256_file(path) != digest:
+                raise ManifestError(
+                    f"{rel} was modified after splitting",
                     hint="re-split the model, or restore the original file",
                 )
     return Bundle(directory, manifest)

@@ -361,8 +361,25 @@ def split(
     ] = None,
     threads: ThreadsOpt = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+    head_layers: Annotated[
+        int | None,
+        typer.Option(
+            "--head-layers", min=0, help="Decoders: force this many blocks on the device."
+        ),
+    ] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", min=1, help="Decoders: typical prompt length.")
+    ] = 128,
+    new_tokens: Annotated[
+        int, typer.Option("--new-tokens", min=1, help="Decoders: typical reply length.")
+    ] = 64,
 ) -> None:
-    """Choose a cut for MODEL, split it, verify the halves and write a bundle."""
+    """Choose a cut for MODEL, split it, verify the halves and write a bundle.
+
+    MODEL is an ONNX file, zoo:NAME, or a folder (an export with model.onnx, or a Hugging Face
+    decoder folder, exported with past key values first). Decoder LLMs are cut between blocks
+    and priced for a reply (--prompt-tokens, --new-tokens); each side keeps its KV cache.
+    """
     from .costmodel import Constraints
     from .presets import parse_link, parse_size
     from .splitter import split_model
@@ -373,6 +390,26 @@ def split(
         min_head_depth=min_head_depth,
     )
     link = parse_link(network)
+    resolved = resolve_model(model)
+    if _is_decoder(resolved):
+        _split_decoder(
+            resolved,
+            output,
+            link=link,
+            device_class=device,
+            threads=threads,
+            constraints=constraints,
+            codec=codec,
+            head_layers=head_layers,
+            cut=cut,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            as_json=as_json,
+            started=started,
+        )
+        return
+    if head_layers is not None:
+        raise UsageError("--head-layers is for decoder LLMs; use --cut for other models")
     analysis = _analysis(model, dim, input_path)
     chosen_cut = analysis.graph.find_cut(cut, analysis.cuts) if cut else None
     dev, srv, notes = _profiles(
@@ -418,6 +455,128 @@ def split(
     out.print(f"{_verification_line(bundle.manifest.verification)}; split took {elapsed:.1f} s")
     if plot is not None:
         out.print(f"plot: {plot}")
+
+
+def _is_decoder(model: Any) -> bool:
+    """An ONNX file whose inputs include a KV cache (read without loading the weights)."""
+    if not isinstance(model, Path) or model.suffix != ".onnx" or not model.is_file():
+        return False
+    import onnx
+
+    from .graph import detect_state_pairs
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return False  # not ONNX: the one-shot path reports it properly
+    inputs = [i.name for i in proto.graph.input]
+    return bool(detect_state_pairs(inputs, [o.name for o in proto.graph.output]))
+
+
+def _split_decoder(
+    model: Path,
+    output: Path,
+    *,
+    link: Any,
+    device_class: str,
+    threads: int,
+    constraints: Any,
+    codec: str,
+    head_layers: int | None,
+    cut: str | None,
+    prompt_tokens: int,
+    new_tokens: int,
+    as_json: bool,
+    started: float,
+) -> None:
+    from .decoder_split import DecoderAnalysis, split_decoder
+    from .gencost import GenerationWorkload
+    from .presets import device_slowdown
+
+    if cut is not None:
+        raise UsageError("decoders are cut between blocks: use --head-layers N, not --cut")
+    notes: list[str] = []
+    if codec == "auto":
+        codec = "none"  # a lossy codec would change the generated tokens
+    elif codec != "none":
+        notes.append(f"codec {codec}: tokens may differ from the unsplit model")
+    with _progress() as progress:
+        if progress:
+            progress("analysing the decoder (prefill and decode step)", 0.1)
+        analysis = DecoderAnalysis.of(model, workload=GenerationWorkload(prompt_tokens, new_tokens))
+        slowdown = device_slowdown(device_class)
+
+        def profiles(phase: Any) -> tuple[Any, Any]:
+            if progress:
+                progress("profiling this machine", 0.4)
+            measured = phase.profile(threads=threads)
+            device = measured.with_slowdown(slowdown, name=f"{device_class} ({slowdown:g}x)")
+            return device, measured
+
+        report = analysis.plan(profiles=profiles, link=link, codec=codec, constraints=constraints)
+        chosen = report.best
+        if head_layers is not None:
+            forced = [p for p in report.plans if p.head_layers == head_layers]
+            if not forced:
+                blocks = sorted(k for k in analysis.blocks)
+                raise UsageError(f"--head-layers {head_layers}: choose one of {blocks}")
+            chosen = forced[0]
+            notes.append(f"cut forced with --head-layers {head_layers}")
+        if progress:
+            progress(f"splitting ({chosen.label}) and verifying generation", 0.7)
+        bundle = split_decoder(
+            model,
+            output,
+            head_layers=chosen.head_layers,
+            codec=codec,
+            report=report,
+            analysis=analysis.step,
+        )
+    elapsed = time.perf_counter() - started
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "bundle": str(output),
+                    "seconds": round(elapsed, 3),
+                    "report": report.to_dict(),
+                    "chosen": chosen.to_dict(),
+                    "verification": bundle.manifest.verification,
+                }
+            )
+        )
+        return
+    for note in notes:
+        err.print(f"[dim]{note}[/dim]")
+    table = Table(
+        title=f"{model.name}: {analysis.layout.num_layers} blocks, {prompt_tokens}-token prompt, "
+        f"{new_tokens} new tokens, link {link.name}"
+    )
+    for col in ("cut", "where", "TTFT ms", "ms/token", "total ms", "bytes/token", "device mem"):
+        table.add_column(col, justify="left" if col in ("cut", "where") else "right")
+    for plan in report.plans:
+        mark = "*" if plan is chosen else ""
+        table.add_row(
+            f"{mark}{plan.cut.id}",
+            plan.label,
+            f"{plan.ttft_ms:.1f}",
+            f"{plan.tpot_ms:.2f}",
+            f"{plan.total_ms:.0f}",
+            _fmt_bytes(plan.step.wire_bytes) if plan.head_layers is not None else "-",
+            _fmt_bytes(plan.device_memory_bytes),
+            style="bold green" if mark else None,
+        )
+    out.print(table)
+    gen = bundle.manifest.verification.get("generation", {})
+    out.print(
+        f"chose {chosen.label} ({chosen.cut.id}): predicted TTFT {chosen.ttft_ms:.1f} ms, "
+        f"{1e3 / chosen.tpot_ms:.1f} tokens/s -> {bundle.path}"
+    )
+    out.print(
+        f"verified: greedy decoding through the split matches the full model "
+        f"({gen.get('steps')} steps, {'bit-exact' if gen.get('exact') else 'within tolerance'}); "
+        f"split took {elapsed:.1f} s"
+    )
 
 
 def _verification_line(ver: dict[str, Any]) -> str:
@@ -476,6 +635,85 @@ def plot_costs(report: Any, path: Path, *, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@app.command()
+def chat(
+    bundle_dir: Annotated[Path, typer.Argument(help="Decoder bundle folder (the device's copy).")],
+    server: Annotated[str, typer.Option("--server", help="Edge server URL, ws://HOST:PORT.")],
+    server_key: Annotated[
+        str, typer.Option("--server-key", help="Server public key, or its key file/folder.")
+    ],
+    key: Annotated[Path, typer.Option("--key", help="This device's key folder.")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="One message; omit to chat on stdin.")
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Tokens per reply at most.")
+    ] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="0 = no top-k filter.")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Sampling seed.")] = 0,
+    fallback: Annotated[str, typer.Option("--fallback", help="local or error.")] = "local",
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 10.0,
+    threads: ThreadsOpt = 1,
+    stats: Annotated[bool, typer.Option("--stats", help="Print timing after each reply.")] = False,
+) -> None:
+    """Chat with a split decoder: its first blocks here, the rest on the edge server."""
+    from .client import BlockingOffloadClient
+    from .keys import load_identity, load_public
+
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    with BlockingOffloadClient(
+        bundle_dir,
+        server=server,
+        server_key=load_public(server_key),
+        identity=load_identity(key),
+        fallback=fallback,
+        timeout=timeout,
+        threads=threads,
+    ) as client:
+        turns = [prompt] if prompt is not None else _stdin_turns()
+        for text in turns:
+            messages.append({"role": "user", "content": text})
+            reply = ""
+            for token in client.generate(
+                messages=messages,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+            ):
+                reply += token.text
+                out.print(token.text, end="")
+                out.file.flush()
+            out.print()
+            messages.append({"role": "assistant", "content": reply})
+            gen = client.client.last_generation
+            if stats and gen is not None:
+                info = gen.to_dict()
+                err.print(
+                    f"[dim]{info['generated_tokens']} tokens, TTFT {info['ttft_ms']:.0f} ms, "
+                    f"{info['decode_tokens_per_s']:.1f} tokens/s, {info['median_step_bytes']} "
+                    f"B/token up, finish {info['finish_reason']}"
+                    + (f", finished locally ({gen.fallback_reason})" if gen.fallback_reason else "")
+                    + "[/dim]"
+                )
+
+
+def _stdin_turns() -> Iterator[str]:
+    """User messages typed on stdin, one per line, until EOF or an empty line."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            err.print("[bold]> [/bold]", end="")
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        yield line.rstrip("\n")
 
 
 @app.command()
@@ -678,13 +916,28 @@ def serve(
     idle_timeout: Annotated[
         float, typer.Option("--idle-timeout", help="Seconds before a silent device is dropped.")
     ] = 120.0,
+    kv_budget: Annotated[
+        str,
+        typer.Option("--kv-budget", help="Decoders: KV-cache memory for all sessions (LRU)."),
+    ] = "1GiB",
+    session_ttl: Annotated[
+        float, typer.Option("--session-ttl", help="Decoders: seconds an idle session is kept.")
+    ] = 600.0,
+    max_context: Annotated[
+        int, typer.Option("--max-context", min=1, help="Decoders: positions per session.")
+    ] = 4096,
 ) -> None:
-    """Serve bundle tails to allow-listed devices over the encrypted protocol."""
+    """Serve bundle tails to allow-listed devices over the encrypted protocol.
+
+    Decoder bundles are served as generation sessions: the tail's KV cache of each
+    conversation stays here (bounded by --kv-budget, --session-ttl and --max-context).
+    """
     import asyncio
     import signal
 
     from .bundle import load_bundle
     from .keys import AllowList, load_identity
+    from .presets import parse_size
     from .server import EdgeServer, ServerConfig
 
     loaded = [load_bundle(b) for b in bundles]
@@ -697,6 +950,9 @@ def serve(
         workers=workers,
         max_inflight=max_inflight,
         idle_timeout=idle_timeout,
+        kv_budget=parse_size(kv_budget),
+        session_ttl=session_ttl,
+        max_context=max_context,
     )
 
     async def main_loop() -> None:
@@ -796,13 +1052,14 @@ def inspect(
     out.print(f"  crossing: {crossing or '(nothing: all-local)'}")
 
 
-BENCHMARKS = ("cost-accuracy", "overhead", "throughput", "server", "lab")
+BENCHMARKS = ("cost-accuracy", "overhead", "throughput", "server", "lab", "generate")
 
 
 @app.command()
 def bench(
     scenario: Annotated[
-        str, typer.Argument(help="cost-accuracy, overhead, throughput, server or lab.")
+        str,
+        typer.Argument(help="cost-accuracy, overhead, throughput, server, lab or generate."),
     ],
     model: Annotated[
         str, typer.Option("--model", help="Model for cost-accuracy (path or zoo:NAME).")
@@ -814,6 +1071,19 @@ def bench(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the result JSON here.")
     ] = None,
+    head_layers: Annotated[
+        int | None, typer.Option("--head-layers", min=0, help="generate: blocks on the device.")
+    ] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", min=1, help="generate: prompt length.")
+    ] = 128,
+    new_tokens: Annotated[
+        int, typer.Option("--new-tokens", min=2, help="generate: tokens per reply.")
+    ] = 64,
+    network: Annotated[
+        str | None,
+        typer.Option("--network", help="generate: emulate this link (default: loopback)."),
+    ] = None,
 ) -> None:
     """Run a benchmark and print its summary (JSON with -o).
 
@@ -823,6 +1093,8 @@ def bench(
     server: requests/s and p50/p99 of one edge server under 1, 8, 32, 64 devices vs direct ORT.
     lab: every model x link x device scenario on emulated devices and links (long; see
     benchmarks/lab.py for plots and the README table).
+    generate: split vs unsplit decoder generation (--model zoo:smollm2): decode tokens/s,
+    TTFT, bytes per token, memory; the server in its own process.
     """
     from . import bench as bench_mod
 
@@ -845,6 +1117,28 @@ def bench(
         from .loadtest import server_throughput
 
         result = server_throughput(resolve_model(model), threads=threads)
+    elif scenario == "generate":
+        from .genbench import bench_generation, format_result
+
+        model_path = resolve_model(model if model != "zoo:mobilenetv2" else "zoo:smollm2")
+        if not isinstance(model_path, Path):
+            raise UsageError("generate needs a decoder model: a path or zoo:smollm2/tiny-llama")
+        result = bench_generation(
+            model_path,
+            head_layers=head_layers,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            runs=max(1, runs // 5),
+            threads=threads,
+            network=network,
+        )
+        result["benchmark"] = "generate"
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=1) + "\n")
+        for line in format_result(result):
+            out.print(line)
+        return
     elif scenario == "lab":
         from .lab import run_lab
 

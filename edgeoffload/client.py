@@ -22,10 +22,10 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection as WsConnection
@@ -50,15 +50,22 @@ from .noise import DEFAULT_PROTOCOL, KeyPair
 from .protocol import (
     CLOSE_AUTH,
     CLOSE_VERSION,
+    Chunk,
     ClientConnection,
     CloseRequested,
     ErrorReply,
     HandshakeComplete,
     Pong,
     RunResult,
+    SessionEnded,
+    SessionOpened,
+    TokenResult,
 )
 from .runtime import DeviceRuntime, decode_checked
 from .types import LinkProfile
+
+if TYPE_CHECKING:
+    from .generate import GeneratedToken, GenerationStats
 
 log = logging.getLogger("edgeoffload.client")
 
@@ -70,6 +77,8 @@ INLINE_HEAD_MS = 0.5
 WRITE_LIMIT = 1 << 22
 
 FALLBACKS = ("local", "error")
+# Events that answer one pending request by its id.
+REPLIES = (RunResult, Pong, SessionOpened, TokenResult, SessionEnded)
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ class OffloadClient:
         self.clock = clock
         self.link = _Link()
         self.last_timing: RequestTiming | None = None
+        self.last_generation: GenerationStats | None = None
         self._ids = itertools.count(1)
         self._ws: WsConnection | None = None
         self._conn: ClientConnection | None = None
@@ -253,7 +263,9 @@ class OffloadClient:
                 received = time.perf_counter()
                 for event in conn.receive(data):
                     decrypt_ms = (time.perf_counter() - received) * 1e3
-                    if isinstance(event, RunResult | Pong):
+                    if isinstance(
+                        event, RunResult | Pong | SessionOpened | TokenResult | SessionEnded
+                    ):
                         future = self._pending.pop(event.request_id, None)
                         if future is not None and not future.done():
                             future.set_result((event, received, decrypt_ms))
@@ -288,6 +300,10 @@ class OffloadClient:
                 await asyncio.wait_for(ws.close(), 0.5)
             except (asyncio.TimeoutError, ConnectionClosed, OSError):
                 ws.transport.abort()  # a stopped peer would hold a graceful close for long
+
+    async def reset_connection(self) -> None:
+        """Drop the connection; the next request opens a fresh one."""
+        await self._drop()
 
     async def close(self) -> None:
         if self._ws is not None and self._conn is not None:
@@ -451,6 +467,86 @@ class OffloadClient:
         network_ms = max(0.0, (received - sent_at) * 1e3 - event.server_ms)
         return outputs, (encrypt_ms, wire, network_ms, event.server_ms, decode_ms)
 
+    # -- generation sessions (decoder bundles) -------------------------------------------------
+
+    async def _session_call(
+        self, build: Callable[[ClientConnection], None], request_id: int
+    ) -> tuple[Any, int, float]:
+        """Send one session message, await its reply: (event, bytes sent, round trip ms)."""
+        future, _, wire, sent_at = await self._send(build, request_id)
+        try:
+            event, received, _ = await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            await self._drop()  # the reply may still come: never mix it up with a later one
+            raise OffloadUnavailable(f"no answer within {self.timeout:g} s") from None
+        finally:
+            self._pending.pop(request_id, None)
+        return event, wire, (received - sent_at) * 1e3
+
+    async def open_session(self, sampling: Mapping[str, Any], max_tokens: int) -> tuple[int, int]:
+        """Open a generation session on the server: (session id, positions granted)."""
+        request_id = next(self._ids)
+        event, _, _ = await self._session_call(
+            lambda c: c.send_open(request_id, sampling, max_tokens), request_id
+        )
+        assert isinstance(event, SessionOpened)
+        return event.session, event.max_tokens
+
+    async def feed_session(
+        self, kind: str, session: int, pos: int, chunks: list[Chunk]
+    ) -> tuple[TokenResult, int, float]:
+        """A prefill or step: (the sampled token, request bytes, round trip ms)."""
+        request_id = next(self._ids)
+        event, wire, rtt_ms = await self._session_call(
+            lambda c: c.send_feed(request_id, kind, session, pos, chunks), request_id
+        )
+        assert isinstance(event, TokenResult)
+        return event, wire, rtt_ms
+
+    async def end_session(self, session: int) -> None:
+        request_id = next(self._ids)
+        await self._session_call(lambda c: c.send_end(request_id, session), request_id)
+
+    @property
+    def max_request_bytes(self) -> int | None:
+        """What the server said it accepts in one message (known once connected)."""
+        return self._conn.peer_max_message if self._conn is not None else None
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        input_ids: list[int] | None = None,
+        messages: list[dict[str, str]] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: tuple[str, ...] | list[str] = (),
+        chat: bool | None = None,
+    ) -> AsyncIterator[GeneratedToken]:
+        """Stream generated tokens (an async iterator of :class:`GeneratedToken`).
+
+        Give a ``prompt`` (the chat template is applied when the tokenizer has one, unless
+        ``chat=False``), ``messages`` (a chat), or ``input_ids``. The head runs here and keeps
+        its KV cache; the server keeps the tail's. A lost session (evicted, server restarted,
+        connection lost) is rebuilt from this device's own history without changing a token;
+        when no server can answer, ``fallback="local"`` finishes the reply on the device.
+        """
+        from .generate import Generation
+
+        return Generation(
+            self,
+            prompt=prompt,
+            input_ids=input_ids,
+            messages=messages,
+            max_new_tokens=max_new_tokens,
+            sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed},
+            stop=tuple(stop),
+            chat=chat,
+        ).stream()
+
     async def _fall_back(
         self,
         crossing: dict[str, np.ndarray],
@@ -521,6 +617,21 @@ class BlockingOffloadClient:
     def ping(self, pad: int = 0) -> float:
         value: float = self._call(self._client.ping(pad))
         return value
+
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[GeneratedToken]:
+        """:meth:`OffloadClient.generate` as a plain iterator (each step blocks)."""
+        stream = self._call(self._make_stream(prompt, kwargs))
+        try:
+            while True:
+                try:
+                    yield self._call(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(stream.aclose())
+
+    async def _make_stream(self, prompt: str | None, kwargs: dict[str, Any]) -> Any:
+        return self._client.generate(prompt, **kwargs)
 
     def measure_link(self, **kwargs: Any) -> LinkProfile:
         profile: LinkProfile = self._call(self._client.measure_link(**kwargs))

@@ -120,6 +120,21 @@ class PayloadError(ProtocolError):
     """A tensor payload is malformed: dtype, shape or byte length do not match."""
 
 
+class SessionError(ProtocolError):
+    """A generation session message is not valid now: unknown or expired session, a step
+    before prefill, a position that does not follow the last one, a KV-cache budget overrun.
+
+    Only that session is affected; the connection and every other session go on.
+    """
+
+
+class SessionLost(SessionError):
+    """The server no longer has the session (evicted, expired, or the server restarted).
+
+    The client rebuilds it from its own token history; users see this only when that fails.
+    """
+
+
 class OffloadUnavailable(EdgeOffloadError):
     """No edge server could answer and the fallback policy is ``"error"``."""
 
@@ -136,3 +151,18 @@ class ServerBusy(OffloadUnavailable):
 
 class Overloaded(ServerBusy):
     """The edge server refused the request because it is at its concurrency limit."""
+
+
+# --- generation (sampling/tokenizer) ---
+
+
+class SamplingError(EdgeOffloadError):
+    """Sampling parameters are invalid, or a logits vector cannot be sampled from.
+
+    A logits vector cannot be sampled from when its shape or dtype is wrong, when it holds NaN or
+    +inf, or when every token is masked with -inf.
+    """
+
+
+class TokenizerError(EdgeOffloadError):
+    """A tokenizer folder is missing or malformed, or its chat template failed to render."""

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from .errors import CutError, GraphError
-from .types import DTYPE_SIZES, Dim, TensorSpec
+from .types import DTYPE_SIZES, Dim, TensorSpec, dim_terms
 
 log = logging.getLogger("edgeoffload.graph")
 
@@ -57,6 +57,8 @@ PARAMETRIC_OPS = frozenset(
     }
 )
 MIN_OPSET = 13
+# Ops whose output is a weight when all their inputs are weights (tied/aliased parameters).
+WEIGHT_VIEW_OPS = frozenset({"Identity", "Transpose", "Cast"})
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,27 @@ def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
     return graphs
 
 
+_STATE_NAMING = (
+    # (input pattern, output template): optimum / transformers exports of decoders with past.
+    (re.compile(r"past_key_values\.(\d+)\.(key|value)"), "present.{0}.{1}"),
+    (re.compile(r"past_key_values_(\d+)_(key|value)"), "present_{0}_{1}"),
+    (re.compile(r"past\.(\d+)\.(key|value)"), "present.{0}.{1}"),
+)
+
+
+def detect_state_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> dict[str, str]:
+    """KV-cache state pairs (``past_key_values.3.key`` -> ``present.3.key``) by export naming."""
+    present = set(outputs)
+    pairs: dict[str, str] = {}
+    for name in inputs:
+        for pattern, template in _STATE_NAMING:
+            match = pattern.fullmatch(name)
+            if match and template.format(*match.groups()) in present:
+                pairs[name] = template.format(*match.groups())
+                break
+    return pairs
+
+
 class ModelGraph:
     """An ONNX model prepared for cut analysis.
 
@@ -195,11 +218,17 @@ class ModelGraph:
     """
 
     def __init__(
-        self, model: onnx.ModelProto, *, sha256: str, dims: Mapping[str, int] | None = None
+        self,
+        model: onnx.ModelProto,
+        *,
+        sha256: str,
+        dims: Mapping[str, int] | None = None,
+        state: Mapping[str, str] | None = None,
     ) -> None:
         self.sha256 = sha256
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
+        self._serialized: bytes | None = None
         self._check_opset()
         graph = self.model.graph
         self._name_nodes(graph)
@@ -218,6 +247,12 @@ class ModelGraph:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.input:
                 for out in node.output:
                     self.constants[out] = node
+            elif self._is_weight_view(node):
+                # Exporters alias tied weights through Identity (and transpose them): treat
+                # the result as a weight of whichever side reads it, never as an activation.
+                for out in node.output:
+                    self.constants[out] = node
+                    self.initializers[out] = sum(self.initializers.get(i, 0) for i in node.input)
             else:
                 compute.append(node)
 
@@ -230,6 +265,15 @@ class ModelGraph:
                 raise GraphError(f"graph input {vi.name!r} is not a tensor of a supported dtype")
             self.inputs.append(spec)
         self.output_names = [o.name for o in graph.output]
+        input_names = [spec.name for spec in self.inputs]
+        pairs = detect_state_pairs(input_names, self.output_names) if state is None else state
+        for name, out in pairs.items():
+            if name not in input_names or out not in self.output_names:
+                raise GraphError(f"state pair {name!r} -> {out!r}: not a graph input/output pair")
+        # Recurrent state (an LLM's KV cache): an input fed back from an output of the previous
+        # call. It never crosses the cut; it stays on the side that holds its layer.
+        self.state: dict[str, str] = dict(pairs)
+        self.state_outputs = set(self.state.values())
 
         # Effective inputs of each node: its own plus outer-scope reads of its subgraphs.
         self._subgraph_owner: dict[str, str] = {}
@@ -261,7 +305,13 @@ class ModelGraph:
     # -- construction helpers -------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, *, dims: Mapping[str, int] | None = None) -> ModelGraph:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dims: Mapping[str, int] | None = None,
+        state: Mapping[str, str] | None = None,
+    ) -> ModelGraph:
         """Read an ONNX file; a non-ONNX, truncated or invalid file raises GraphError."""
         path = Path(path)
         try:
@@ -285,19 +335,24 @@ class ModelGraph:
         if not model.HasField("graph") or len(model.graph.node) == 0:
             raise GraphError(f"{path}: not an ONNX model (no graph or an empty graph)")
         try:
-            onnx.checker.check_model(model)
+            # The file's own bytes: re-serialising a large model costs seconds.
+            onnx.checker.check_model(data if len(data) < onnx.checker.MAXIMUM_PROTOBUF else model)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GraphError(f"{path}: the ONNX checker rejects this model: {first}") from None
         if any(t.data_location == 1 for t in model.graph.initializer):
             onnx.load_external_data_for_model(model, str(path.parent))
-        return cls(model, sha256=sha256_bytes(data), dims=dims)
+        return cls(model, sha256=sha256_bytes(data), dims=dims, state=state)
 
     @classmethod
     def from_model(
-        cls, model: onnx.ModelProto, *, dims: Mapping[str, int] | None = None
+        cls,
+        model: onnx.ModelProto,
+        *,
+        dims: Mapping[str, int] | None = None,
+        state: Mapping[str, str] | None = None,
     ) -> ModelGraph:
-        return cls(model, sha256=sha256_bytes(model.SerializeToString()), dims=dims)
+        return cls(model, sha256=sha256_bytes(model.SerializeToString()), dims=dims, state=state)
 
     def _check_opset(self) -> None:
         for opset in self.model.opset_import:
@@ -306,6 +361,21 @@ class ModelGraph:
                     f"the model uses ONNX opset {opset.version}; opset {MIN_OPSET}+ is required",
                     hint="convert it with onnx.version_converter.convert_version(model, 17)",
                 )
+
+    def serialized(self) -> bytes:
+        """The (normalised) model as bytes, computed once: onnxruntime sessions, shape
+        inference and the probe all need them, and serialising an LLM takes seconds."""
+        if self._serialized is None:
+            self._serialized = self.model.SerializeToString()
+        return self._serialized
+
+    def _is_weight_view(self, node: onnx.NodeProto) -> bool:
+        return (
+            node.op_type in WEIGHT_VIEW_OPS
+            and node.domain in ("", "ai.onnx")
+            and bool(node.input)
+            and all(i in self.initializers or i in self.constants for i in node.input if i)
+        )
 
     @staticmethod
     def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -370,7 +440,7 @@ class ModelGraph:
 
     def _infer_specs(self) -> dict[str, TensorSpec]:
         try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(self.serialized(), strict_mode=False)
         except Exception as exc:  # inference is a help, not a requirement
             log.warning("shape inference failed (%s); sizes come from a probe run", exc)
             inferred = self.model
@@ -389,9 +459,17 @@ class ModelGraph:
     def _resolve_dims(self, given: Mapping[str, int]) -> dict[str, int]:
         dims = dict(given)
         for name, value in dims.items():
-            if not isinstance(value, int) or value <= 0:
-                raise GraphError(f"dimension {name}={value!r}: values must be positive integers")
-        known = {d for spec in self.inputs for d in spec.shape if isinstance(d, str)}
+            # 0 is valid: an empty KV cache before the prompt's prefill.
+            if not isinstance(value, int) or value < 0:
+                raise GraphError(f"dimension {name}={value!r}: values must be integers >= 0")
+        known = {
+            term
+            for spec in self.inputs
+            for d in spec.shape
+            if isinstance(d, str)
+            for term in dim_terms(d)
+            if not term.isdigit()
+        }
         unknown = sorted(set(given) - known)
         if unknown:
             raise GraphError(
@@ -482,20 +560,44 @@ class ModelGraph:
             for name in reads:
                 last[name] = i
         for name in self.output_names:
-            last[name] = n
+            if name not in self.state_outputs:
+                last[name] = n
         return last
+
+    def _state_spans(self) -> list[tuple[int, int]]:
+        """For each state pair, the node range [first, last] that must stay on one side."""
+        readers: dict[str, list[int]] = {}
+        for i, reads in enumerate(self.node_inputs):
+            for name in reads:
+                if name in self.state:
+                    readers.setdefault(name, []).append(i)
+        spans = []
+        for name, out in self.state.items():
+            touched = readers.get(name, []) + ([self.producer[out]] if out in self.producer else [])
+            if touched:
+                spans.append((min(touched), max(touched)))
+        return spans
 
     def cuts(self) -> list[CutPoint]:
         """Every valid cut in topological order, from all-remote (0) to all-local (n)."""
         n = len(self.nodes)
         last = self._last_use()
         graph_inputs = {spec.name for spec in self.inputs}
-        output_producers = {self.producer[o] for o in self.output_names if o in self.producer}
+        output_producers = {
+            self.producer[o]
+            for o in self.output_names
+            if o in self.producer and o not in self.state_outputs
+        }
+        # A cut inside a state span would put a layer's cache read and its update on two sides.
+        split_state = [False] * (n + 1)
+        for lo, hi in self._state_spans():
+            for k in range(lo + 1, hi + 1):
+                split_state[k] = True
         first_output = min(output_producers) if output_producers else n
         # crossing[k]: tensors t with producer p < k <= last use (graph inputs: p = -1).
         start_events: dict[int, list[str]] = {}
         for name, use in last.items():
-            if name in self.initializers or name in self.constants:
+            if name in self.initializers or name in self.constants or name in self.state:
                 continue
             if name in graph_inputs:
                 p = -1
@@ -555,8 +657,8 @@ class ModelGraph:
                 active[name] = None
             for name in [t for t in active if last[t] < k]:
                 del active[name]
-            if 0 < k < n and k > first_output:
-                continue  # a graph output would stay on the device
+            if 0 < k < n and (k > first_output or split_state[k]):
+                continue  # a graph output would stay on the device, or a state pair split
             crossing = tuple(sorted(active, key=self._order_key)) if k < n else ()
             after = self.nodes[k - 1].name if k > 0 else ""
             layer = self.layers[k - 1] if k > 0 else ""
@@ -648,11 +750,19 @@ class ModelGraph:
             reads.update(self.node_inputs[i])
         constant_nodes: list[onnx.NodeProto] = []
         seen_constants: set[int] = set()
-        for tensor in sorted(reads):
+        pending = sorted(reads)
+        while pending:  # weight views read other constants: take those too
+            tensor = pending.pop()
             const = self.constants.get(tensor)
             if const is not None and id(const) not in seen_constants:
                 seen_constants.add(id(const))
                 constant_nodes.append(const)
+                new = [i for i in const.input if i and i not in reads]
+                reads.update(new)
+                pending.extend(new)
+        # A weight view must come after the constants it reads: keep the file's order.
+        file_order = {id(node): i for i, node in enumerate(src.graph.node)}
+        constant_nodes.sort(key=lambda node: file_order.get(id(node), -1))
         graph = onnx.GraphProto(name=name)
         graph.node.extend(constant_nodes + nodes)
         graph.initializer.extend(t for t in src.graph.initializer if t.name in reads)
@@ -682,9 +792,26 @@ class ModelGraph:
         return [spec.name for spec in self.inputs if spec.name in reads]
 
     def head_outputs(self, cut: CutPoint) -> list[str]:
-        """Crossing tensors the head produces (the rest are graph inputs passed through)."""
+        """Crossing tensors the head produces (the rest are graph inputs passed through),
+        then the state outputs of the head's layers."""
         graph_inputs = {spec.name for spec in self.inputs}
-        return [t.name for t in cut.tensors if t.name not in graph_inputs]
+        crossing = [t.name for t in cut.tensors if t.name not in graph_inputs]
+        return crossing + self.state_outputs_of(range(cut.index))
+
+    def state_outputs_of(self, node_range: range) -> list[str]:
+        """State outputs produced by the nodes in ``node_range``, in graph-output order."""
+        return [
+            o
+            for o in self.output_names
+            if o in self.state_outputs and self.producer.get(o, -1) in node_range
+        ]
+
+    def state_inputs_of(self, node_range: range) -> list[str]:
+        """State inputs read by the nodes in ``node_range``, in graph-input order."""
+        reads: set[str] = set()
+        for i in node_range:
+            reads.update(self.node_inputs[i])
+        return [spec.name for spec in self.inputs if spec.name in self.state and spec.name in reads]
 
     def split(self, cut: CutPoint) -> tuple[onnx.ModelProto | None, onnx.ModelProto | None]:
         """(head, tail) models for a cut; None for the empty side of all-remote/all-local."""
@@ -696,5 +823,12 @@ class ModelGraph:
             outputs = self.output_names if cut.index == n else self.head_outputs(cut)
             head = self.extract(range(cut.index), self.head_inputs(cut), outputs, "head")
         if cut.index < n:
-            tail = self.extract(range(cut.index, n), crossing, self.output_names, "tail")
+            rest = range(cut.index, n)
+            outputs = [o for o in self.output_names if o not in self.state_outputs]
+            tail = self.extract(
+                rest,
+                crossing + self.state_inputs_of(rest),
+                outputs + self.state_outputs_of(rest),
+                "tail",
+            )
         return head, tail

@@ -78,23 +78,28 @@ def run(session: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     return dict(zip(names, session.run(names, feed), strict=True))
 
 
-def probe(model: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def probe(
+    model: Any, inputs: Mapping[str, np.ndarray], *, serialized: bytes | None = None
+) -> dict[str, np.ndarray]:
     """Run ``model`` once with every intermediate tensor exposed; returns all of them.
 
     The copy runs unoptimised so that every tensor of the original graph still exists.
     """
     import onnx
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    graph_inputs = {i.name for i in copy.graph.input}
-    for node in copy.graph.node:
+    existing = {o.name for o in model.graph.output}
+    graph_inputs = {i.name for i in model.graph.input}
+    extra = onnx.ModelProto()
+    for node in model.graph.node:
         for out in node.output:
             if out and out not in existing and out not in graph_inputs:
-                copy.graph.output.append(onnx.ValueInfoProto(name=out))
+                extra.graph.output.append(onnx.ValueInfoProto(name=out))
                 existing.add(out)
-    session = make_session(copy, optimize=False)
+    # Protobuf merges concatenated messages (repeated fields append): the model's bytes plus a
+    # message holding only the extra outputs parse as the model with those outputs, without
+    # copying or re-serialising the weights.
+    data = serialized if serialized is not None else model.SerializeToString()
+    session = make_session(data + extra.SerializeToString(), optimize=False)
     result = run(session, inputs)
     result.update({k: np.asarray(v) for k, v in inputs.items()})
     return result

@@ -32,6 +32,8 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
     ServerBusy,
+    SessionError,
+    SessionLost,
     VersionMismatch,
 )
 from .noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, HandshakeState, KeyPair, Transport
@@ -66,7 +68,11 @@ ERROR_CODES = (
     "unknown_bundle",
     "version_mismatch",
     "shutting_down",
+    "session",
+    "session_lost",
 )
+SESSION_KINDS = ("prefill", "step")
+MAX_CHUNKS = 4096  # chunks in one prefill message (a replay after a lost session)
 
 
 class Role(enum.Enum):
@@ -89,6 +95,13 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (Role.CLIENT, State.HANDSHAKE_SENT, "recv:refused"): State.CLOSED,
     (Role.CLIENT, State.READY, "send:run"): State.READY,
     (Role.CLIENT, State.READY, "send:ping"): State.READY,
+    (Role.CLIENT, State.READY, "send:open"): State.READY,
+    (Role.CLIENT, State.READY, "send:prefill"): State.READY,
+    (Role.CLIENT, State.READY, "send:step"): State.READY,
+    (Role.CLIENT, State.READY, "send:end"): State.READY,
+    (Role.CLIENT, State.READY, "recv:opened"): State.READY,
+    (Role.CLIENT, State.READY, "recv:token"): State.READY,
+    (Role.CLIENT, State.READY, "recv:ended"): State.READY,
     (Role.CLIENT, State.READY, "recv:result"): State.READY,
     (Role.CLIENT, State.READY, "recv:error"): State.READY,
     (Role.CLIENT, State.READY, "recv:pong"): State.READY,
@@ -98,6 +111,13 @@ TRANSITIONS: dict[tuple[Role, State, str], State] = {
     (Role.SERVER, State.AWAIT_HELLO, "send:refused"): State.CLOSED,
     (Role.SERVER, State.READY, "recv:run"): State.READY,
     (Role.SERVER, State.READY, "recv:ping"): State.READY,
+    (Role.SERVER, State.READY, "recv:open"): State.READY,
+    (Role.SERVER, State.READY, "recv:prefill"): State.READY,
+    (Role.SERVER, State.READY, "recv:step"): State.READY,
+    (Role.SERVER, State.READY, "recv:end"): State.READY,
+    (Role.SERVER, State.READY, "send:opened"): State.READY,
+    (Role.SERVER, State.READY, "send:token"): State.READY,
+    (Role.SERVER, State.READY, "send:ended"): State.READY,
     (Role.SERVER, State.READY, "send:result"): State.READY,
     (Role.SERVER, State.READY, "send:error"): State.READY,
     (Role.SERVER, State.READY, "send:pong"): State.READY,
@@ -156,10 +176,72 @@ class ErrorReply(Event):
             return PayloadError(f"edge server rejected the tensors: {self.message}")
         if self.code in ("unknown_bundle", "version_mismatch"):
             return VersionMismatch(self.message)
+        if self.code == "session_lost":
+            return SessionLost(f"edge server lost the session: {self.message}")
+        if self.code == "session":
+            return SessionError(f"edge server refused the session message: {self.message}")
         if self.code in ("timeout", "shutting_down", "internal"):
             # The server could not answer this time: the client may retry or fall back.
             return ServerBusy(f"edge server could not answer ({self.code}): {self.message}")
         return RemoteProtocolError(f"edge server error ({self.code}): {self.message}")
+
+
+@dataclass(frozen=True)
+class SessionOpen(Event):
+    """Open a generation session: tail KV cache on the server, sampling settings."""
+
+    request_id: int
+    sampling: dict[str, Any]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """``n`` new positions and the crossing tensors the head produced for them."""
+
+    n: int
+    tensors: tuple[tuple[str, EncodedTensor], ...]
+
+
+@dataclass(frozen=True)
+class SessionFeed(Event):
+    """Prefill (one or more chunks) or one decode step at position ``pos``."""
+
+    request_id: int
+    kind: str  # "prefill" or "step"
+    session: int
+    pos: int
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class SessionEnd(Event):
+    request_id: int
+    session: int
+
+
+@dataclass(frozen=True)
+class SessionOpened(Event):
+    request_id: int
+    session: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenResult(Event):
+    """The token sampled after a prefill or step; ``pos`` is the session length now."""
+
+    request_id: int
+    session: int
+    pos: int
+    token: int
+    server_ms: float
+
+
+@dataclass(frozen=True)
+class SessionEnded(Event):
+    request_id: int
+    session: int
 
 
 @dataclass(frozen=True)
@@ -416,6 +498,30 @@ def check_against_specs(
 # -- TAI64N timestamps (handshake replay protection, as WireGuard) ------------------------------
 
 
+def _count(value: int) -> int:
+    """A non-negative count or position (bool is not an int here)."""
+    if isinstance(value, bool) or not 0 <= value <= MAX_REQUEST_ID:
+        raise RemoteProtocolError(f"{value!r} is not a valid count")
+    return value
+
+
+def _decode_chunks(raw: list[Any]) -> tuple[Chunk, ...]:
+    if not 1 <= len(raw) <= MAX_CHUNKS:
+        raise RemoteProtocolError(f"a prefill carries 1..{MAX_CHUNKS} chunks, not {len(raw)}")
+    chunks = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise RemoteProtocolError("a prefill chunk must be a map")
+        c = _Message(item, "prefill chunk")
+        n = _count(c.get("n", int))
+        if n == 0:
+            raise RemoteProtocolError("a prefill chunk must carry at least one position")
+        tensors = decode_tensors(c.get("tensors", list), "prefill")
+        c.done()
+        chunks.append(Chunk(n, tensors))
+    return tuple(chunks)
+
+
 def _milliseconds(value: Any) -> float:
     if isinstance(value, bool) or not 0 <= value < 1e9:
         raise RemoteProtocolError("server_ms must be a non-negative number")
@@ -572,6 +678,20 @@ class ClientConnection(_Connection):
             )
         elif kind == "pong":
             event = Pong(m.request_id(), m.get("pad", bytes))
+        elif kind == "opened":
+            event = SessionOpened(
+                m.request_id(), m.request_id("session"), _count(m.get("max_tokens", int))
+            )
+        elif kind == "token":
+            event = TokenResult(
+                m.request_id(),
+                m.request_id("session"),
+                _count(m.get("pos", int)),
+                _count(m.get("token", int)),
+                _milliseconds(m.get("server_ms", (int, float))),
+            )
+        elif kind == "ended":
+            event = SessionEnded(m.request_id(), m.request_id("session"))
         elif kind == "close":
             event = CloseRequested(m.get("reason", str))
         else:
@@ -634,6 +754,36 @@ class ClientConnection(_Connection):
     def send_ping(self, request_id: int, pad: bytes = b"") -> None:
         self._send_encrypted("send:ping", {"t": "ping", "id": request_id, "pad": pad})
 
+    def send_open(self, request_id: int, sampling: Mapping[str, Any], max_tokens: int) -> None:
+        self._send_encrypted(
+            "send:open",
+            {"t": "open", "id": request_id, "sampling": dict(sampling), "max_tokens": max_tokens},
+        )
+
+    def send_feed(
+        self, request_id: int, kind: str, session: int, pos: int, chunks: Sequence[Chunk]
+    ) -> None:
+        """Queue a prefill (any number of chunks) or a step (exactly one chunk of one token)."""
+        if kind not in SESSION_KINDS:
+            raise LocalProtocolError(f"unknown session message {kind!r}")
+        if kind == "step" and (len(chunks) != 1 or chunks[0].n != 1):
+            raise LocalProtocolError("a step carries exactly one position")
+        size = sum(t.wire_bytes for c in chunks for _, t in c.tensors)
+        if self.peer_max_message is not None and size > self.peer_max_message:
+            raise PayloadError(
+                f"{kind} of {size} bytes exceeds the server's limit of {self.peer_max_message}",
+                hint="send the prompt in several prefill messages",
+            )
+        body: dict[str, Any] = {"t": kind, "id": request_id, "session": session, "pos": pos}
+        if kind == "step":
+            body["tensors"] = encode_tensors(chunks[0].tensors)
+        else:
+            body["chunks"] = [{"n": c.n, "tensors": encode_tensors(c.tensors)} for c in chunks]
+        self._send_encrypted(f"send:{kind}", body)
+
+    def send_end(self, request_id: int, session: int) -> None:
+        self._send_encrypted("send:end", {"t": "end", "id": request_id, "session": session})
+
 
 @dataclass(frozen=True)
 class HostedBundle:
@@ -688,6 +838,25 @@ class ServerConnection(_Connection):
                 event = InvalidRequest(rid, exc.message)
         elif kind == "ping":
             event = Ping(m.request_id(), m.get("pad", bytes))
+        elif kind == "open":
+            event = SessionOpen(
+                m.request_id(), m.get("sampling", dict), _count(m.get("max_tokens", int))
+            )
+        elif kind in SESSION_KINDS:
+            rid = m.request_id()
+            session, pos = m.request_id("session"), _count(m.get("pos", int))
+            try:
+                if kind == "step":
+                    chunks: tuple[Chunk, ...] = (
+                        Chunk(1, decode_tensors(m.get("tensors", list), "step")),
+                    )
+                else:
+                    chunks = _decode_chunks(m.get("chunks", list))
+                event = SessionFeed(rid, kind, session, pos, chunks)
+            except PayloadError as exc:
+                event = InvalidRequest(rid, exc.message)
+        elif kind == "end":
+            event = SessionEnd(m.request_id(), m.request_id("session"))
         elif kind == "close":
             event = CloseRequested(m.get("reason", str))
         else:
@@ -795,3 +964,27 @@ class ServerConnection(_Connection):
 
     def send_pong(self, request_id: int, pad: bytes = b"") -> None:
         self._send_encrypted("send:pong", {"t": "pong", "id": request_id, "pad": pad})
+
+    def send_opened(self, request_id: int, session: int, max_tokens: int) -> None:
+        self._send_encrypted(
+            "send:opened",
+            {"t": "opened", "id": request_id, "session": session, "max_tokens": max_tokens},
+        )
+
+    def send_token(
+        self, request_id: int, session: int, pos: int, token: int, server_ms: float
+    ) -> None:
+        self._send_encrypted(
+            "send:token",
+            {
+                "t": "token",
+                "id": request_id,
+                "session": session,
+                "pos": pos,
+                "token": token,
+                "server_ms": float(server_ms),
+            },
+        )
+
+    def send_ended(self, request_id: int, session: int) -> None:
+        self._send_encrypted("send:ended", {"t": "ended", "id": request_id, "session": session})

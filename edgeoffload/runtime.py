@@ -97,14 +97,25 @@ class DeviceRuntime:
     ) -> list[tuple[str, codec_mod.EncodedTensor]]:
         return [(name, codec_mod.encode(array, self._codec)) for name, array in crossing.items()]
 
+    @property
+    def head_session(self) -> Any:
+        """The head's onnxruntime session (None for an all-remote bundle)."""
+        return self._head
+
+    def tail_session(self) -> Any:
+        """The tail's session on the device, created on first use (the local fallback)."""
+        if self.bundle.tail_path is None:
+            return None
+        with self._tail_lock:
+            if self._tail is None:
+                self._tail = make_session(self.bundle.tail_path, threads=self.threads)
+        return self._tail
+
     def run_tail_locally(self, crossing: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The fallback: the tail on the device, on the same (codec-decoded) values."""
         if self.bundle.tail_path is None:
             return dict(crossing)
-        with self._tail_lock:
-            if self._tail is None:
-                self._tail = make_session(self.bundle.tail_path, threads=self.threads)
-        return run(self._tail, crossing)
+        return run(self.tail_session(), crossing)
 
     def run_local(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Head and tail both on the device (what ``fallback="local"`` computes)."""

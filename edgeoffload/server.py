@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -30,7 +30,17 @@ from websockets.http11 import Request, Response
 
 from . import codec as codec_mod
 from .bundle import Bundle
-from .errors import AuthenticationFailed, EdgeOffloadError, PayloadError, ProtocolError, UsageError
+from .decoder import DecoderLayout, KVState, select_next
+from .errors import (
+    AuthenticationFailed,
+    EdgeOffloadError,
+    PayloadError,
+    ProtocolError,
+    SamplingError,
+    SessionError,
+    SessionLost,
+    UsageError,
+)
 from .keys import AllowList, Identity
 from .noise import KeyPair
 from .ortutil import make_session, run
@@ -47,10 +57,15 @@ from .protocol import (
     Ping,
     ReplayGuard,
     RunRequest,
+    SessionEnd,
+    SessionFeed,
+    SessionOpen,
     truncate_utf8,
 )
 from .protocol import ServerConnection as ProtocolConnection
 from .runtime import decode_checked
+from .sampling import SamplingParams, sample_token
+from .sessions import Session, SessionStore
 
 log = logging.getLogger("edgeoffload.server")
 
@@ -60,6 +75,9 @@ MIN_MAX_MESSAGE = 1 << 20
 INLINE_TAIL_MS = 0.5
 WRITE_LIMIT = 1 << 22  # see client.WRITE_LIMIT
 CHUNK_OVERHEAD = 16 / 65535
+# Decoder bundles are split at one decode step; their messages may carry a whole prompt or a
+# replay of a lost session: room for this many positions' crossing tensors.
+DECODER_MESSAGE_TOKENS = 2048
 
 
 @dataclass
@@ -73,6 +91,10 @@ class ServerConfig:
     idle_timeout: float = 120.0
     request_timeout: float = 60.0
     drain_timeout: float = 30.0
+    # Generation sessions (decoder bundles): tail KV caches kept per conversation.
+    kv_budget: int = 1 << 30  # bytes of KV cache for all sessions together (LRU eviction)
+    session_ttl: float = 600.0  # seconds a session may stay unused
+    max_context: int = 4096  # positions one session may hold
 
 
 @dataclass
@@ -84,6 +106,18 @@ class _Hosted:
     max_tensor_bytes: int
     tail_ms: float = float("inf")  # moving average of decode + tail time
     runs: int = 0
+    decoder: DecoderLayout | None = None  # set for decoder bundles (served as sessions)
+    tail_state: tuple[tuple[str, str], ...] = ()  # the tail's KV pairs
+
+    def new_kv(self, max_tokens: int) -> KVState:
+        assert self.decoder is not None
+        specs = {s.name: s for s in self.decoder.state_specs}
+        return KVState(self.tail_state, specs, max_tokens=max_tokens)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        assert self.decoder is not None
+        return self.decoder.kv_bytes_per_token([i for i, _ in self.tail_state])
 
 
 @dataclass
@@ -144,6 +178,10 @@ class EdgeServer:
         self._server: Server | None = None
         self._closing = False
         self._static = KeyPair(private=identity.private, public=identity.public)
+        self.sessions = SessionStore(
+            ttl=self.config.session_ttl, budget_bytes=self.config.kv_budget
+        )
+        self.clock: Callable[[], float] = time.monotonic
 
     def add_bundle(self, bundle: Bundle) -> None:
         manifest = bundle.manifest
@@ -154,13 +192,22 @@ class EdgeServer:
             )
         session = make_session(bundle.tail_path, threads=self.config.threads)
         info = HostedBundle(manifest.identity, manifest.version)
-        self._hosted[manifest.version] = _Hosted(
+        hosted = _Hosted(
             bundle,
             info,
             session,
             codec_mod.CodecSpec.parse(manifest.codec),
             max(_declared_bytes(bundle), 1),
         )
+        if manifest.state:
+            state = {e["input"]: e["output"] for e in manifest.state}
+            hosted.decoder = DecoderLayout.of(manifest.graph_inputs, manifest.graph_outputs, state)
+            hosted.tail_state = tuple(
+                (e["input"], e["output"]) for e in manifest.state if e["side"] == "server"
+            )
+            # A prompt's prefill (or a replay) carries many positions in one message.
+            hosted.max_tensor_bytes = max(hosted.max_tensor_bytes * DECODER_MESSAGE_TOKENS, 1)
+        self._hosted[manifest.version] = hosted
         self.bundles[manifest.version] = info
         log.info("hosting %s version %s from %s", manifest.identity, manifest.version, bundle.path)
 
@@ -290,8 +337,21 @@ class EdgeServer:
     ) -> bool:
         """Handle one transport message; False when the device closed the session."""
         for event in conn.receive(data):
-            if isinstance(event, RunRequest):
+            if isinstance(event, RunRequest) and hosted.decoder is not None:
+                await self._reply_error(
+                    ws,
+                    conn,
+                    send_lock,
+                    event.request_id,
+                    "session",
+                    "this bundle is a decoder: generate through a session (open/prefill/step)",
+                )
+            elif isinstance(event, RunRequest):
                 task = asyncio.create_task(self._serve_request(ws, conn, send_lock, hosted, event))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif isinstance(event, SessionOpen | SessionEnd | SessionFeed):
+                task = asyncio.create_task(self._serve_session(ws, conn, send_lock, hosted, event))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             elif isinstance(event, InvalidRequest):
@@ -382,6 +442,161 @@ class EdgeServer:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    # -- generation sessions ---------------------------------------------------------------------
+
+    async def _serve_session(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        hosted: _Hosted,
+        event: SessionOpen | SessionEnd | SessionFeed,
+    ) -> None:
+        """Open, feed or end a session; every failure is an error reply for this request only."""
+        owner = conn.peer_public or b""
+        version = hosted.info.version
+        try:
+            if hosted.decoder is None:
+                raise SessionError("this bundle is not a decoder: it has no sessions")
+            if isinstance(event, SessionOpen):
+                params = SamplingParams.from_dict(event.sampling)
+                granted = min(event.max_tokens, self.config.max_context)
+                if granted < 1:
+                    raise SessionError("max_tokens must be at least 1")
+                opened = self.sessions.open(
+                    owner=owner,
+                    version=version,
+                    sampling=params,
+                    make_kv=lambda: hosted.new_kv(granted),
+                    now=self.clock(),
+                )
+                async with send_lock:
+                    conn.send_opened(event.request_id, opened.session_id, granted)
+                    for out in conn.data_to_send():
+                        await ws.send(out)
+                return
+            if isinstance(event, SessionEnd):
+                self.sessions.close(event.session, owner=owner, version=version, now=self.clock())
+                async with send_lock:
+                    conn.send_ended(event.request_id, event.session)
+                    for out in conn.data_to_send():
+                        await ws.send(out)
+                return
+            await self._serve_feed(ws, conn, send_lock, hosted, event, owner)
+        except SessionLost as exc:
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "session_lost", exc.message
+            )
+        except (SessionError, SamplingError) as exc:
+            await self._reply_error(ws, conn, send_lock, event.request_id, "session", exc.message)
+        except PayloadError as exc:
+            await self._reply_error(ws, conn, send_lock, event.request_id, "payload", exc.message)
+        except ConnectionClosed:
+            pass
+
+    async def _serve_feed(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        hosted: _Hosted,
+        event: SessionFeed,
+        owner: bytes,
+    ) -> None:
+        session = self.sessions.get(
+            event.session, owner=owner, version=hosted.info.version, now=self.clock()
+        )
+        if session.busy:
+            raise SessionError(f"session {event.session} is already running a prefill or step")
+        if event.pos != session.length:
+            raise SessionError(
+                f"{event.kind} at position {event.pos}, but session {event.session} holds "
+                f"{session.length} positions"
+            )
+        if event.kind == "step" and session.length == 0:
+            raise SessionError(f"a step before any prefill of session {event.session}")
+        new_tokens = sum(c.n for c in event.chunks)
+        session.kv.check_room(new_tokens)
+        self.sessions.make_room(session, new_tokens * hosted.kv_bytes_per_token)
+        self.stats.requests += 1
+        if self._closing:
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "shutting_down", "server is shutting down"
+            )
+            return
+        if self._inflight >= self.max_inflight:
+            await self._reply_error(
+                ws,
+                conn,
+                send_lock,
+                event.request_id,
+                "overloaded",
+                f"{self._inflight} requests in flight",
+            )
+            return
+        self._inflight += 1
+        self._idle.clear()
+        session.busy = True
+        try:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            token = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._run_feed, hosted, session, event),
+                self.config.request_timeout,
+            )
+            server_ms = (time.perf_counter() - started) * 1e3
+            async with send_lock:
+                conn.send_token(
+                    event.request_id, session.session_id, session.length, token, server_ms
+                )
+                for out in conn.data_to_send():
+                    await ws.send(out)
+            self.stats.results += 1
+        except asyncio.TimeoutError:
+            # The worker may still finish and grow the cache: the session is not trustworthy.
+            self.sessions.drop(session.session_id)
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "timeout", "the tail did not finish in time"
+            )
+        except (SessionError, PayloadError, SamplingError):
+            raise
+        except EdgeOffloadError as exc:
+            await self._reply_error(ws, conn, send_lock, event.request_id, "internal", exc.message)
+        except Exception:  # an ORT failure must not take the server down
+            log.exception("tail failed for session %d", session.session_id)
+            self.sessions.drop(session.session_id)
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "internal", "the tail failed on the server"
+            )
+        finally:
+            session.busy = False
+            session.last_used = self.clock()
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    def _run_feed(self, hosted: _Hosted, session: Session, event: SessionFeed) -> int:
+        """Run the tail over every chunk (all or nothing), then sample the next token."""
+        assert hosted.decoder is not None
+        manifest = hosted.bundle.manifest
+        kv = session.kv
+        saved = (dict(kv.arrays), kv.length)
+        try:
+            outputs: dict[str, Any] = {}
+            for chunk in event.chunks:
+                feed = decode_checked(
+                    chunk.tensors,
+                    manifest.crossing,
+                    lambda dtype: codec_mod.codec_for_dtype(hosted.codec, dtype).name,
+                    max_bytes=self.max_message,
+                )
+                outputs = kv.run(hosted.session, feed, chunk.n)
+        except BaseException:
+            kv.arrays, kv.length = saved  # a failed feed leaves the session as it was
+            raise
+        logits = select_next(outputs[hosted.decoder.logits])
+        return sample_token(logits, session.sampling, kv.length)
 
     def _run_tail(self, hosted: _Hosted, request: RunRequest) -> dict[str, np.ndarray]:
         manifest = hosted.bundle.manifest

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ import numpy as np
 
 from . import __version__
 from . import codec as codec_mod
-from .bundle import HEAD, TAIL, Bundle, Manifest, PartInfo, write_bundle
+from .bundle import HEAD, TAIL, Bundle, Manifest, PartInfo, sha256_file, write_bundle
 from .costmodel import AUTO_CODECS, Constraints, PlanReport, evaluate
+from .decoder import DecoderLayout, KVState
 from .errors import GraphError, UsageError, VerificationError
 from .graph import CutPoint, ModelGraph, sha256_bytes
 from .ortutil import make_session, probe, run
@@ -34,6 +36,12 @@ from .types import DeviceProfile, LinkProfile, TensorSpec
 log = logging.getLogger("edgeoffload.splitter")
 
 Progress = Callable[[str, float], None]
+
+# Decoders are analysed for one decode step (the repeated, latency-bound call) at this context.
+DECODE_DIMS = {"sequence_length": 1, "past_sequence_length": 128}
+# Generation check of a decoder split: a prompt of this many tokens, then greedy steps.
+VERIFY_PROMPT_TOKENS = 7
+VERIFY_STEPS = 4
 
 # Split verification (codec "none"): the halves run the same kernels on the same values as
 # the full model, so fp32 results are normally bit-identical; the tolerance only absorbs
@@ -71,9 +79,15 @@ class Analysis:
         else:
             graph = ModelGraph.from_model(model, dims=dims)
             name = graph.model.graph.name or "model"
+        if graph.state:
+            # A decoder: sizes are those of one decode step at a typical context length.
+            known = {t for s in graph.inputs for d in s.shape if isinstance(d, str) for t in [d]}
+            for dim, value in DECODE_DIMS.items():
+                if dim in known:
+                    graph.dims.setdefault(dim, value)
         feed = dict(inputs) if inputs is not None else graph.sample_inputs(seed=seed)
         feed = check_inputs(feed, tuple(graph.inputs), graph.dims)
-        activations = probe(graph.model, feed)
+        activations = probe(graph.model, feed, serialized=graph.serialized())
         graph.set_probe(activations)
         reference = {o: activations[o] for o in graph.output_names}
         return cls(graph, name, feed, activations, graph.cuts(), reference)
@@ -173,9 +187,10 @@ class Verification:
     max_abs_error: dict[str, float]
     codec: str
     codec_max_rel_error: dict[str, float]
+    generation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "exact": self.exact,
             "max_abs_error": self.max_abs_error,
             "codec": self.codec,
@@ -183,6 +198,9 @@ class Verification:
             "split_rtol": SPLIT_RTOL,
             "split_atol": SPLIT_ATOL,
         }
+        if self.generation is not None:
+            data["generation"] = self.generation
+        return data
 
 
 def run_split(
@@ -195,8 +213,8 @@ def run_split(
 ) -> dict[str, np.ndarray]:
     """tail(codec(head(x))) with real onnxruntime sessions (head/tail: sessions or None)."""
     crossing: dict[str, np.ndarray] = {name: inputs[name] for name in passthrough}
-    if head is not None:
-        crossing.update(run(head, inputs))
+    head_outputs = run(head, inputs) if head is not None else {}
+    crossing.update(head_outputs)
     if tail is None:
         return crossing
     spec = codec_mod.CodecSpec.parse(codec)
@@ -206,7 +224,9 @@ def run_split(
         )
         for name, a in crossing.items()
     }
-    return run(tail, received)
+    # The tail's own state inputs (its KV cache) come from ``inputs``, not over the wire; the
+    # head's state outputs stay on the device and are outputs of the split model too.
+    return {**head_outputs, **run(tail, {**inputs, **received})}
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
@@ -227,11 +247,15 @@ def verify_split(
     *,
     codec: str = "none",
     threads: int = 1,
+    full: Any | None = None,
 ) -> Verification:
-    """Check tail(head(x)) against the full model on every sample; raise on mismatch."""
-    full = make_session(graph.model, threads=threads, optimize=False)
-    head = make_session(head_model, threads=threads, optimize=False) if head_model else None
-    tail = make_session(tail_model, threads=threads, optimize=False) if tail_model else None
+    """Check tail(head(x)) against the full model on every sample; raise on mismatch.
+
+    The parts (and ``full``) may be models, bytes or already-made unoptimised sessions.
+    """
+    full = full or _session(graph.serialized(), threads)
+    head = _session(head_model, threads) if head_model is not None else None
+    tail = _session(tail_model, threads) if tail_model is not None else None
     passthrough = [t.name for t in cut.tensors if t.name in {i.name for i in graph.inputs}]
     errors: dict[str, float] = {}
     codec_errors: dict[str, float] = {}
@@ -280,8 +304,74 @@ def verify_split(
     return Verification(exact, errors, codec_name, codec_errors)
 
 
-def _part(name: str, model: Any, graph: ModelGraph) -> tuple[PartInfo, bytes]:
-    data = model.SerializeToString()
+def verify_generation(
+    graph: ModelGraph,
+    head_model: Any | None,
+    tail_model: Any | None,
+    *,
+    threads: int = 1,
+    seed: int = 0,
+    full: Any | None = None,
+) -> dict[str, Any]:
+    """Greedy-decode with the full model and with head+tail, each side feeding its own KV
+    cache back; the logits of every call must agree and the tokens must be identical."""
+    layout = DecoderLayout.of(
+        graph.inputs, [graph.tensor_spec(o) for o in graph.output_names], graph.state
+    )
+    specs = {s.name: s for s in graph.inputs}
+    full = full or _session(graph.serialized(), threads)
+    sessions = [_session(m, threads) for m in (head_model, tail_model) if m is not None]
+    parts = [(session, _state_pairs(session, graph)) for session in sessions]
+    full_state = KVState(layout.state, specs)
+    split_states = [KVState(pairs, specs) for _, pairs in parts]
+    rng = np.random.default_rng(seed)
+    tokens = [int(t) for t in rng.integers(0, layout.vocab_size, VERIFY_PROMPT_TOKENS)]
+    feed_ids = list(tokens)
+    worst = 0.0
+    exact = True
+    for _ in range(VERIFY_STEPS):
+        feed = layout.token_feed(feed_ids, full_state.length)
+        expected = full_state.run(full, feed, len(feed_ids))[layout.logits]
+        values: dict[str, np.ndarray] = dict(feed)
+        for (session, _), state in zip(parts, split_states, strict=True):
+            wanted = [i.name for i in session.get_inputs() if i.name not in state.arrays]
+            values.update(state.run(session, {n: values[n] for n in wanted}, len(feed_ids)))
+        got = values[layout.logits]
+        err = _max_abs(got, expected)
+        bound = SPLIT_ATOL + SPLIT_RTOL * float(np.max(np.abs(expected), initial=0.0))
+        if not err <= bound:
+            raise VerificationError(
+                f"the split decoder's logits differ from the full model's at position "
+                f"{full_state.length - 1}: max |diff| = {err:.3g} > {bound:.3g}",
+                hint="please report this model; try another cut with --cut",
+            )
+        worst = max(worst, err)
+        exact = exact and np.array_equal(got, expected)
+        if int(np.argmax(got[0, -1])) != int(np.argmax(expected[0, -1])):
+            raise VerificationError("the split decoder picks another greedy token")
+        feed_ids = [int(np.argmax(expected[0, -1]))]
+        tokens.extend(feed_ids)
+    return {
+        "exact": exact,
+        "max_abs_logit_error": worst,
+        "prompt_tokens": VERIFY_PROMPT_TOKENS,
+        "steps": VERIFY_STEPS,
+    }
+
+
+def _session(model: Any, threads: int) -> Any:
+    """An unoptimised session for verification (a session given is used as it is)."""
+    if hasattr(model, "get_inputs"):
+        return model
+    return make_session(model, threads=threads, optimize=False)
+
+
+def _state_pairs(session: Any, graph: ModelGraph) -> list[tuple[str, str]]:
+    names = {i.name for i in session.get_inputs()}
+    return [(i, o) for i, o in graph.state.items() if i in names]
+
+
+def _part(name: str, model: Any, graph: ModelGraph, data: bytes) -> tuple[PartInfo, bytes]:
     inputs = tuple(graph.tensor_spec(i.name) for i in model.graph.input)
     outputs = tuple(graph.tensor_spec(o.name) for o in model.graph.output)
     return PartInfo(name, sha256_bytes(data), inputs, outputs), data
@@ -305,28 +395,58 @@ def split_model(
     codec: str = "none",
     report: PlanReport | None = None,
     verify_samples: int = 2,
+    extra_files: Mapping[str, Path] | None = None,
+    predicted: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Split at ``cut``, check both parts, verify them on samples, write the bundle."""
     graph = analysis.graph
     head_model, tail_model = graph.split(cut)
-    if head_model is not None:
-        check_part(head_model, "head")
-    if tail_model is not None:
-        check_part(tail_model, "tail")
+    # Serialised once: the checker, the verification sessions and the bundle all use the bytes.
+    head_bytes = head_model.SerializeToString() if head_model is not None else None
+    tail_bytes = tail_model.SerializeToString() if tail_model is not None else None
+    if head_bytes is not None:
+        check_part(head_bytes, "head")
+    if tail_bytes is not None:
+        check_part(tail_bytes, "tail")
     samples = [analysis.inputs] + [graph.sample_inputs(seed=s) for s in range(1, verify_samples)]
-    verification = verify_split(graph, cut, head_model, tail_model, samples, codec=codec)
+    full = _session(graph.serialized(), 1)
+    head = _session(head_bytes, 1) if head_bytes is not None else None
+    tail = _session(tail_bytes, 1) if tail_bytes is not None else None
+    verification = verify_split(graph, cut, head, tail, samples, codec=codec, full=full)
+    state: tuple[dict[str, str], ...] = ()
+    if graph.state:
+        generation = verify_generation(graph, head, tail, full=full)
+        verification = Verification(
+            verification.exact and generation["exact"],
+            verification.max_abs_error,
+            verification.codec,
+            verification.codec_max_rel_error,
+            generation,
+        )
+        head_reads = set(graph.state_inputs_of(range(cut.index)))
+        state = tuple(
+            {"side": "device" if name in head_reads else "server", "input": name, "output": out}
+            for name, out in graph.state.items()
+        )
+    files: dict[str, str] = {}
+    out_path = Path(out_dir)
+    for rel, src in (extra_files or {}).items():
+        target = out_path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+        files[rel] = sha256_file(target)
     head_info = head_data = tail_info = tail_data = None
-    if head_model is not None:
-        head_info, head_data = _part(HEAD, head_model, graph)
-    if tail_model is not None:
-        tail_info, tail_data = _part(TAIL, tail_model, graph)
+    if head_model is not None and head_bytes is not None:
+        head_info, head_data = _part(HEAD, head_model, graph, head_bytes)
+    if tail_model is not None and tail_bytes is not None:
+        tail_info, tail_data = _part(TAIL, tail_model, graph, tail_bytes)
     graph_inputs = {spec.name for spec in graph.inputs}
-    predicted: dict[str, Any] = {}
+    predictions: dict[str, Any] = dict(predicted or {})
     if report is not None:
         chosen = next((p for p in report.plans if p.cut.index == cut.index), None)
-        predicted = report.to_dict()
+        predictions = report.to_dict()
         if chosen is not None:
-            predicted["chosen"] = chosen.to_dict()
+            predictions["chosen"] = chosen.to_dict()
     manifest = Manifest(
         source_sha256=graph.sha256,
         source_name=analysis.source_name,
@@ -340,7 +460,9 @@ def split_model(
         tail=tail_info,
         codec=codec_mod.CodecSpec.parse(codec).name,
         dims=dict(graph.dims),
-        predicted=predicted,
+        state=state,
+        files=files,
+        predicted=predictions,
         verification=verification.to_dict(),
         created_by=f"edgeoffload {__version__}",
     )
@@ -349,3 +471,11 @@ def split_model(
 
 def spec_list(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs)
+
+
+def __getattr__(name: str) -> Any:  # TEMP: moved to decoder_split
+    if name in ("split_decoder", "block_cuts", "tokenizer_files"):
+        from . import decoder_split
+
+        return getattr(decoder_split, name)
+    raise AttributeError(name)

@@ -121,6 +121,30 @@ def fields(data: object, what: str, error: type[EdgeOffloadError]) -> _Fields:
     return _Fields(data, what, error)
 
 
+def dim_terms(dim: str) -> list[str]:
+    """The terms of a symbolic dim: exporters write sums such as ``past_sequence_length + 1``."""
+    return [term.strip() for term in dim.split("+")]
+
+
+def resolve_dim(dim: int | str, dims: Mapping[str, int]) -> int | None:
+    """A dim's value: an int, a named dim, or a sum of those; None when a name is unknown."""
+    if isinstance(dim, int):
+        return dim
+    if dim in dims:
+        return dims[dim]
+    if "+" not in dim:
+        return None
+    total = 0
+    for term in dim_terms(dim):
+        if term.isdigit():
+            total += int(term)
+        elif term in dims:
+            total += dims[term]
+        else:
+            return None
+    return total
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, dtype and shape of a tensor; dims may be symbolic (strings)."""
@@ -137,12 +161,10 @@ class TensorSpec:
         """The concrete shape given values for the symbolic dims, or None if one is missing."""
         out: list[int] = []
         for dim in self.shape:
-            if isinstance(dim, int):
-                out.append(dim)
-            elif dim in dims:
-                out.append(dims[dim])
-            else:
+            value = resolve_dim(dim, dims)
+            if value is None:
                 return None
+            out.append(value)
         return tuple(out)
 
     def nbytes(self, dims: Mapping[str, int] | None = None) -> int | None:

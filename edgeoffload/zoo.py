@@ -696,13 +696,62 @@ def resolve(spec: str) -> onnx.ModelProto | pathlib.Path:
     exports the real all-MiniLM-L6-v2 weights through the converter; needs the convert extra).
     """
     if not spec.startswith(ZOO_PREFIX):
-        return pathlib.Path(spec)
+        return _resolve_path(pathlib.Path(spec))
     name = spec[len(ZOO_PREFIX) :]
     if name == "minilm":
         from .converters.minilm import export_minilm
 
         return pathlib.Path(export_minilm())
+    if name == "smollm2":
+        from .converters.llm import export_smollm2
+
+        return pathlib.Path(export_smollm2()) / "model.onnx"
+    if name in DECODER_NAMES:
+        from .converters.llm import tiny_decoder_onnx
+
+        kind = DECODER_NAMES[name]
+        target = _cache_dir() / f"{name}-seed0"
+        if not (target / "onnx" / "model.onnx").is_file():
+            tiny_decoder_onnx(kind, target)
+        return target / "onnx" / "model.onnx"
     return build(name)
+
+
+# Random-weight decoders built with transformers (fixed seed) and exported with past key values.
+DECODER_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("EDGEOFFLOAD_CACHE")
+    return (
+        pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "edgeoffload"
+    )
+
+
+def _resolve_path(path: pathlib.Path) -> pathlib.Path:
+    """A folder stands for its model: an export folder's ``model.onnx``, or a Hugging Face
+    decoder folder exported (with past key values) into the cache first."""
+    if not path.is_dir():
+        return path
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    if (path / "config.json").is_file():
+        import hashlib
+
+        from .converters.llm import export_decoder
+
+        # Keyed on the folder and its files' sizes and times: an edited model is re-exported.
+        stamp = [str(path.resolve())] + [
+            f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+            for f in sorted(path.iterdir())
+            if f.is_file()
+        ]
+        key = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"export-{path.name}-{key}"
+        if (target / "model.onnx").is_file():
+            return target / "model.onnx"
+        return pathlib.Path(export_decoder(path, target))
+    return path
 
 
 def save(name: str, path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:

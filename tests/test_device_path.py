@@ -13,6 +13,15 @@ DEVICE_MODULES = [
     "edgeoffload.bundle",
     "edgeoffload.ortutil",
     "edgeoffload.presets",
+    "edgeoffload.noise",
+    "edgeoffload.keys",
+    "edgeoffload.protocol",
+    "edgeoffload.runtime",
+    "edgeoffload.client",
+    "edgeoffload.decoder",
+    "edgeoffload.sampling",
+    "edgeoffload.tokenizer",
+    "edgeoffload.generate",
 ]
 HEAVY = ["torch", "transformers", "optimum", "onnx"]
 

@@ -26,6 +26,8 @@ from edgeoffload.errors import (
     ProtocolError,
     RemoteProtocolError,
     ServerBusy,
+    SessionError,
+    SessionLost,
     VersionMismatch,
 )
 from edgeoffload.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, KeyPair
@@ -38,6 +40,7 @@ from edgeoffload.protocol import (
     MAX_TENSORS,
     PROTOCOL_VERSION,
     TRANSITIONS,
+    Chunk,
     ClientConnection,
     CloseRequested,
     ErrorReply,
@@ -238,6 +241,8 @@ EXPECTED_EXCEPTION = {
     "unknown_bundle": VersionMismatch,
     "version_mismatch": VersionMismatch,
     "shutting_down": ServerBusy,
+    "session": SessionError,
+    "session_lost": SessionLost,
 }
 
 
@@ -349,12 +354,19 @@ CLIENT_SENDS = {
     "send:run": lambda c: c.send_run(1, RUN_TENSORS),
     "send:ping": lambda c: c.send_ping(1, b"p"),
     "send:close": lambda c: c.send_close("bye"),
+    "send:open": lambda c: c.send_open(1, {"temperature": 0.0}, 64),
+    "send:prefill": lambda c: c.send_feed(1, "prefill", 7, 0, [Chunk(2, RUN_TENSORS)]),
+    "send:step": lambda c: c.send_feed(1, "step", 7, 2, [Chunk(1, RUN_TENSORS)]),
+    "send:end": lambda c: c.send_end(1, 7),
 }
 SERVER_SENDS = {
     "send:result": lambda s: s.send_result(1, RUN_TENSORS, 1.0),
     "send:error": lambda s: s.send_error(1, "internal", "x"),
     "send:pong": lambda s: s.send_pong(1, b"p"),
     "send:close": lambda s: s.send_close("bye"),
+    "send:opened": lambda s: s.send_opened(1, 7, 64),
+    "send:token": lambda s: s.send_token(1, 7, 3, 42, 1.0),
+    "send:ended": lambda s: s.send_ended(1, 7),
 }
 # One valid plaintext of every transport message type, from either side.
 TRANSPORT_MESSAGES = {
@@ -364,6 +376,19 @@ TRANSPORT_MESSAGES = {
     "result": {"t": "result", "id": 1, "tensors": [], "server_ms": 1.0},
     "error": {"t": "error", "code": "internal", "message": "m", "id": 1},
     "pong": {"t": "pong", "id": 1, "pad": b""},
+    "open": {"t": "open", "id": 1, "sampling": {}, "max_tokens": 64},
+    "prefill": {
+        "t": "prefill",
+        "id": 1,
+        "session": 7,
+        "pos": 0,
+        "chunks": [{"n": 2, "tensors": []}],
+    },
+    "step": {"t": "step", "id": 1, "session": 7, "pos": 2, "tensors": []},
+    "end": {"t": "end", "id": 1, "session": 7},
+    "opened": {"t": "opened", "id": 1, "session": 7, "max_tokens": 64},
+    "token": {"t": "token", "id": 1, "session": 7, "pos": 3, "token": 42, "server_ms": 1.0},
+    "ended": {"t": "ended", "id": 1, "session": 7},
 }
 
 
