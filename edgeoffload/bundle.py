@@ -39,7 +39,7 @@ def _specs(items: list[Any]) -> tuple[TensorSpec, ...]:
 STATE_SIDES = ("device", "server")
 
 
-def _safe_relative(rel: object) -> bool:
+def safe_relative(rel: object) -> bool:
     """A bundle-relative file path that cannot escape the folder."""
     if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")):
         return False
@@ -164,12 +164,12 @@ class Manifest:
         head_raw = f.value("head")
         tail_raw = f.value("tail")
         dims = f.obj("dims", {})
-        if not all(type(v) is int and v > 0 for v in dims.values()):
-            raise ManifestError("manifest dims must map names to positive integers")
+        if not all(type(v) is int and v >= 0 for v in dims.values()):
+            raise ManifestError("manifest dims must map names to integers >= 0")
         state = tuple(_state_entry(s) for s in f.array("state", []))
         files = f.obj("files", {})
         for rel, digest in files.items():
-            if not isinstance(digest, str) or not _safe_relative(rel):
+            if not isinstance(digest, str) or not safe_relative(rel):
                 raise ManifestError(f"manifest files entry {rel!r} is not a safe relative path")
         passthrough = f.array("passthrough")
         if not all(isinstance(p, str) for p in passthrough):

@@ -504,6 +504,9 @@ def _split_decoder(
         if progress:
             progress("analysing the decoder (prefill and decode step)", 0.1)
         analysis = DecoderAnalysis.of(model, workload=GenerationWorkload(prompt_tokens, new_tokens))
+        if head_layers is not None and head_layers not in analysis.blocks:
+            blocks = sorted(analysis.blocks)
+            raise UsageError(f"--head-layers {head_layers}: choose one of {blocks}")
         slowdown = device_slowdown(device_class)
 
         def profiles(phase: Any) -> tuple[Any, Any]:
@@ -688,7 +691,8 @@ def chat(
                 seed=seed,
             ):
                 reply += token.text
-                out.print(token.text, end="")
+                # Verbatim: no markup, no emoji codes (":thumbs_up:" must stay text).
+                out.file.write(token.text)
                 out.file.flush()
             out.print()
             messages.append({"role": "assistant", "content": reply})

@@ -108,10 +108,10 @@ def bench_generation(
     """Split ``model`` after ``head_layers`` blocks (default: half of them) and compare
     generation with the unsplit model: TTFT, decode tokens/s, bytes per token, memory."""
     from .decoder_split import layout_of, split_decoder
-    from .splitter import Analysis
     from .demo import spawn_server
     from .keys import encode_public, generate_identity, load_identity
     from .ortutil import make_session
+    from .splitter import Analysis
 
     if runs < 1 or new_tokens < 2:
         raise UsageError("runs must be >= 1 and new_tokens >= 2")
@@ -256,6 +256,8 @@ async def _measure(
                 unsplit_tps.append(1e3 * len(base.step_ms) / sum(base.step_ms))
                 tokens = []
                 async for token in client.generate(input_ids=prompt, max_new_tokens=new_tokens):
+                    if token.token_id < 0:
+                        continue  # text-only flush at the end, not a token
                     tokens.append(token.token_id)
                     if len(tokens) == new_tokens // 2:
                         rss_during = _rss_kib(server_pid)

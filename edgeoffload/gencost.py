@@ -78,7 +78,7 @@ class GenerationPlan:
             return "all-local"
         if self.head_layers == 0:
             return "all-remote"
-        return f"{self.head_layers} blocks on the device"
+        return f"{self.head_layers} block{'s' if self.head_layers > 1 else ''} on the device"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from .errors import CutError, GraphError
-from .types import DTYPE_SIZES, Dim, TensorSpec, dim_terms
+from .types import DTYPE_SIZES, Dim, TensorSpec, dim_terms, resolve_dim
 
 log = logging.getLogger("edgeoffload.graph")
 
@@ -489,7 +489,15 @@ class ModelGraph:
         for spec in self.inputs:
             shape = spec.resolved(self.dims)
             if shape is None:
-                missing = [d for d in spec.shape if isinstance(d, str) and d not in self.dims]
+                missing = sorted(
+                    {
+                        term
+                        for d in spec.shape
+                        if isinstance(d, str) and resolve_dim(d, self.dims) is None
+                        for term in dim_terms(d)
+                        if not term.isdigit() and term not in self.dims
+                    }
+                )
                 raise GraphError(
                     f"input {spec.name!r} has symbolic dim(s) {', '.join(map(str, missing))}",
                     hint=" ".join(f"--dim {d}=N" for d in missing) + " gives their values",
@@ -569,11 +577,17 @@ class ModelGraph:
         readers: dict[str, list[int]] = {}
         for i, reads in enumerate(self.node_inputs):
             for name in reads:
-                if name in self.state:
+                if name in self.state or name in self.state_outputs:
                     readers.setdefault(name, []).append(i)
         spans = []
         for name, out in self.state.items():
-            touched = readers.get(name, []) + ([self.producer[out]] if out in self.producer else [])
+            # Attention reads the updated cache (the present tensor) after producing it: those
+            # readers belong to the same side too, or the whole cache would cross every call.
+            touched = (
+                readers.get(name, [])
+                + readers.get(out, [])
+                + ([self.producer[out]] if out in self.producer else [])
+            )
             if touched:
                 spans.append((min(touched), max(touched)))
         return spans

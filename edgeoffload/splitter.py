@@ -23,10 +23,19 @@ import numpy as np
 
 from . import __version__
 from . import codec as codec_mod
-from .bundle import HEAD, TAIL, Bundle, Manifest, PartInfo, sha256_file, write_bundle
+from .bundle import (
+    HEAD,
+    TAIL,
+    Bundle,
+    Manifest,
+    PartInfo,
+    safe_relative,
+    sha256_file,
+    write_bundle,
+)
 from .costmodel import AUTO_CODECS, Constraints, PlanReport, evaluate
 from .decoder import DecoderLayout, KVState
-from .errors import GraphError, UsageError, VerificationError
+from .errors import GraphError, ManifestError, UsageError, VerificationError
 from .graph import CutPoint, ModelGraph, sha256_bytes
 from .ortutil import make_session, probe, run
 from .profiler import profile_model
@@ -399,6 +408,9 @@ def split_model(
     predicted: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Split at ``cut``, check both parts, verify them on samples, write the bundle."""
+    for rel in extra_files or {}:
+        if not safe_relative(rel):
+            raise ManifestError(f"extra file {rel!r} is not a safe bundle-relative path")
     graph = analysis.graph
     head_model, tail_model = graph.split(cut)
     # Serialised once: the checker, the verification sessions and the bundle all use the bytes.
