@@ -342,6 +342,10 @@ class OffloadClient:
             raise OffloadUnavailable(
                 f"connection to the edge server lost while sending ({exc})"
             ) from None
+        except BaseException:  # refused before sending (PayloadError, LocalProtocolError)
+            self._pending.pop(request_id, None)
+            future.cancel()
+            raise
         return future, encrypt_ms, sum(len(m) for m in messages), sent_at
 
     async def ping(self, pad: int = 0) -> float:
@@ -381,6 +385,12 @@ class OffloadClient:
 
     async def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The model's outputs for ``inputs``: head here, tail on the server (or the fallback)."""
+        if self.manifest.state:
+            raise UsageError(
+                f"bundle {self.runtime.bundle.path} is a decoder with a KV cache: run() does "
+                "not apply",
+                hint="use generate() (or open_session/feed_session) for decoder bundles",
+            )
         started = time.perf_counter()
         arrays = self.runtime.check_inputs(inputs)
         if self._head_ms < INLINE_HEAD_MS:  # cheaper than a hop to a worker thread

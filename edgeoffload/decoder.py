@@ -177,6 +177,7 @@ class KVState:
         """Run ``session`` with this state; keep the presents, return the other outputs."""
         self.check_room(new_tokens)
         outputs = run(session, {**feed, **self.arrays})
+        presents: dict[str, np.ndarray] = {}
         for name, out in self.pairs:
             present = outputs.pop(out)
             axis = self._axes[name]
@@ -185,7 +186,8 @@ class KVState:
                     f"{out} has {present.shape[axis]} positions after a call that should "
                     f"leave {self.length + new_tokens}"
                 )
-            self.arrays[name] = present
+            presents[name] = present
+        self.arrays.update(presents)  # all or nothing
         self.length += new_tokens
         return outputs
 

@@ -16,6 +16,7 @@ the tail and finishes the reply itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ from .errors import (
     UsageError,
     VersionMismatch,
 )
-from .protocol import Chunk
+from .protocol import MAX_CHUNKS, Chunk
 from .runtime import DeviceRuntime
 from .sampling import SamplingParams, sample_token
 
@@ -155,6 +156,14 @@ class DecoderDevice:
         self.history.append(chunk)
         return chunk
 
+    def snapshot(self) -> tuple[dict[str, np.ndarray], int, int, int]:
+        return dict(self.head_kv.arrays), self.head_kv.length, self.position, len(self.history)
+
+    def restore(self, saved: tuple[dict[str, np.ndarray], int, int, int]) -> None:
+        """Undo :meth:`head` calls made since :meth:`snapshot`."""
+        self.head_kv.arrays, self.head_kv.length, self.position, kept = saved
+        del self.history[kept:]
+
     def local_token(self, chunks: list[Chunk], params: SamplingParams) -> int:
         """Run the device's own copy of the tail over ``chunks``; the token it samples."""
         if self.runtime.manifest.tail is None:
@@ -251,8 +260,7 @@ class Generation:
         started = time.perf_counter()
         text = ""
         try:
-            chunk = await self._head(device, self.prompt_ids)
-            token = await self._token(device, "prefill", chunk)
+            token = await self._prefill(device)
             self.stats.ttft_ms = (time.perf_counter() - started) * 1e3
             for index in range(self.max_new_tokens):
                 if token in eos:
@@ -285,6 +293,33 @@ class Generation:
                     yield GeneratedToken(-1, rest, self.stats.generated_tokens, not self.local)
         finally:
             await self._end()
+
+    async def _prefill(self, device: DecoderDevice) -> int:
+        """The prompt through the head and the tail; a prompt too large for one message goes
+        in several chunks (the head is re-run on fewer positions, its cache rolled back)."""
+        limit = await self._request_limit()
+        ids = self.prompt_ids
+        done = 0
+        token = -1
+        while done < len(ids):
+            n = len(ids) - done
+            while True:
+                saved = device.snapshot()
+                chunk = await self._head(device, ids[done : done + n])
+                if _chunk_bytes(chunk) <= limit or n == 1:
+                    break
+                device.restore(saved)
+                n = max(1, n // 2)
+            token = await self._token(device, "prefill", chunk)
+            done += n
+        return token
+
+    async def _request_limit(self) -> float:
+        if self.local:
+            return float("inf")
+        with contextlib.suppress(OffloadUnavailable, ProtocolError):
+            await self.client.connect()  # a failure is reported by the first feed (recovery)
+        return (self.client.max_request_bytes or (1 << 20)) - REPLAY_MARGIN
 
     async def _head(self, device: DecoderDevice, token_ids: list[int]) -> Chunk:
         started = time.perf_counter()
@@ -376,12 +411,11 @@ class Generation:
         token = -1
         history = list(device.history)
         for i, chunk in enumerate(history):
-            chunk_bytes = sum(t.wire_bytes for _, t in chunk.tensors)
             batch.append(chunk)
-            size += chunk_bytes
+            size += _chunk_bytes(chunk)
             last = i + 1 == len(history)
-            next_bytes = sum(t.wire_bytes for _, t in history[i + 1].tensors) if not last else 0
-            if last or size + next_bytes > limit:
+            next_bytes = _chunk_bytes(history[i + 1]) if not last else 0
+            if last or size + next_bytes > limit or len(batch) == MAX_CHUNKS:
                 event, wire, _ = await self.client.feed_session("prefill", self.session, pos, batch)
                 self.stats.bytes_up += wire
                 pos += sum(c.n for c in batch)
@@ -397,3 +431,7 @@ class Generation:
         except Exception as exc:  # the reply is complete; a lost goodbye changes nothing
             log.debug("ending session %d: %s", self.session, exc)
         self.session = None
+
+
+def _chunk_bytes(chunk: Chunk) -> int:
+    return sum(t.wire_bytes for _, t in chunk.tensors)

@@ -580,10 +580,19 @@ class _Connection:
         out, self._outgoing = self._outgoing, []
         return out
 
-    def _send_encrypted(self, action: str, message: dict[str, Any]) -> None:
+    def _send_encrypted(self, action: str, message: dict[str, Any], *, what: str = "") -> None:
+        parts = pack_parts(message)
+        if what and self.peer_max_message is not None:
+            size = sum(memoryview(p).nbytes for p in parts)
+            wire = size + 16 * (size // 65519 + 1)  # AEAD tags, PROTOCOL.md section 6
+            if wire > self.peer_max_message:
+                raise PayloadError(
+                    f"{what} of {wire} bytes exceeds the server's limit of {self.peer_max_message}",
+                    hint="send fewer positions per prefill message",
+                )
         self._transition(action)
         assert self._transport is not None
-        self._outgoing.append(self._transport.encrypt_parts(pack_parts(message)))
+        self._outgoing.append(self._transport.encrypt_parts(parts))
 
     def _decrypt(self, data: bytes | bytearray) -> dict[str, Any]:
         assert self._transport is not None
@@ -748,7 +757,9 @@ class ClientConnection(_Connection):
                 hint="the server sizes its limit from the bundle's declared tensors",
             )
         self._send_encrypted(
-            "send:run", {"t": "run", "id": request_id, "tensors": encode_tensors(tensors)}
+            "send:run",
+            {"t": "run", "id": request_id, "tensors": encode_tensors(tensors)},
+            what="request",
         )
 
     def send_ping(self, request_id: int, pad: bytes = b"") -> None:
@@ -779,7 +790,7 @@ class ClientConnection(_Connection):
             body["tensors"] = encode_tensors(chunks[0].tensors)
         else:
             body["chunks"] = [{"n": c.n, "tensors": encode_tensors(c.tensors)} for c in chunks]
-        self._send_encrypted(f"send:{kind}", body)
+        self._send_encrypted(f"send:{kind}", body, what=kind)
 
     def send_end(self, request_id: int, session: int) -> None:
         self._send_encrypted("send:end", {"t": "end", "id": request_id, "session": session})

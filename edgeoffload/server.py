@@ -37,6 +37,7 @@ from .errors import (
     PayloadError,
     ProtocolError,
     SamplingError,
+    ServerBusy,
     SessionError,
     SessionLost,
     UsageError,
@@ -78,6 +79,7 @@ CHUNK_OVERHEAD = 16 / 65535
 # Decoder bundles are split at one decode step; their messages may carry a whole prompt or a
 # replay of a lost session: room for this many positions' crossing tensors.
 DECODER_MESSAGE_TOKENS = 2048
+DECODER_MESSAGE_BYTES = 8 << 20  # -> a 16 MiB message limit (devices split longer prompts)
 
 
 @dataclass
@@ -205,8 +207,11 @@ class EdgeServer:
             hosted.tail_state = tuple(
                 (e["input"], e["output"]) for e in manifest.state if e["side"] == "server"
             )
-            # A prompt's prefill (or a replay) carries many positions in one message.
-            hosted.max_tensor_bytes = max(hosted.max_tensor_bytes * DECODER_MESSAGE_TOKENS, 1)
+            # A prompt's prefill (or a replay) carries many positions in one message; the
+            # crossing specs' sequence dims are symbolic, so the declared size is a floor.
+            hosted.max_tensor_bytes = max(
+                hosted.max_tensor_bytes * DECODER_MESSAGE_TOKENS, DECODER_MESSAGE_BYTES
+            )
         self._hosted[manifest.version] = hosted
         self.bundles[manifest.version] = info
         log.info("hosting %s version %s from %s", manifest.identity, manifest.version, bundle.path)
@@ -492,6 +497,10 @@ class EdgeServer:
             await self._reply_error(ws, conn, send_lock, event.request_id, "session", exc.message)
         except PayloadError as exc:
             await self._reply_error(ws, conn, send_lock, event.request_id, "payload", exc.message)
+        except ServerBusy as exc:
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "overloaded", exc.message
+            )
         except ConnectionClosed:
             pass
 
@@ -518,7 +527,9 @@ class EdgeServer:
             raise SessionError(f"a step before any prefill of session {event.session}")
         new_tokens = sum(c.n for c in event.chunks)
         session.kv.check_room(new_tokens)
-        self.sessions.make_room(session, new_tokens * hosted.kv_bytes_per_token)
+        growth = new_tokens * hosted.kv_bytes_per_token
+        if session.kv.nbytes + growth > self.sessions.budget_bytes:
+            self.sessions.make_room(session, growth)  # raises: alone over the budget
         self.stats.requests += 1
         if self._closing:
             await self._reply_error(
@@ -541,10 +552,15 @@ class EdgeServer:
         try:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            token = await asyncio.wait_for(
+            token, saved = await asyncio.wait_for(
                 loop.run_in_executor(self._executor, self._run_feed, hosted, session, event),
                 self.config.request_timeout,
             )
+            try:  # evict others only for growth that really happened
+                self.sessions.make_room(session, 0)
+            except BaseException:
+                session.kv.arrays, session.kv.length = saved
+                raise
             server_ms = (time.perf_counter() - started) * 1e3
             async with send_lock:
                 conn.send_token(
@@ -559,7 +575,7 @@ class EdgeServer:
             await self._reply_error(
                 ws, conn, send_lock, event.request_id, "timeout", "the tail did not finish in time"
             )
-        except (SessionError, PayloadError, SamplingError):
+        except (SessionError, PayloadError, SamplingError, ServerBusy):
             raise
         except EdgeOffloadError as exc:
             await self._reply_error(ws, conn, send_lock, event.request_id, "internal", exc.message)
@@ -576,7 +592,7 @@ class EdgeServer:
             if self._inflight == 0:
                 self._idle.set()
 
-    def _run_feed(self, hosted: _Hosted, session: Session, event: SessionFeed) -> int:
+    def _run_feed(self, hosted: _Hosted, session: Session, event: SessionFeed) -> tuple[int, Any]:
         """Run the tail over every chunk (all or nothing), then sample the next token."""
         assert hosted.decoder is not None
         manifest = hosted.bundle.manifest
@@ -592,11 +608,11 @@ class EdgeServer:
                     max_bytes=self.max_message,
                 )
                 outputs = kv.run(hosted.session, feed, chunk.n)
+            logits = select_next(outputs[hosted.decoder.logits])
+            return sample_token(logits, session.sampling, kv.length), saved
         except BaseException:
             kv.arrays, kv.length = saved  # a failed feed leaves the session as it was
             raise
-        logits = select_next(outputs[hosted.decoder.logits])
-        return sample_token(logits, session.sampling, kv.length)
 
     def _run_tail(self, hosted: _Hosted, request: RunRequest) -> dict[str, np.ndarray]:
         manifest = hosted.bundle.manifest

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .decoder import KVState
-from .errors import SessionError, SessionLost
+from .errors import Overloaded, SessionError, SessionLost
 from .sampling import SamplingParams
 
 
@@ -122,7 +122,7 @@ class SessionStore:
             )
         while self.nbytes + extra_bytes > self.budget_bytes:
             if not self._evict_one(keep=session.session_id):
-                raise SessionError("the server's KV budget is taken by running sessions")
+                raise Overloaded("the server's KV budget is taken by running sessions")
 
     def _evict_one(self, *, keep: int | None) -> bool:
         for session_id, session in self._sessions.items():

@@ -484,10 +484,3 @@ def split_model(
 def spec_list(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs)
 
-
-def __getattr__(name: str) -> Any:  # TEMP: moved to decoder_split
-    if name in ("split_decoder", "block_cuts", "tokenizer_files"):
-        from . import decoder_split
-
-        return getattr(decoder_split, name)
-    raise AttributeError(name)

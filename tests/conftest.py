@@ -38,3 +38,60 @@ def minilm_analysis():
         ["Edge servers share the work with small devices."], sequence_length=16
     )
     return Analysis.of(path, inputs=inputs)
+
+
+# -- tiny decoder LLMs (random weights, tiny tokenizer), exported once per test session --------
+
+_TINY_DECODERS: dict = {}  # (kind, head_layers or None) -> export folder or bundle
+
+
+def _tiny_decoder_dir(kind: str, tmp_path_factory: pytest.TempPathFactory):
+    if (kind, None) not in _TINY_DECODERS:
+        pytest.importorskip("optimum.exporters.onnx")
+        from edgeoffload.converters.llm import tiny_decoder_onnx
+
+        out = tmp_path_factory.mktemp(f"tiny-{kind}")
+        _TINY_DECODERS[kind, None] = tiny_decoder_onnx(kind, out, seed=0, num_layers=4)
+    return _TINY_DECODERS[kind, None]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 4-block random Llama exported with past key values: model.onnx + tokenizer files."""
+    return _tiny_decoder_dir("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A 4-block random GPT-2 exported with past key values: model.onnx + tokenizer files."""
+    return _tiny_decoder_dir("gpt2", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_bundle(tmp_path_factory):
+    """``get(kind, head_layers=2)``: the tiny decoder ``kind`` ("llama" or "gpt2") split after
+    ``head_layers`` of its 4 blocks (codec none); each model is exported and split once."""
+    from edgeoffload.decoder_split import split_decoder
+
+    def get(kind: str, head_layers: int = 2):
+        if (kind, head_layers) not in _TINY_DECODERS:
+            folder = _tiny_decoder_dir(kind, tmp_path_factory)
+            out = tmp_path_factory.mktemp(f"tiny-{kind}-h{head_layers}") / "bundle"
+            _TINY_DECODERS[kind, head_layers] = split_decoder(
+                folder / "model.onnx", out, head_layers=head_layers
+            )
+        return _TINY_DECODERS[kind, head_layers]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(tiny_decoder_bundle):
+    """The tiny Llama split after 2 of its 4 blocks (codec none)."""
+    return tiny_decoder_bundle("llama", 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_bundle(tiny_decoder_bundle):
+    """The tiny GPT-2 split after 2 of its 4 blocks (codec none)."""
+    return tiny_decoder_bundle("gpt2", 2)

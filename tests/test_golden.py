@@ -17,6 +17,7 @@ import base64
 import hashlib
 import importlib.util
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -303,14 +304,19 @@ def _open(state: CipherState, ciphertext: bytes) -> bytes:
     return b"".join(state.decrypt_with_ad(b"", ciphertext[i : i + MAX_MESSAGE]) for i in starts)
 
 
-@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
-def test_transport_messages(suite: dict[str, Any]) -> None:
+def _replay_transport(suite: dict[str, Any], entries: list[dict[str, Any]]) -> list[Any]:
+    """Check recorded transport messages with bare cipher states; the decoded messages.
+
+    The messages follow a handshake byte-identical to the suite's ``handshake``; the two
+    directions count their nonces from 0.
+    """
     initiator, responder = _handshake(suite, suite["handshake"])
     # Bare cipher states from Split(), used as a port would: c1 device -> server, c2 back.
     send_c1, send_c2 = initiator.split()
     recv_c1, recv_c2 = responder.split()
     states = {"client->server": (send_c1, recv_c1), "server->client": (recv_c2, send_c2)}
-    for entry in suite["transport"]:
+    messages = []
+    for entry in entries:
         direction = entry["direction"]
         sender, receiver = states[direction]
         assert entry["nonce"] == sender.n == receiver.n
@@ -340,18 +346,15 @@ def test_transport_messages(suite: dict[str, Any]) -> None:
         assert len(plaintext) == length
         assert message["t"] == entry["type"]
         assert sender.n == receiver.n == entry["nonce"] + entry["chunks"]
-    assert [e["type"] for e in suite["transport"]] == [
-        "run", "run", "result", "error", "ping", "pong", "ping", "pong", "run", "result", "close"
-    ]  # fmt: skip
+        messages.append(message)
+    return messages
 
 
-@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
-def test_transport_class_agrees(suite: dict[str, Any]) -> None:
-    """noise.Transport (with its large-message paths) gives the listed bytes too."""
+def _transport_class_agrees(suite: dict[str, Any], entries: list[dict[str, Any]]) -> None:
     initiator, responder = _handshake(suite, suite["handshake"])
     peers = {"client->server": (initiator.transport(), responder.transport())}
     peers["server->client"] = (peers["client->server"][1], peers["client->server"][0])
-    for entry in suite["transport"]:
+    for entry in entries:
         sender, receiver = peers[entry["direction"]]
         if "plaintext_hex" in entry:
             plaintext = bytes.fromhex(entry["plaintext_hex"])
@@ -363,6 +366,22 @@ def test_transport_class_agrees(suite: dict[str, Any]) -> None:
         else:
             assert hashlib.sha256(ciphertext).hexdigest() == entry["ciphertext_sha256"]
         assert bytes(receiver.decrypt(ciphertext)) == plaintext
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_transport_messages(suite: dict[str, Any]) -> None:
+    _replay_transport(suite, suite["transport"])
+    assert [e["type"] for e in suite["transport"]] == [
+        "run", "run", "result", "error", "ping", "pong", "ping", "pong", "run", "result", "close"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+@pytest.mark.parametrize("section", ["transport", "sessions"])
+def test_transport_class_agrees(suite: dict[str, Any], section: str) -> None:
+    """noise.Transport (with its large-message paths) gives the listed bytes too."""
+    entries = suite["transport"] if section == "transport" else suite["sessions"]["messages"]
+    _transport_class_agrees(suite, entries)
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
@@ -444,3 +463,159 @@ def test_codec_vectors(entry: dict[str, Any]) -> None:
         again = codec_mod.encode(source, codec_mod.CodecSpec.parse(entry["requested_codec"]))
         assert again.data.hex() == entry["data_hex"]
         assert again.scales.hex() == entry["scales_hex"]
+
+
+# -- generation sessions (PROTOCOL.md §12) ---------------------------------------------------------
+
+# Field order of each session message as the reference writes it (PROTOCOL.md §12.2).
+SESSION_FIELDS = {
+    "open": ["t", "id", "sampling", "max_tokens"],
+    "opened": ["t", "id", "session", "max_tokens"],
+    "prefill": ["t", "id", "session", "pos", "chunks"],
+    "step": ["t", "id", "session", "pos", "tensors"],
+    "token": ["t", "id", "session", "pos", "token", "server_ms"],
+    "end": ["t", "id", "session"],
+    "ended": ["t", "id", "session"],
+    "error": ["t", "code", "message", "id"],
+}
+
+
+def _x(tensor: dict[str, Any]) -> np.ndarray:
+    assert list(tensor) == ["name", "dtype", "shape", "codec", "data"]
+    assert (tensor["name"], tensor["dtype"], tensor["codec"]) == ("x", "float32", "none")
+    return np.frombuffer(tensor["data"], dtype="<f4").reshape(tensor["shape"])
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_session_messages(suite: dict[str, Any]) -> None:
+    sessions = suite["sessions"]
+    messages = _replay_transport(suite, sessions["messages"])
+    assert [m["t"] for m in messages] == [
+        "open", "opened", "prefill", "token", "step", "token", "end", "ended", "step", "error"
+    ]  # fmt: skip
+    directions = [e["direction"] for e in sessions["messages"]]
+    assert directions == ["client->server", "server->client"] * 5
+    for message in messages:
+        assert list(message) == SESSION_FIELDS[message["t"]], message["t"]
+    sid = sessions["session_id"]
+    assert 0 <= sid < 2**63 and f"{sid:016x}" == sessions["session_id_hex"]
+    # Every reply answers the request before it, by id, for the session it names.
+    for request, reply in zip(messages[::2], messages[1::2], strict=True):
+        assert reply["id"] == request["id"]
+        assert request.get("session", sid) == sid and reply.get("session", sid) == sid
+    open_, opened, prefill, token, step, stepped, _, _, late_step, error = messages
+
+    sampling = open_["sampling"]
+    assert list(sampling) == ["temperature", "top_k", "top_p", "seed"]
+    assert isinstance(sampling["temperature"], float) and isinstance(sampling["top_p"], float)
+    assert isinstance(sampling["top_k"], int) and isinstance(sampling["seed"], int)
+    assert 1 <= opened["max_tokens"] <= open_["max_tokens"]
+
+    # Positions: a feed starts at the session length; a token reports the length after it.
+    assert prefill["pos"] == 0
+    chunks = prefill["chunks"]
+    assert len(chunks) == 2 and all(list(c) == ["n", "tensors"] for c in chunks)
+    assert [c["n"] for c in chunks] == [2, 1]
+    for chunk in chunks:
+        (tensor,) = chunk["tensors"]
+        assert _x(tensor).shape == (chunk["n"], 3)
+    assert token["pos"] == prefill["pos"] + sum(c["n"] for c in chunks)
+    assert step["pos"] == token["pos"]
+    (tensor,) = step["tensors"]
+    assert _x(tensor).shape == (1, 3)
+    assert stepped["pos"] == step["pos"] + 1
+    for reply in (token, stepped):
+        assert isinstance(reply["token"], int) and reply["token"] >= 0
+        assert isinstance(reply["server_ms"], float)
+
+    # After end, the session is gone: the late step gets session_lost with its id.
+    assert late_step["pos"] == stepped["pos"]
+    assert error["code"] == "session_lost" and error["id"] == late_step["id"]
+    assert isinstance(error["message"], str)
+
+
+def _reference_sampling(
+    logits: np.ndarray, params: dict[str, Any], position: int
+) -> tuple[list[int], np.ndarray, int]:
+    """PROTOCOL.md §12.6 written out plainly (sorting, loops), not with edgeoffload.sampling."""
+    values = logits.astype(np.float64)
+    if params["temperature"] == 0:
+        best = int(np.argmax(values))  # the first maximum
+        return [best], np.ones(1), best
+    scores = (values - values.max()) / params["temperature"]
+    alive = [i for i in range(values.size) if scores[i] > -np.inf]
+    k = params["top_k"]
+    if 0 < k < len(alive):
+        kth = sorted((scores[i] for i in alive), reverse=True)[k - 1]
+        alive = [i for i in alive if scores[i] >= kth]  # ties with the k-th survive
+    weights = {i: float(np.exp(scores[i])) for i in alive}
+    if params["top_p"] < 1.0 and len(alive) > 1:
+        total = np.sum([weights[i] for i in alive])
+        order = sorted(alive, key=lambda i: (-scores[i], i))
+        kept, mass = [], 0.0
+        for i in order:
+            if mass < params["top_p"]:
+                kept.append(i)
+            mass += weights[i] / total
+        alive = sorted(kept)
+    alive = [i for i in alive if weights[i] > 0.0]
+    w = np.array([weights[i] for i in alive])
+    cdf = np.cumsum(w)
+    u = np.random.default_rng([params["seed"], position]).random()
+    index = next((j for j, c in enumerate(cdf) if c > u * cdf[-1]), len(alive) - 1)
+    return alive, w / w.sum(), alive[index]
+
+
+SAMPLING = VECTORS["sampling"]
+
+
+@pytest.mark.parametrize(
+    "case", SAMPLING["cases"], ids=lambda c: f"{c['params']}@{c['position']}".replace(" ", "")
+)
+def test_sampling_vectors(case: dict[str, Any]) -> None:
+    logits = np.frombuffer(bytes.fromhex(SAMPLING["logits_f32le_hex"]), dtype="<f4")
+    assert logits.tolist() == [float(v) for v in SAMPLING["logits"]]  # "-inf" parses too
+    params, position = case["params"], case["position"]
+    assert list(params) == ["temperature", "top_k", "top_p", "seed"]
+    if params["temperature"] > 0:
+        u = np.random.default_rng([params["seed"], position]).random()
+        assert u == case["u"]["value"]
+        assert struct.pack(">d", u).hex() == case["u"]["bits_hex"]
+    else:
+        assert "u" not in case
+    support, probs, token = _reference_sampling(logits, params, position)
+    assert support == case["support"]
+    np.testing.assert_allclose(probs, case["probs"], rtol=1e-12, atol=0)
+    assert token == case["token"]
+
+
+# -- the spec's tables match the code ---------------------------------------------------------
+
+
+PROTOCOL_MD = (ROOT / "mobile_bridge" / "PROTOCOL.md").read_text(encoding="utf-8")
+
+
+def _section(number: str) -> str:
+    start = PROTOCOL_MD.index(f"\n## §{number} ")
+    end = PROTOCOL_MD.index("\n## §", start + 1)
+    return PROTOCOL_MD[start:end]
+
+
+def test_transition_table_matches_the_code() -> None:
+    from edgeoffload.protocol import TRANSITIONS
+
+    rows = re.findall(
+        r"^\| (client|server) \| ([a-z-]+) \| `((?:send|recv):[a-z]+)` \| ([a-z-]+) \|$",
+        _section("3"),
+        flags=re.M,
+    )
+    documented = [(role, state, event, after) for role, state, event, after in rows]
+    in_code = [(r.value, s.value, e, t.value) for (r, s, e), t in TRANSITIONS.items()]
+    assert documented == in_code
+
+
+def test_error_code_table_matches_the_code() -> None:
+    from edgeoffload.protocol import ERROR_CODES
+
+    codes = re.findall(r"^\| `([a-z_]+)` \|", _section("9").split("### §9.2")[0], flags=re.M)
+    assert tuple(codes) == ERROR_CODES

@@ -37,6 +37,7 @@ from edgeoffload.protocol import (
     MAX_STR,
     PROLOGUE_PREFIX,
     PROTOCOL_VERSION,
+    Chunk,
     ClientConnection,
     CloseRequested,
     ErrorReply,
@@ -48,9 +49,16 @@ from edgeoffload.protocol import (
     RunRequest,
     RunResult,
     ServerConnection,
+    SessionEnd,
+    SessionEnded,
+    SessionFeed,
+    SessionOpen,
+    SessionOpened,
+    TokenResult,
     prologue,
     tai64n,
 )
+from edgeoffload.sampling import SamplingParams, filtered_distribution, sample_token
 from edgeoffload.types import TensorSpec
 
 OUTPUT = Path(__file__).resolve().parent / "protocol-v1.json"
@@ -104,6 +112,38 @@ def golden_manifest() -> Manifest:
 # Tensors of the transport vectors.
 RUN_ARRAY = np.array([[1.0, -2.5, 0.0], [3.25, 0.001, -7.0]], dtype=np.float32)
 RESULT_ARRAY = np.array([[0.25, 0.75], [-1.0, 2.0]], dtype=np.float32)
+
+# Generation session vectors (PROTOCOL.md §12): a server-chosen 63-bit id, the sampling
+# settings of the open, and the crossing tensor "x" of the golden bundle for 2 + 1 prefill
+# positions and one step (the protocol does not relate a chunk's n to its tensors' shapes;
+# the tail does). The token values are arbitrary: no model runs here.
+SESSION_ID = int.from_bytes(hashlib.sha256(b"edgeoffload golden session").digest()[:8], "big") >> 1
+SESSION_SAMPLING = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7)
+SESSION_MAX_TOKENS = 64
+PREFILL_X = (
+    np.array([[0.5, -1.0, 2.0], [0.25, 3.5, -0.75]], dtype=np.float32),  # chunk n = 2
+    np.array([[1.5, 0.0, -2.25]], dtype=np.float32),  # chunk n = 1
+)
+STEP_X = np.array([[-0.5, 4.0, 0.125]], dtype=np.float32)
+
+# Sampling vectors (PROTOCOL.md §12.6): fixed logits (one masked with -inf, a tie at the top)
+# and (params, position) cases; every draw is np.random.default_rng([seed, position]).random().
+SAMPLING_LOGITS = np.array(
+    [2.0, -1.0, 0.5, 3.0, 3.0, -np.inf, 0.0, 1.5, -0.25, 2.5], dtype=np.float32
+)
+SAMPLING_CASES: tuple[tuple[SamplingParams, int], ...] = (
+    (SamplingParams(), 0),
+    (SamplingParams(temperature=1.0, seed=0), 0),
+    (SamplingParams(temperature=1.0, seed=0), 1),
+    (SamplingParams(temperature=0.5, seed=1), 5),
+    (SamplingParams(temperature=0.8, top_k=3, seed=7), 3),
+    (SamplingParams(temperature=0.8, top_p=0.5, seed=7), 3),
+    (SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7), 0),
+    (SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7), 1),
+    (SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7), 2),
+    (SamplingParams(temperature=2.0, top_k=1, seed=3), 4),
+    (SamplingParams(temperature=1.0, seed=2**63 - 1), 2**32 - 1),
+)
 
 # Inputs of the codec vectors: fp16 saturation (70000), int8 rounding, an int64 tensor that
 # keeps quant "none" whatever the codec asks for.
@@ -406,6 +446,9 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
     )
     rec.send("client->server", lambda: client.send_close("done"), CloseRequested, note="close")
 
+    # Generation session messages on a second connection with the same handshake.
+    sessions = session_vectors(new_client(version), new_server(), protocol, identity, message1)
+
     # Refused handshake: the device asks for a version the server does not host.
     refused_client, refused_server = new_client(UNHOSTED_VERSION), new_server()
     refused_client.start()
@@ -451,6 +494,15 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             "handshake_hash_hex": handshake_hash.hex(),
         },
         "transport": rec.messages,
+        "sessions": {
+            "note": "a second connection whose handshake is byte-identical to 'handshake' "
+            "(same fixed keys and clock, so the same transport keys; nonces restart at 0 in "
+            "each direction); the device opens a generation session, prefills 3 positions in "
+            "2 chunks, steps once, ends the session, then steps again and gets session_lost",
+            "session_id": SESSION_ID,
+            "session_id_hex": f"{SESSION_ID:016x}",
+            "messages": sessions,
+        },
         "refused_handshake": {
             "note": f"the device offers bundle version {UNHOSTED_VERSION}, which the server "
             "does not host; the server answers message 2 with ok=false and closes (4409)",
@@ -465,6 +517,115 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             "rekey_messages": REKEY_MESSAGES,
             "messages": rekey_messages,
         },
+    }
+
+
+def session_vectors(
+    client: ClientConnection,
+    server: ServerConnection,
+    protocol: str,
+    identity: str,
+    expected_message1: bytes | bytearray,
+) -> list[dict[str, Any]]:
+    """open/opened, prefill (2 chunks)/token, step/token, end/ended, step/session_lost."""
+    client.start()
+    (message1,) = client.data_to_send()
+    if message1 != expected_message1:
+        raise AssertionError(f"{protocol}: the second handshake differs from the first")
+    (server_event,) = server.receive(message1)
+    if not isinstance(server_event, HandshakeComplete):
+        raise AssertionError(f"server did not accept the handshake: {server_event!r}")
+    (message2,) = server.data_to_send()
+    client.receive(message2)
+    init, resp, _, _ = _mirror_handshake(protocol, identity, bytes(message1), bytes(message2))
+    rec = _Recorder(client, server, init.transport(), resp.transport())
+    none = codec_mod.CodecSpec()
+
+    def x(array: np.ndarray) -> tuple[tuple[str, codec_mod.EncodedTensor], ...]:
+        return (("x", codec_mod.encode(array, none)),)
+
+    sid = SESSION_ID
+    rec.send(
+        "client->server",
+        lambda: client.send_open(20, SESSION_SAMPLING.to_dict(), SESSION_MAX_TOKENS),
+        SessionOpen,
+        note="open: sampling settings and the positions the device wants",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_opened(20, sid, SESSION_MAX_TOKENS),
+        SessionOpened,
+        note="opened: the server-chosen session id and the positions granted",
+    )
+    prefill = [Chunk(len(a), x(a)) for a in PREFILL_X]
+    rec.send(
+        "client->server",
+        lambda: client.send_feed(21, "prefill", sid, 0, prefill),
+        SessionFeed,
+        note="prefill at pos 0: two chunks, n = 2 then n = 1",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_token(21, sid, 3, 42, 1.25),
+        TokenResult,
+        note="token: pos is the session length after the prefill (3)",
+    )
+    rec.send(
+        "client->server",
+        lambda: client.send_feed(22, "step", sid, 3, [Chunk(1, x(STEP_X))]),
+        SessionFeed,
+        note="step at pos 3 (the session length): one position, tensors at the top level",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_token(22, sid, 4, 7, 0.5),
+        TokenResult,
+        note="token after the step; the session holds 4 positions",
+    )
+    rec.send("client->server", lambda: client.send_end(23, sid), SessionEnd, note="end")
+    rec.send("server->client", lambda: server.send_ended(23, sid), SessionEnded, note="ended")
+    rec.send(
+        "client->server",
+        lambda: client.send_feed(24, "step", sid, 4, [Chunk(1, x(STEP_X))]),
+        SessionFeed,
+        note="a step on the ended session",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_error(
+            24, "session_lost", f"no session {sid} (expired, evicted or never opened)"
+        ),
+        ErrorReply,
+        note="session_lost: the device rebuilds the session by replay (or gives up)",
+    )
+    return rec.messages
+
+
+def _f64(value: float) -> dict[str, Any]:
+    """A float64 exactly: its value (shortest repr) and its IEEE 754 bits, big-endian hex."""
+    return {"value": value, "bits_hex": np.float64(value).tobytes()[::-1].hex()}
+
+
+def sampling_vectors() -> dict[str, Any]:
+    logits = SAMPLING_LOGITS
+    cases = []
+    for params, position in SAMPLING_CASES:
+        ids, probs = filtered_distribution(logits, params)
+        case: dict[str, Any] = {"params": params.to_dict(), "position": position}
+        if not params.greedy:
+            case["u"] = _f64(float(np.random.default_rng([params.seed, position]).random()))
+        case["support"] = [int(i) for i in ids]
+        case["probs"] = [float(p) for p in probs]
+        case["token"] = sample_token(logits, params, position)
+        cases.append(case)
+    return {
+        "note": "u = np.random.default_rng([seed, position]).random() (numpy SeedSequence + "
+        "PCG64, random() = (next_uint64 >> 11) * 2**-53); support = the token ids that survive "
+        "temperature, top-k and top-p, ascending, with their probabilities; token = the "
+        "first support entry whose cumulative weight exceeds u * total (PROTOCOL.md §12.6)",
+        "logits_f32le_hex": _le_bytes(logits).hex(),
+        "logits": [float(v) if np.isfinite(v) else str(float(v)) for v in logits],
+        "cases": cases,
     }
 
 
@@ -521,6 +682,7 @@ def build_vectors() -> dict[str, Any]:
         },
         "suites": [suite_vectors(protocol, manifest) for protocol in RUNTIME_PROTOCOLS],
         "codecs": codec_vectors(),
+        "sampling": sampling_vectors(),
     }
 
 
