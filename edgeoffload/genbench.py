@@ -104,9 +104,15 @@ def bench_generation(
     threads: int = 1,
     network: str | None = None,
     work_dir: Path | None = None,
+    pin: bool = True,
 ) -> dict[str, Any]:
     """Split ``model`` after ``head_layers`` blocks (default: half of them) and compare
-    generation with the unsplit model: TTFT, decode tokens/s, bytes per token, memory."""
+    generation with the unsplit model: TTFT, decode tokens/s, bytes per token, memory.
+
+    ``pin``: with 2+ CPUs, the server process gets the last CPU and this process (device and
+    unsplit baseline) the others, as if they were two machines; without it the scheduler
+    moves both between cores, which costs the ping-ponging split more than the baseline.
+    """
     from .decoder_split import layout_of, split_decoder
     from .demo import spawn_server
     from .keys import encode_public, generate_identity, load_identity
@@ -138,6 +144,14 @@ def bench_generation(
             extra=["--threads", str(threads), "--workers", "1"],
             timeout=300.0,
         )
+        cpus = sorted(os.sched_getaffinity(0))
+        pinned = pin and len(cpus) >= 2
+        saved_affinity = set(cpus)
+        if pinned:
+            from .loadtest import pin_threads
+
+            pin_threads(proc.pid, {cpus[-1]})
+            pin_threads(os.getpid(), set(cpus[:-1]))
         try:
             result = asyncio.run(
                 _measure(
@@ -156,6 +170,10 @@ def bench_generation(
                 )
             )
         finally:
+            if pinned:
+                from .loadtest import pin_threads
+
+                pin_threads(os.getpid(), saved_affinity)
             proc.terminate()
             try:
                 proc.wait(timeout=30)
@@ -179,6 +197,7 @@ def bench_generation(
             "threads_per_side": threads,
             "runs": runs,
             "network": network or "loopback",
+            "pinned": {"server_cpus": [cpus[-1]], "device_cpus": cpus[:-1]} if pinned else None,
             "split_seconds": round(split_s, 2),
             "memory": {
                 "device_split_weights_bytes": head_bytes,

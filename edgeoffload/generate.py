@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -56,7 +57,11 @@ INLINE_HEAD_MS = 2.0  # heads faster than this run on the event loop (the thread
 
 @dataclass(frozen=True)
 class GeneratedToken:
-    """One generated token as it streams."""
+    """One generated token as it streams.
+
+    The last item of a stream may carry ``token_id == -1``: text held back until the end (the
+    tail of a multi-byte character or of a clean-up window), not a token.
+    """
 
     token_id: int
     text: str  # the text this token completes ("" while a multi-byte character is partial)
@@ -255,7 +260,7 @@ class Generation:
 
         device = DecoderDevice(self.client.runtime)
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
+        eos = self._eos_ids()
         self.client.last_generation = self.stats
         started = time.perf_counter()
         text = ""
@@ -293,6 +298,18 @@ class Generation:
                     yield GeneratedToken(-1, rest, self.stats.generated_tokens, not self.local)
         finally:
             await self._end()
+
+    def _eos_ids(self) -> frozenset[int]:
+        """End-of-sequence ids: the tokenizer's, else the bundle's generation config's."""
+        if self.tokenizer is not None:
+            return self.tokenizer.eos_token_ids
+        config = self.client.runtime.bundle.path / TOKENIZER_DIR / "generation_config.json"
+        try:
+            eos = json.loads(config.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            return frozenset()
+        values = eos if isinstance(eos, list) else [eos]
+        return frozenset(v for v in values if isinstance(v, int))
 
     async def _prefill(self, device: DecoderDevice) -> int:
         """The prompt through the head and the tail; a prompt too large for one message goes
