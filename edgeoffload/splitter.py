@@ -483,4 +483,3 @@ def split_model(
 
 def spec_list(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs)
-
