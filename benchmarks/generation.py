@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--networks", default="loopback", help="comma list: loopback, wifi, ...")
+    parser.add_argument("--out", default=None, help="result file (default: by model name)")
     args = parser.parse_args(argv)
     model = resolve(args.model)
     if not isinstance(model, Path):
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(format_result(result)), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = args.model.removeprefix("zoo:").replace("/", "_")
-    out = RESULTS / f"generation_{name}.json"
+    out = Path(args.out) if args.out else RESULTS / f"generation_{name}.json"
     out.write_text(json.dumps({"benchmark": "generation", "results": results}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0 if all(r["tokens_identical"] for r in results) else 1
