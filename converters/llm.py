@@ -50,7 +50,6 @@ same key reuses the folder after re-checking every file's hash.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -63,6 +62,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeoffload.bundle import sha256_file
 from edgeoffload.errors import ConversionError
 
 from ._common import (
@@ -655,7 +655,7 @@ def _smollm2_key(gguf_path: Path, tools: tuple[str, ...], task: str) -> dict[str
         "source": SMOLLM2_DISTRIBUTION,
         "source_version": source_version,
         "source_file": gguf_path.name,
-        "source_sha256": _sha256_file(gguf_path),
+        "source_sha256": sha256_file(gguf_path),
         "task": task,
         "tools": versions,
     }
@@ -921,7 +921,7 @@ def _cached(target: Path, key: dict[str, object], what: str, build: Callable[[Pa
         files: dict[str, str] = {}
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             path.chmod(0o644)  # safetensors are written 0600
-            files[path.relative_to(staging).as_posix()] = _sha256_file(path)
+            files[path.relative_to(staging).as_posix()] = sha256_file(path)
         record = {**key, "files": files, "build_seconds": round(seconds, 3)}
         (staging / _RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if target.exists():
@@ -952,14 +952,6 @@ def _reusable(target: Path, key: dict[str, object]) -> bool:
         return False
     for name, digest in files.items():
         path = target / str(name)
-        if not path.is_file() or _sha256_file(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             return False
     return True
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -209,20 +209,22 @@ def _weights(
     The ids are None when every token survives (the weights then cover the whole vocabulary),
     which spares two gathers over the vocabulary on the plain temperature path.
     """
+    ids: npt.NDArray[np.intp] | None = None
+    if not all_finite:
+        ids = np.flatnonzero(values > -np.inf)
+        values = values[ids]
+
+    # Top-k on the model's own values: after the shift below, 1 + 3e-28 and 1 would tie.
+    if 0 < params.top_k < values.size:
+        kth = np.partition(values, values.size - params.top_k)[values.size - params.top_k]
+        keep = np.flatnonzero(values >= kth)  # >=: tokens tied with the k-th all survive
+        ids = keep if ids is None else ids[keep]
+        values = values[keep]
+
     # Shift before dividing: softmax is shift-invariant, and a tiny temperature then yields
     # -inf (weight 0) instead of inf - inf = NaN.
     scores = values - values.max()
     scores /= params.temperature
-    ids: npt.NDArray[np.intp] | None = None
-    if not all_finite:
-        ids = np.flatnonzero(scores > -np.inf)
-        scores = scores[ids]
-
-    if 0 < params.top_k < scores.size:
-        kth = np.partition(scores, scores.size - params.top_k)[scores.size - params.top_k]
-        keep = np.flatnonzero(scores >= kth)  # >=: tokens tied with the k-th all survive
-        ids = keep if ids is None else ids[keep]
-        scores = scores[keep]
 
     weights = np.exp(scores)  # the best token has score 0, hence weight 1
     if params.top_p < 1.0 and scores.size > 1:

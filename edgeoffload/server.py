@@ -373,6 +373,30 @@ class EdgeServer:
                 return False
         return True
 
+    async def _admit(
+        self, ws: ServerConnection, conn: ProtocolConnection, send_lock: asyncio.Lock, rid: int
+    ) -> bool:
+        """Count a request in, or answer ``shutting_down`` / ``overloaded`` (never queue it)."""
+        self.stats.requests += 1
+        if self._closing:
+            await self._reply_error(
+                ws, conn, send_lock, rid, "shutting_down", "server is shutting down"
+            )
+            return False
+        if self._inflight >= self.max_inflight:
+            await self._reply_error(
+                ws, conn, send_lock, rid, "overloaded", f"{self._inflight} requests in flight"
+            )
+            return False
+        self._inflight += 1
+        self._idle.clear()
+        return True
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
     async def _serve_request(
         self,
         ws: ServerConnection,
@@ -381,24 +405,8 @@ class EdgeServer:
         hosted: _Hosted,
         request: RunRequest,
     ) -> None:
-        self.stats.requests += 1
-        if self._closing:
-            await self._reply_error(
-                ws, conn, send_lock, request.request_id, "shutting_down", "server is shutting down"
-            )
+        if not await self._admit(ws, conn, send_lock, request.request_id):
             return
-        if self._inflight >= self.max_inflight:
-            await self._reply_error(
-                ws,
-                conn,
-                send_lock,
-                request.request_id,
-                "overloaded",
-                f"{self._inflight} requests in flight",
-            )
-            return
-        self._inflight += 1
-        self._idle.clear()
         try:
             started = time.perf_counter()
             if hosted.tail_ms < INLINE_TAIL_MS and self._inflight == 1:
@@ -444,9 +452,7 @@ class EdgeServer:
                 ws, conn, send_lock, request.request_id, "internal", "the tail failed on the server"
             )
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._release()
 
     # -- generation sessions ---------------------------------------------------------------------
 
@@ -530,24 +536,8 @@ class EdgeServer:
         growth = new_tokens * hosted.kv_bytes_per_token
         if session.kv.nbytes + growth > self.sessions.budget_bytes:
             self.sessions.make_room(session, growth)  # raises: alone over the budget
-        self.stats.requests += 1
-        if self._closing:
-            await self._reply_error(
-                ws, conn, send_lock, event.request_id, "shutting_down", "server is shutting down"
-            )
+        if not await self._admit(ws, conn, send_lock, event.request_id):
             return
-        if self._inflight >= self.max_inflight:
-            await self._reply_error(
-                ws,
-                conn,
-                send_lock,
-                event.request_id,
-                "overloaded",
-                f"{self._inflight} requests in flight",
-            )
-            return
-        self._inflight += 1
-        self._idle.clear()
         session.busy = True
         try:
             started = time.perf_counter()
@@ -588,9 +578,7 @@ class EdgeServer:
         finally:
             session.busy = False
             session.last_used = self.clock()
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._release()
 
     def _run_feed(self, hosted: _Hosted, session: Session, event: SessionFeed) -> tuple[int, Any]:
         """Run the tail over every chunk (all or nothing), then sample the next token."""
