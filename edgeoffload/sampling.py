@@ -228,7 +228,8 @@ def _weights(
 
     weights = np.exp(scores)  # the best token has score 0, hence weight 1
     if params.top_p < 1.0 and scores.size > 1:
-        kept = _nucleus(scores, weights / weights.sum(), params.top_p)
+        # Ordered by the model's values too: the shift can turn near-equal logits into ties.
+        kept = _nucleus(values, weights / weights.sum(), params.top_p)
         ids = kept if ids is None else ids[kept]
         weights = weights[kept]
     return ids, weights
