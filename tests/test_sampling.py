@@ -43,7 +43,10 @@ def _softmax(logits: npt.NDArray[Any], temperature: float = 1.0) -> npt.NDArray[
 
 
 def _reference_nucleus(logits: Logits, temperature: float, top_p: float) -> set[int]:
-    """The nucleus computed independently (Python sort and running sum)."""
+    """The nucleus computed independently (Python sort and running sum); top_p = 1 keeps every
+    token, as in transformers (even those whose probability rounds the running sum to 1)."""
+    if top_p >= 1.0:
+        return set(range(logits.size))
     probs = _softmax(logits, temperature)
     order = sorted(range(logits.size), key=lambda i: (-float(logits[i]), i))
     kept: set[int] = set()
@@ -211,6 +214,7 @@ def test_token_is_within_top_k(
 @given(logits_arrays, temperatures, st.floats(1e-6, 1.0), seeds, positions)
 # Found by a seeded run: the nucleus was ordered after the shift, tying 1.2e-38 with 0.
 @example(np.array([1.0, 0.0, 1.1754944e-38, 0.0], dtype=np.float32), 1.0, 0.75, 0, 0)
+@example(np.array([19.0, 0.0], dtype=np.float32), 0.5, 1.0, 0, 0)  # top_p = 1 keeps all
 def test_token_is_within_the_nucleus(
     logits: Logits, temperature: float, top_p: float, seed: int, pos: int
 ) -> None:
