@@ -695,6 +695,7 @@ def chat(
                 out.file.write(token.text)
                 out.file.flush()
             out.print()
+            out.file.flush()  # before the stats line on stderr
             messages.append({"role": "assistant", "content": reply})
             gen = client.client.last_generation
             if stats and gen is not None:
