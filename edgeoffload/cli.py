@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from rich.table import Table
 
 from . import __version__
 from .errors import EdgeOffloadError, UsageError
+
+if TYPE_CHECKING:
+    from .client import BlockingOffloadClient
 
 app = typer.Typer(
     name="edgeoffload",
@@ -665,19 +668,9 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="Print timing after each reply.")] = False,
 ) -> None:
     """Chat with a split decoder: its first blocks here, the rest on the edge server."""
-    from .client import BlockingOffloadClient
-    from .keys import load_identity, load_public
-
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    with BlockingOffloadClient(
-        bundle_dir,
-        server=server,
-        server_key=load_public(server_key),
-        identity=load_identity(key),
-        fallback=fallback,
-        timeout=timeout,
-        threads=threads,
-    ) as client:
+    client_args = (bundle_dir, server, server_key, key, fallback, timeout, threads)
+    with _blocking_client(*client_args) as client:
         turns = [prompt] if prompt is not None else _stdin_turns()
         for text in turns:
             messages.append({"role": "user", "content": text})
@@ -707,6 +700,30 @@ def chat(
                     + (f", finished locally ({gen.fallback_reason})" if gen.fallback_reason else "")
                     + "[/dim]"
                 )
+
+
+def _blocking_client(
+    bundle_dir: Path,
+    server: str,
+    server_key: str,
+    key: Path,
+    fallback: str,
+    timeout: float,
+    threads: int,
+) -> BlockingOffloadClient:
+    """The device client that `run` and `chat` use, from their shared options."""
+    from .client import BlockingOffloadClient
+    from .keys import load_identity, load_public
+
+    return BlockingOffloadClient(
+        bundle_dir,
+        server=server,
+        server_key=load_public(server_key),
+        identity=load_identity(key),
+        fallback=fallback,
+        timeout=timeout,
+        threads=threads,
+    )
 
 
 def _stdin_turns() -> Iterator[str]:
@@ -1002,20 +1019,10 @@ def run_cmd(
     """Run a bundle: head here, tail on the edge server (or locally as fallback)."""
     import numpy as np
 
-    from .client import BlockingOffloadClient
-    from .keys import load_identity, load_public
-
     inputs = _load_inputs(input_path)
     assert inputs is not None
-    with BlockingOffloadClient(
-        bundle_dir,
-        server=server,
-        server_key=load_public(server_key),
-        identity=load_identity(key),
-        fallback=fallback,
-        timeout=timeout,
-        threads=threads,
-    ) as client:
+    client_args = (bundle_dir, server, server_key, key, fallback, timeout, threads)
+    with _blocking_client(*client_args) as client:
         outputs = client.run(inputs)
         timing = client.last_timing
     np.savez(output, **outputs)  # type: ignore[arg-type]
