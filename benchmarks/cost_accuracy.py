@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeoffload.bench import cost_accuracy
-from edgeoffload.zoo import resolve as resolve_model
+from edgeoffload.lab.bench import cost_accuracy
+from edgeoffload.split.zoo import resolve as resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

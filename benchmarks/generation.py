@@ -17,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from edgeoffload.genbench import bench_generation, format_result
-from edgeoffload.zoo import resolve
+from edgeoffload.lab.genbench import bench_generation, format_result
+from edgeoffload.split.zoo import resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

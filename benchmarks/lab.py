@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from edgeoffload.lab import DEVICES, LINKS, MODELS, run_lab
+from edgeoffload.lab.scenarios import DEVICES, LINKS, MODELS, run_lab
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

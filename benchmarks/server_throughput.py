@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeoffload.loadtest import server_throughput
+from edgeoffload.lab.loadtest import server_throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -7,6 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import EdgeOffloadError
+from edgeoffload.errors import EdgeOffloadError
 
 __all__ = ["EdgeOffloadError", "__version__"]

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError, VersionMismatch
-from .types import TensorSpec, fields
+from edgeoffload.errors import ManifestError, VersionMismatch
+from edgeoffload.types import TensorSpec, fields
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import EdgeOffloadError, ProfileError
+from edgeoffload.errors import EdgeOffloadError, ProfileError
 
 Dim = int | str
 """A tensor dimension: a concrete size or a symbolic name such as ``"batch"``."""

@@ -19,14 +19,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 @pytest.fixture(scope="session")
 def zoo_models():
-    from edgeoffload import zoo
+    from edgeoffload.split import zoo
 
     return {name: zoo.build(name) for name in zoo.MODEL_NAMES}
 
 
 @pytest.fixture(scope="session")
 def zoo_analyses(zoo_models):
-    from edgeoffload.splitter import Analysis
+    from edgeoffload.split.splitter import Analysis
 
     dims = {"encoder": {"sequence": 32}}
     return {name: Analysis.of(model, dims=dims.get(name)) for name, model in zoo_models.items()}
@@ -38,7 +38,7 @@ def minilm_analysis():
     pytest.importorskip("optimum.exporters.onnx")
     from edgeoffload.converters.minilm import export_minilm, minilm_sample_inputs
 
-    from edgeoffload.splitter import Analysis
+    from edgeoffload.split.splitter import Analysis
 
     path = export_minilm()
     inputs = minilm_sample_inputs(
@@ -78,7 +78,7 @@ def tiny_gpt2_dir(tmp_path_factory):
 def tiny_decoder_bundle(tmp_path_factory):
     """``get(kind, head_layers=2)``: the tiny decoder ``kind`` ("llama" or "gpt2") split after
     ``head_layers`` of its 4 blocks (codec none); each model is exported and split once."""
-    from edgeoffload.decoder_split import split_decoder
+    from edgeoffload.split.decoder_split import split_decoder
 
     def get(kind: str, head_layers: int = 2):
         if (kind, head_layers) not in _TINY_DECODERS:

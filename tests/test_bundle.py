@@ -13,7 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgeoffload import splitter, zoo
+from edgeoffload.split import splitter
+
+from edgeoffload.split import zoo
 from edgeoffload.bundle import (
     HEAD,
     MANIFEST,
@@ -26,7 +28,7 @@ from edgeoffload.bundle import (
     write_bundle,
 )
 from edgeoffload.errors import ManifestError, VerificationError, VersionMismatch
-from edgeoffload.graph import CutPoint
+from edgeoffload.split.graph import CutPoint
 from edgeoffload.types import DeviceProfile, LinkProfile, TensorSpec
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgeoffload import zoo
+from edgeoffload.split import zoo
 from edgeoffload.cli import main
 
 

@@ -28,11 +28,11 @@ from onnx import TensorProto, helper
 
 from edgeoffload.bundle import load_bundle
 from edgeoffload.cli import main
-from edgeoffload.decoder import DecoderLayout, KVState, select_next
-from edgeoffload.demo import spawn_server
+from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
+from edgeoffload.lab.demo import spawn_server
 from edgeoffload.keys import encode_public, generate_identity
-from edgeoffload.ortutil import make_session
-from edgeoffload.tokenizer import TextTokenizer
+from edgeoffload._ort import make_session
+from edgeoffload.device.tokenizer import TextTokenizer
 
 CHAT_TIMEOUT = 120.0  # seconds: bound on one chat subprocess
 SERVER_CONTEXT = 64  # --max-context of the edge server process

@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.codec: round trips, error bounds, spec parsing, hostile payloads."""
+"""Tests for edgeoffload.core.codec: round trips, error bounds, spec parsing, hostile payloads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeoffload.codec import (
+from edgeoffload.core.codec import (
     ALLOWED_DTYPES,
     COMPRESSIONS,
     FP16_MAX,

@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.costmodel: exact arithmetic on hand-built cuts and profiles (pure)."""
+"""Tests for edgeoffload.core.costmodel: exact arithmetic on hand-built cuts and profiles (pure)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from edgeoffload.costmodel import ComputeModel, Constraints, evaluate
+from edgeoffload.core.costmodel import ComputeModel, Constraints, evaluate
 from edgeoffload.errors import PlanError
-from edgeoffload.graph import CutPoint
+from edgeoffload.split.graph import CutPoint
 from edgeoffload.types import (
     CalibrationPoint,
     DeviceProfile,

@@ -23,8 +23,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeoffload.bundle import load_bundle
-from edgeoffload.decoder import block_of
-from edgeoffload.decoder_split import (
+from edgeoffload.core.decoder import block_of
+from edgeoffload.split.decoder_split import (
     TOKENIZER_FILES,
     DecoderAnalysis,
     block_cuts,
@@ -33,9 +33,9 @@ from edgeoffload.decoder_split import (
     tokenizer_files,
 )
 from edgeoffload.errors import GraphError, ManifestError, UsageError
-from edgeoffload.graph import WEIGHT_VIEW_OPS, ModelGraph, detect_state_pairs
-from edgeoffload.ortutil import make_session, run
-from edgeoffload.splitter import Analysis
+from edgeoffload.split.graph import WEIGHT_VIEW_OPS, ModelGraph, detect_state_pairs
+from edgeoffload._ort import make_session, run
+from edgeoffload.split.splitter import Analysis
 from edgeoffload.types import TensorSpec, dim_terms, resolve_dim
 
 KINDS = ("llama", "gpt2")
@@ -302,7 +302,7 @@ def test_offered_cuts_inside_blocks_split_and_verify(analyses, kind, tmp_path) -
     after a layer's cache update: the head lists present.0.key twice among its outputs (as a
     crossing tensor and as its own state) and its KVState keeps it, so the tail never gets it.
     """
-    from edgeoffload.splitter import split_model
+    from edgeoffload.split.splitter import split_model
 
     analysis = analyses[kind]
     for i, cut in enumerate(_cuts_near_cache_updates(analysis)):
@@ -746,7 +746,7 @@ def test_split_model_refuses_extra_files_outside_the_bundle(analyses, tmp_path) 
     folder), records it, and writes a manifest that load_bundle then refuses.
     """
     from edgeoffload.errors import EdgeOffloadError
-    from edgeoffload.splitter import split_model
+    from edgeoffload.split.splitter import split_model
 
     analysis = analyses["llama"]
     src = tmp_path / "src.txt"
@@ -761,7 +761,7 @@ def test_split_model_refuses_extra_files_outside_the_bundle(analyses, tmp_path) 
 def test_verify_generation_catches_a_tail_that_differs(analyses) -> None:
     """The generation check is not vacuous: a tail whose norm weights were scaled fails it."""
     from edgeoffload.errors import VerificationError
-    from edgeoffload.splitter import verify_generation
+    from edgeoffload.split.splitter import verify_generation
 
     analysis = analyses["llama"]
     graph = analysis.graph

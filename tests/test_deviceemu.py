@@ -1,4 +1,4 @@
-"""edgeoffload.deviceemu: CPU-throttled device processes in real cgroups (no mocks of the kernel).
+"""edgeoffload.lab.deviceemu: CPU-throttled device processes in real cgroups (no mocks of the kernel).
 
 The cgroup tests need root and a cpu controller; they skip with the reason otherwise.
 """
@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeoffload import deviceemu, presets
-from edgeoffload.deviceemu import (
+from edgeoffload.lab import deviceemu
+
+from edgeoffload.core import presets
+from edgeoffload.lab.deviceemu import (
     DEVICE_CLASSES,
     PERIOD_US,
     CpuLimitedProcess,
@@ -295,7 +297,7 @@ def test_threads_only_fallback_says_so(monkeypatch, caplog):
     monkeypatch.setattr(deviceemu, "cpu_limit_method", lambda: "none")
     code = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])"
     with (
-        caplog.at_level("WARNING", logger="edgeoffload.deviceemu"),
+        caplog.at_level("WARNING", logger="edgeoffload.lab.deviceemu"),
         CpuLimitedProcess([PY, "-c", code], 0.25, stdout=subprocess.PIPE, text=True) as proc,
     ):
         out, _ = proc.popen.communicate(timeout=20)

@@ -32,12 +32,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from edgeoffload import protocol
+from edgeoffload.protocol import connection as protocol
 from edgeoffload.bundle import Bundle
-from edgeoffload.client import BlockingOffloadClient, OffloadClient
-from edgeoffload.codec import EncodedTensor
-from edgeoffload.decoder import DecoderLayout, KVState, select_next
-from edgeoffload.demo import spawn_server
+from edgeoffload.device.client import BlockingOffloadClient, OffloadClient
+from edgeoffload.core.codec import EncodedTensor
+from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
+from edgeoffload.lab.demo import spawn_server
 from edgeoffload.errors import (
     LocalProtocolError,
     OffloadUnavailable,
@@ -46,16 +46,16 @@ from edgeoffload.errors import (
     SessionLost,
     UsageError,
 )
-from edgeoffload.generate import DecoderDevice, GeneratedToken
-from edgeoffload.graph import ModelGraph
+from edgeoffload.device.generate import DecoderDevice, GeneratedToken
+from edgeoffload.split.graph import ModelGraph
 from edgeoffload.keys import AllowList, encode_public, generate_identity
-from edgeoffload.noise import KeyPair
-from edgeoffload.ortutil import make_session
-from edgeoffload.protocol import CLOSE_PROTOCOL, Chunk, ErrorReply, HandshakeComplete, Pong
-from edgeoffload.protocol import ClientConnection as ProtocolClient
-from edgeoffload.runtime import DeviceRuntime
-from edgeoffload.sampling import SamplingParams, sample_token
-from edgeoffload.server import EdgeServer, ServerConfig
+from edgeoffload.core.noise import KeyPair
+from edgeoffload._ort import make_session
+from edgeoffload.protocol.connection import CLOSE_PROTOCOL, Chunk, ErrorReply, HandshakeComplete, Pong
+from edgeoffload.protocol.connection import ClientConnection as ProtocolClient
+from edgeoffload.device.runtime import DeviceRuntime
+from edgeoffload.core.sampling import SamplingParams, sample_token
+from edgeoffload.edge.server import EdgeServer, ServerConfig
 
 STEP = 10.0  # seconds: bound on any single await
 TEST_TIMEOUT = 60.0  # seconds: bound on one whole test coroutine

@@ -8,7 +8,7 @@ Two kinds of checks:
   version when old peers would break).
 * Independent re-check: the committed vectors are decoded the way a port to another language
   would do it, with the Noise primitives (HandshakeState, CipherState, Transport), msgpack,
-  numpy and the compression libraries, never with edgeoffload.protocol's connections.
+  numpy and the compression libraries, never with edgeoffload.protocol.connection's connections.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from edgeoffload import codec as codec_mod
-from edgeoffload.noise import (
+from edgeoffload.core import codec as codec_mod
+from edgeoffload.core.noise import (
     MAX_MESSAGE,
     RUNTIME_PROTOCOLS,
     TAG,
@@ -119,7 +119,7 @@ def _keys(suite: dict[str, Any]) -> dict[str, KeyPair]:
 
 
 def _prologue(protocol: str, identity: str) -> bytes:
-    # PROTOCOL.md §5, written out rather than imported from edgeoffload.protocol.
+    # PROTOCOL.md §5, written out rather than imported from edgeoffload.protocol.connection.
     return b"edgeoffload/1\x00" + protocol.encode("ascii") + b"\x00" + identity.encode("utf-8")
 
 
@@ -537,7 +537,7 @@ def test_session_messages(suite: dict[str, Any]) -> None:
 def _reference_sampling(
     logits: np.ndarray, params: dict[str, Any], position: int
 ) -> tuple[list[int], np.ndarray, int]:
-    """PROTOCOL.md §12.6 written out plainly (sorting, loops), not with edgeoffload.sampling."""
+    """PROTOCOL.md §12.6 written out plainly (sorting, loops), not with edgeoffload.core.sampling."""
     values = logits.astype(np.float64)
     if params["temperature"] == 0:
         best = int(np.argmax(values))  # the first maximum
@@ -602,7 +602,7 @@ def _section(number: str) -> str:
 
 
 def test_transition_table_matches_the_code() -> None:
-    from edgeoffload.protocol import TRANSITIONS
+    from edgeoffload.protocol.connection import TRANSITIONS
 
     rows = re.findall(
         r"^\| (client|server) \| ([a-z-]+) \| `((?:send|recv):[a-z]+)` \| ([a-z-]+) \|$",
@@ -615,7 +615,7 @@ def test_transition_table_matches_the_code() -> None:
 
 
 def test_error_code_table_matches_the_code() -> None:
-    from edgeoffload.protocol import ERROR_CODES
+    from edgeoffload.protocol.connection import ERROR_CODES
 
     codes = re.findall(r"^\| `([a-z_]+)` \|", _section("9").split("### §9.2")[0], flags=re.M)
     assert tuple(codes) == ERROR_CODES

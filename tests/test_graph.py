@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.graph: cut analysis, find_cut, loading, naming and extraction.
+"""Tests for edgeoffload.split.graph: cut analysis, find_cut, loading, naming and extraction.
 
 Every model is built here with onnx.helper (opset 17, fixed seeds) and every split is run in
 real onnxruntime sessions through ``splitter.verify_split`` / ``splitter.run_split``.
@@ -15,11 +15,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeoffload import zoo
+from edgeoffload.split import zoo
 from edgeoffload.errors import CutError, GraphError
-from edgeoffload.graph import CutPoint, ModelGraph, layer_of
-from edgeoffload.ortutil import make_session, run
-from edgeoffload.splitter import Analysis, run_split, verify_split
+from edgeoffload.split.graph import CutPoint, ModelGraph, layer_of
+from edgeoffload._ort import make_session, run
+from edgeoffload.split.splitter import Analysis, run_split, verify_split
 
 SEED = 0
 F = TensorProto.FLOAT

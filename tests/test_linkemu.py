@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import pytest
 
 from edgeoffload.errors import UsageError
-from edgeoffload.linkemu import LinkEmulator, LinkSchedule, LinkShape
-from edgeoffload.presets import LINK_PRESETS
+from edgeoffload.lab.linkemu import LinkEmulator, LinkSchedule, LinkShape
+from edgeoffload.core.presets import LINK_PRESETS
 
 T = TypeVar("T")
 HOST = "127.0.0.1"

@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.noise: cacophony vectors, tampering, turn order, transport rules."""
+"""Tests for edgeoffload.core.noise: cacophony vectors, tampering, turn order, transport rules."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeoffload.errors import AuthenticationFailed, LocalProtocolError, UsageError
-from edgeoffload.noise import (
+from edgeoffload.core.noise import (
     DEFAULT_PROTOCOL,
     MAX_MESSAGE,
     RUNTIME_PROTOCOLS,

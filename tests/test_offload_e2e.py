@@ -17,14 +17,14 @@ import urllib.request
 import numpy as np
 import pytest
 
-from edgeoffload import zoo
-from edgeoffload.client import BlockingOffloadClient, OffloadClient
-from edgeoffload.demo import spawn_server
+from edgeoffload.split import zoo
+from edgeoffload.device.client import BlockingOffloadClient, OffloadClient
+from edgeoffload.lab.demo import spawn_server
 from edgeoffload.errors import OffloadUnavailable
 from edgeoffload.keys import AllowList, encode_public, generate_identity
-from edgeoffload.runtime import DeviceRuntime
-from edgeoffload.server import EdgeServer, ServerConfig
-from edgeoffload.splitter import CODEC_TOLERANCE, Analysis, split_model
+from edgeoffload.device.runtime import DeviceRuntime
+from edgeoffload.edge.server import EdgeServer, ServerConfig
+from edgeoffload.split.splitter import CODEC_TOLERANCE, Analysis, split_model
 
 
 def run_async(coro, timeout: float = 60.0):
@@ -102,7 +102,7 @@ def test_every_zoo_model_offloads_correctly(zoo_analyses, bundles, keys):
         local = DeviceRuntime(bundle)
         for inputs, got in zip(samples[name], results[str(bundle.path)], strict=True):
             full = analysis.graph.model
-            from edgeoffload.ortutil import make_session, run
+            from edgeoffload._ort import make_session, run
 
             expected = run(make_session(full, optimize=False), inputs)
             for out_name, ref in expected.items():

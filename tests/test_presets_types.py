@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.presets (link / size / device parsers) and edgeoffload.types."""
+"""Tests for edgeoffload.core.presets (link / size / device parsers) and edgeoffload.types."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeoffload import presets
+from edgeoffload.core import presets
 from edgeoffload.errors import ManifestError, ProfileError, UsageError
 from edgeoffload.types import (
     DTYPE_SIZES,

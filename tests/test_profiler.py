@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.profiler: real onnxruntime timings on a zoo model, profile files."""
+"""Tests for edgeoffload.split.profiler: real onnxruntime timings on a zoo model, profile files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeoffload import splitter, zoo
+from edgeoffload.split import splitter
+
+from edgeoffload.split import zoo
 from edgeoffload.errors import ProfileError
-from edgeoffload.profiler import codec_rates, load_profile, profile_model, save_profile
+from edgeoffload.split.profiler import codec_rates, load_profile, profile_model, save_profile
 from edgeoffload.types import DeviceProfile, PowerModel
 
 CODECS = ("none", "zstd", "int8+zstd")

@@ -1,4 +1,4 @@
-"""Unit and property tests of the sans-I/O wire protocol (edgeoffload.protocol).
+"""Unit and property tests of the sans-I/O wire protocol (edgeoffload.protocol.connection).
 
 No sockets: a ClientConnection and a ServerConnection are driven against each other in memory by
 handing ``data_to_send()`` of one side to ``receive()`` of the other. Keys, ephemeral keys and
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeoffload import __version__
-from edgeoffload import codec as codec_mod
+from edgeoffload.core import codec as codec_mod
 from edgeoffload.errors import (
     AuthenticationFailed,
     LocalProtocolError,
@@ -30,8 +30,8 @@ from edgeoffload.errors import (
     SessionLost,
     VersionMismatch,
 )
-from edgeoffload.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, KeyPair
-from edgeoffload.protocol import (
+from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, KeyPair
+from edgeoffload.protocol.connection import (
     ERROR_CODES,
     MAX_ARRAY,
     MAX_DIMS,
@@ -62,7 +62,7 @@ from edgeoffload.protocol import (
     tai64n,
     unpack,
 )
-from edgeoffload.runtime import decode_checked
+from edgeoffload.device.runtime import decode_checked
 from edgeoffload.types import TensorSpec
 
 CLIENT_STATIC = KeyPair.from_private(bytes(range(1, 33)))

@@ -1,16 +1,16 @@
-"""Tests of the device runtime (edgeoffload.runtime) on real bundles split from zoo models."""
+"""Tests of the device runtime (edgeoffload.device.runtime) on real bundles split from zoo models."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgeoffload import codec as codec_mod
-from edgeoffload import zoo
+from edgeoffload.core import codec as codec_mod
+from edgeoffload.split import zoo
 from edgeoffload.errors import PayloadError, UsageError
-from edgeoffload.ortutil import make_session, run
-from edgeoffload.runtime import DeviceRuntime, check_inputs, decode_checked
-from edgeoffload.splitter import Analysis, split_model
+from edgeoffload._ort import make_session, run
+from edgeoffload.device.runtime import DeviceRuntime, check_inputs, decode_checked
+from edgeoffload.split.splitter import Analysis, split_model
 from edgeoffload.types import TensorSpec
 
 # -- check_inputs --------------------------------------------------------------------------------

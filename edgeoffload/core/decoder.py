@@ -1,0 +1,200 @@
+"""Decoder LLMs: which graph inputs/outputs play which role, and the KV cache as state.
+
+A decoder exported with past key values (optimum's ``text-generation-with-past``) takes
+``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.{key,value}`` and
+returns ``logits`` and ``present.{i}.{key,value}``. Each present tensor is fed back as the past
+input of the next call: that pair is *state*. When the model is split at a block boundary, the
+head keeps the state of its layers on the device and the tail keeps the rest on the server;
+only the residual stream (plus the rotary tables and the mask built near layer 0) crosses.
+
+Light by design (the device path): numpy + the stdlib; no onnx import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeoffload.errors import GraphError, SessionError
+from edgeoffload._ort import run
+from edgeoffload.types import TensorSpec
+
+INPUT_IDS = ("input_ids",)
+ATTENTION_MASK = ("attention_mask",)
+POSITION_IDS = ("position_ids",)
+LOGITS = ("logits",)
+# The block index in a node's layer label: /model/layers.3/..., /transformer/h.3/...
+BLOCK_LABEL = re.compile(r"(?:^|/)(?:layers|layer|h|blocks|block)\.(\d+)$")
+
+
+def _pick(names: Sequence[str], wanted: Sequence[str]) -> str | None:
+    return next((n for n in names if n in wanted), None)
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """The roles of a decoder's graph inputs/outputs and the shapes of its KV state."""
+
+    input_ids: str
+    attention_mask: str | None
+    position_ids: str | None
+    logits: str
+    vocab_size: int
+    state: tuple[tuple[str, str], ...]  # (past input, present output), in graph-input order
+    state_specs: tuple[TensorSpec, ...]  # of the past inputs, same order
+
+    @classmethod
+    def of(
+        cls,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        state: Mapping[str, str],
+    ) -> DecoderLayout:
+        """Find the roles by the exporters' names; GraphError when this is not a decoder."""
+        in_names = [s.name for s in inputs]
+        out_names = [s.name for s in outputs]
+        ids = _pick(in_names, INPUT_IDS)
+        logits = _pick(out_names, LOGITS)
+        if ids is None or logits is None or not state:
+            raise GraphError(
+                "not a decoder with KV cache: expected input_ids, logits and "
+                "past_key_values.* / present.* pairs",
+                hint="export with task text-generation-with-past (edgeoffload export --task ...)",
+            )
+        logits_spec = next(s for s in outputs if s.name == logits)
+        vocab = logits_spec.shape[-1] if logits_spec.shape else None
+        if not isinstance(vocab, int):
+            raise GraphError(f"the logits output has no fixed vocabulary size: {logits_spec}")
+        by_name = {s.name: s for s in inputs}
+        pairs = tuple((i, state[i]) for i in in_names if i in state)
+        return cls(
+            input_ids=ids,
+            attention_mask=_pick(in_names, ATTENTION_MASK),
+            position_ids=_pick(in_names, POSITION_IDS),
+            logits=logits,
+            vocab_size=vocab,
+            state=pairs,
+            state_specs=tuple(by_name[i] for i, _ in pairs),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len({_layer_index(i) for i, _ in self.state})
+
+    def token_feed(self, token_ids: Sequence[int], start: int) -> dict[str, np.ndarray]:
+        """The non-state inputs for ``token_ids`` at positions ``start, start + 1, ...``."""
+        n = len(token_ids)
+        feed = {self.input_ids: np.asarray([token_ids], dtype=np.int64)}
+        if self.attention_mask is not None:
+            feed[self.attention_mask] = np.ones((1, start + n), dtype=np.int64)
+        if self.position_ids is not None:
+            feed[self.position_ids] = np.arange(start, start + n, dtype=np.int64)[None, :]
+        return feed
+
+    def kv_bytes_per_token(self, names: Sequence[str] | None = None) -> int:
+        """Bytes of KV cache one token adds (all state inputs, or those named)."""
+        wanted = set(names) if names is not None else None
+        total = 0
+        for spec in self.state_specs:
+            if wanted is not None and spec.name not in wanted:
+                continue
+            axis = past_axis(spec)
+            per = spec.itemsize
+            for j, dim in enumerate(spec.shape):
+                if j != axis and isinstance(dim, int):
+                    per *= dim
+            total += per
+        return total
+
+
+def _layer_index(name: str) -> int:
+    match = re.search(r"(\d+)", name)
+    return int(match.group(1)) if match else -1
+
+
+def past_axis(spec: TensorSpec) -> int:
+    """The sequence axis of a KV tensor: the symbolic dim named like the past length."""
+    for j, dim in enumerate(spec.shape):
+        if isinstance(dim, str) and ("past" in dim or "sequence" in dim):
+            return j
+    return len(spec.shape) - 2  # [batch, heads, seq, head_dim]
+
+
+def block_of(layer_label: str) -> int | None:
+    """Block index of a layer label (``model/layers.3`` -> 3), None for non-block labels."""
+    match = BLOCK_LABEL.search(layer_label)
+    return int(match.group(1)) if match else None
+
+
+class KVState:
+    """One side's KV cache for one sequence: arrays fed back as the part's past inputs.
+
+    Args:
+        pairs: (past input, present output) of this side's layers.
+        specs: the past inputs' specs (dtype, shape with a symbolic past axis).
+        max_tokens: refuse to grow past this many positions (the KV budget of a session).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        specs: Mapping[str, TensorSpec],
+        *,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.pairs = tuple(pairs)
+        self.max_tokens = max_tokens
+        self.length = 0
+        self.arrays: dict[str, np.ndarray] = {}
+        self._axes: dict[str, int] = {}
+        for name, _ in self.pairs:
+            spec = specs[name]
+            axis = past_axis(spec)
+            shape = [
+                0 if j == axis else (d if isinstance(d, int) else 1)
+                for j, d in enumerate(spec.shape)
+            ]
+            self._axes[name] = axis
+            self.arrays[name] = np.zeros(shape, dtype=np.dtype(spec.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def check_room(self, new_tokens: int) -> None:
+        if self.max_tokens is not None and self.length + new_tokens > self.max_tokens:
+            raise SessionError(
+                f"the KV cache would hold {self.length + new_tokens} positions, over the "
+                f"budget of {self.max_tokens}",
+                hint="start a new conversation or raise the server's max context",
+            )
+
+    def run(self, session: Any, feed: Mapping[str, np.ndarray], new_tokens: int) -> dict[str, Any]:
+        """Run ``session`` with this state; keep the presents, return the other outputs."""
+        self.check_room(new_tokens)
+        outputs = run(session, {**feed, **self.arrays})
+        presents: dict[str, np.ndarray] = {}
+        for name, out in self.pairs:
+            present = outputs.pop(out)
+            axis = self._axes[name]
+            if present.shape[axis] != self.length + new_tokens:
+                raise SessionError(
+                    f"{out} has {present.shape[axis]} positions after a call that should "
+                    f"leave {self.length + new_tokens}"
+                )
+            presents[name] = present
+        self.arrays.update(presents)  # all or nothing
+        self.length += new_tokens
+        return outputs
+
+
+def select_next(logits: np.ndarray) -> np.ndarray:
+    """The last position's logits as a float vector (what sampling looks at)."""
+    arr = np.asarray(logits)
+    if arr.ndim != 3 or arr.shape[0] != 1 or arr.shape[1] == 0:
+        raise SessionError(f"logits have shape {list(arr.shape)}, expected [1, n, vocab]")
+    return np.asarray(arr[0, -1], dtype=np.float32)

@@ -1,0 +1,142 @@
+"""The device runtime: run a bundle's head, prepare what crosses, run the tail locally.
+
+Light by design (the device path): onnxruntime + numpy + the stdlib bundle loader. The tail
+session is created only when it is first needed (local fallback), so a device that always
+offloads never pays for it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeoffload.core import codec as codec_mod
+from edgeoffload.bundle import Bundle, load_bundle
+from edgeoffload.errors import PayloadError, UsageError
+from edgeoffload._ort import make_session, run
+from edgeoffload.protocol.connection import check_against_specs
+from edgeoffload.types import TensorSpec
+
+
+def check_inputs(
+    inputs: Mapping[str, Any], specs: tuple[TensorSpec, ...], dims: Mapping[str, int]
+) -> dict[str, np.ndarray]:
+    """Inputs as numpy arrays, checked against the bundle's graph inputs (UsageError)."""
+    arrays: dict[str, np.ndarray] = {}
+    expected = {s.name: s for s in specs}
+    missing = sorted(set(expected) - set(inputs))
+    extra = sorted(set(inputs) - set(expected))
+    if missing or extra:
+        raise UsageError(
+            "inputs do not match the model: "
+            + (f"missing {missing} " if missing else "")
+            + (f"unexpected {extra}" if extra else ""),
+            hint="the model takes "
+            + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs),
+        )
+    bound: dict[str, int] = {}
+    for name, spec in expected.items():
+        try:
+            array = np.asarray(inputs[name])
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"input {name!r} is not an array: {exc}") from None
+        if array.dtype.name != spec.dtype:
+            raise UsageError(f"input {name!r} has dtype {array.dtype.name}, expected {spec.dtype}")
+        if array.ndim != len(spec.shape):
+            raise UsageError(
+                f"input {name!r} has shape {list(array.shape)}, expected {list(spec.shape)}"
+            )
+        for size, dim in zip(array.shape, spec.shape, strict=True):
+            if isinstance(dim, int) and size != dim:
+                raise UsageError(
+                    f"input {name!r} has shape {list(array.shape)}, expected {list(spec.shape)}"
+                )
+            if isinstance(dim, str) and bound.setdefault(dim, size) != size:
+                raise UsageError(f"input {name!r}: dim {dim!r} is {size}, elsewhere {bound[dim]}")
+        arrays[name] = np.ascontiguousarray(array)
+    return arrays
+
+
+class DeviceRuntime:
+    """Head execution and local tail fallback for one bundle."""
+
+    def __init__(self, bundle: Bundle | str | Path, *, threads: int = 1) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.manifest = self.bundle.manifest
+        self.threads = threads
+        head_path = self.bundle.head_path
+        self._head = make_session(head_path, threads=threads) if head_path else None
+        self._tail: Any = None
+        self._tail_lock = threading.Lock()
+        self._codec = codec_mod.CodecSpec.parse(self.manifest.codec)
+
+    @property
+    def has_tail(self) -> bool:
+        return self.bundle.tail_path is not None
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return check_inputs(inputs, self.manifest.graph_inputs, self.manifest.dims)
+
+    def run_head(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The crossing tensors (head outputs plus passed-through inputs), in manifest order."""
+        produced = run(self._head, inputs) if self._head is not None else {}
+        produced.update({name: inputs[name] for name in self.manifest.passthrough})
+        if self.manifest.tail is None:  # all-local bundle: the head's outputs are the result
+            return produced
+        return {t.name: produced[t.name] for t in self.manifest.crossing}
+
+    def codec_for(self, dtype: str) -> str:
+        return codec_mod.codec_for_dtype(self._codec, dtype).name
+
+    def encode(
+        self, crossing: Mapping[str, np.ndarray]
+    ) -> list[tuple[str, codec_mod.EncodedTensor]]:
+        return [(name, codec_mod.encode(array, self._codec)) for name, array in crossing.items()]
+
+    @property
+    def head_session(self) -> Any:
+        """The head's onnxruntime session (None for an all-remote bundle)."""
+        return self._head
+
+    def tail_session(self) -> Any:
+        """The tail's session on the device, created on first use (the local fallback)."""
+        if self.bundle.tail_path is None:
+            return None
+        with self._tail_lock:
+            if self._tail is None:
+                self._tail = make_session(self.bundle.tail_path, threads=self.threads)
+        return self._tail
+
+    def run_tail_locally(self, crossing: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The fallback: the tail on the device, on the same (codec-decoded) values."""
+        if self.bundle.tail_path is None:
+            return dict(crossing)
+        return run(self.tail_session(), crossing)
+
+    def run_local(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Head and tail both on the device (what ``fallback="local"`` computes)."""
+        arrays = self.check_inputs(inputs)
+        return self.run_tail_locally(self.run_head(arrays))
+
+
+def decode_checked(
+    tensors: Any,
+    specs: tuple[TensorSpec, ...],
+    codec_for: Any,
+    *,
+    max_bytes: int,
+    fixed_dims: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Validate encoded tensors against declared specs, then decode them (PayloadError)."""
+    check_against_specs(tensors, specs, codec_for=codec_for, fixed_dims=fixed_dims)
+    out: dict[str, np.ndarray] = {}
+    for name, encoded in tensors:
+        try:
+            out[name] = codec_mod.decode(encoded, max_bytes=max_bytes)
+        except PayloadError as exc:
+            raise PayloadError(f"tensor {name!r}: {exc.message}") from None
+    return out

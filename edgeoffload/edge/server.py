@@ -1,0 +1,631 @@
+"""The edge server: hosts bundles' tails and answers devices over the encrypted protocol.
+
+One asyncio event loop owns the sockets (websockets.asyncio); tails run in a bounded thread
+pool of onnxruntime sessions (ORT releases the GIL while it computes). Safety defaults:
+binds 127.0.0.1, admits only allow-listed device keys, ``compression=None`` (ciphertext does
+not compress, and no decompression-bomb surface), ``max_size`` derived from the largest
+declared crossing tensor, timeouts on handshakes and silent peers, a hard bound on in-flight
+requests (beyond it the answer is ``overloaded``, never an unbounded queue), ``GET /healthz``
+over plain HTTP, and a graceful drain on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from edgeoffload.core import codec as codec_mod
+from edgeoffload.bundle import Bundle
+from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
+from edgeoffload.errors import (
+    AuthenticationFailed,
+    EdgeOffloadError,
+    PayloadError,
+    ProtocolError,
+    SamplingError,
+    ServerBusy,
+    SessionError,
+    SessionLost,
+    UsageError,
+)
+from edgeoffload.keys import AllowList, Identity
+from edgeoffload.core.noise import KeyPair
+from edgeoffload._ort import make_session, run
+from edgeoffload.protocol.connection import (
+    CLOSE_AUTH,
+    CLOSE_PROTOCOL,
+    CLOSE_SHUTDOWN,
+    CLOSE_VERSION,
+    CloseRequested,
+    ErrorReply,
+    HandshakeComplete,
+    HostedBundle,
+    InvalidRequest,
+    Ping,
+    ReplayGuard,
+    RunRequest,
+    SessionEnd,
+    SessionFeed,
+    SessionOpen,
+    truncate_utf8,
+)
+from edgeoffload.protocol.connection import ServerConnection as ProtocolConnection
+from edgeoffload.device.runtime import decode_checked
+from edgeoffload.core.sampling import SamplingParams, sample_token
+from edgeoffload.edge.sessions import Session, SessionStore
+
+log = logging.getLogger("edgeoffload.edge.server")
+
+MIN_MAX_MESSAGE = 1 << 20
+# Tails that take less than this run on the event loop itself when nothing else is in flight:
+# a round trip through the worker pool costs ~0.1-0.3 ms, more than such a tail.
+INLINE_TAIL_MS = 0.5
+WRITE_LIMIT = 1 << 22  # see client.WRITE_LIMIT
+CHUNK_OVERHEAD = 16 / 65535
+# Decoder bundles are split at one decode step; their messages may carry a whole prompt or a
+# replay of a lost session: room for this many positions' crossing tensors.
+DECODER_MESSAGE_TOKENS = 2048
+DECODER_MESSAGE_BYTES = 8 << 20  # -> a 16 MiB message limit (devices split longer prompts)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    threads: int = 1  # intra-op threads per tail session run
+    workers: int = 0  # concurrent tail runs; 0 = number of CPUs
+    max_inflight: int = 0  # requests accepted at once (running + queued); 0 = 4 x workers
+    handshake_timeout: float = 5.0
+    idle_timeout: float = 120.0
+    request_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    # Generation sessions (decoder bundles): tail KV caches kept per conversation.
+    kv_budget: int = 1 << 30  # bytes of KV cache for all sessions together (LRU eviction)
+    session_ttl: float = 600.0  # seconds a session may stay unused
+    max_context: int = 4096  # positions one session may hold
+
+
+@dataclass
+class _Hosted:
+    bundle: Bundle
+    info: HostedBundle
+    session: Any
+    codec: codec_mod.CodecSpec
+    max_tensor_bytes: int
+    tail_ms: float = float("inf")  # moving average of decode + tail time
+    runs: int = 0
+    decoder: DecoderLayout | None = None  # set for decoder bundles (served as sessions)
+    tail_state: tuple[tuple[str, str], ...] = ()  # the tail's KV pairs
+
+    def new_kv(self, max_tokens: int) -> KVState:
+        assert self.decoder is not None
+        specs = {s.name: s for s in self.decoder.state_specs}
+        return KVState(self.tail_state, specs, max_tokens=max_tokens)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        assert self.decoder is not None
+        return self.decoder.kv_bytes_per_token([i for i, _ in self.tail_state])
+
+
+@dataclass
+class ServerStats:
+    connections: int = 0
+    handshakes_ok: int = 0
+    handshakes_rejected: int = 0
+    requests: int = 0
+    results: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+def _declared_bytes(bundle: Bundle) -> int:
+    """Bytes of the crossing tensors at the bundle's split-time dims (x2 for other dims)."""
+    total = 0
+    dims = bundle.manifest.dims
+    for spec in bundle.manifest.crossing:
+        size = spec.nbytes(dims)
+        total += size if size is not None else 0
+    return total
+
+
+class EdgeServer:
+    """Serve the tails of ``bundles`` to allow-listed devices."""
+
+    def __init__(
+        self,
+        bundles: Sequence[Bundle],
+        *,
+        identity: Identity,
+        allow: AllowList,
+        config: ServerConfig | None = None,
+    ) -> None:
+        self.config = config or ServerConfig()
+        self.identity = identity
+        self.allow = allow
+        self.stats = ServerStats()
+        cpus = os.cpu_count() or 1
+        self.workers = self.config.workers or cpus
+        self.max_inflight = self.config.max_inflight or 4 * self.workers
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeoffload-tail")
+        self._hosted: dict[str, _Hosted] = {}
+        self.bundles: dict[str, HostedBundle] = {}
+        for bundle in bundles:
+            self.add_bundle(bundle)
+        largest = max((h.max_tensor_bytes for h in self._hosted.values()), default=0)
+        # Room for the declared tensors twice over (other symbolic dims), framing and tags.
+        self.max_message = max(
+            MIN_MAX_MESSAGE, math.ceil(2 * largest * (1 + CHUNK_OVERHEAD)) + 65536
+        )
+        self._replay = ReplayGuard()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._server: Server | None = None
+        self._closing = False
+        self._static = KeyPair(private=identity.private, public=identity.public)
+        self.sessions = SessionStore(
+            ttl=self.config.session_ttl, budget_bytes=self.config.kv_budget
+        )
+        self.clock: Callable[[], float] = time.monotonic
+
+    def add_bundle(self, bundle: Bundle) -> None:
+        manifest = bundle.manifest
+        if bundle.tail_path is None:
+            raise UsageError(
+                f"bundle {bundle.path} is all-local (no tail): nothing to serve",
+                hint="split with a cut that leaves work for the server",
+            )
+        session = make_session(bundle.tail_path, threads=self.config.threads)
+        info = HostedBundle(manifest.identity, manifest.version)
+        hosted = _Hosted(
+            bundle,
+            info,
+            session,
+            codec_mod.CodecSpec.parse(manifest.codec),
+            max(_declared_bytes(bundle), 1),
+        )
+        if manifest.state:
+            state = {e["input"]: e["output"] for e in manifest.state}
+            hosted.decoder = DecoderLayout.of(manifest.graph_inputs, manifest.graph_outputs, state)
+            hosted.tail_state = tuple(
+                (e["input"], e["output"]) for e in manifest.state if e["side"] == "server"
+            )
+            # A prompt's prefill (or a replay) carries many positions in one message; the
+            # crossing specs' sequence dims are symbolic, so the declared size is a floor.
+            hosted.max_tensor_bytes = max(
+                hosted.max_tensor_bytes * DECODER_MESSAGE_TOKENS, DECODER_MESSAGE_BYTES
+            )
+        self._hosted[manifest.version] = hosted
+        self.bundles[manifest.version] = info
+        log.info("hosting %s version %s from %s", manifest.identity, manifest.version, bundle.path)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            compression=None,
+            max_size=self.max_message,
+            max_queue=4,
+            process_request=self._process_request,
+            open_timeout=self.config.handshake_timeout,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=5,
+            write_limit=WRITE_LIMIT,
+        )
+        log.info("listening on %s:%d", self.config.host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        sock = next(iter(self._server.sockets))
+        return int(sock.getsockname()[1])
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then close everyone."""
+        if self._server is None:
+            return
+        self._closing = True
+        self._server.close(close_connections=False)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: %d request(s) still running", self._inflight)
+        for conn in list(self._server.connections):
+            await conn.close(CLOSE_SHUTDOWN, "server shutting down")
+        await self._server.wait_closed()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.wait_closed()
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            body = {
+                "status": "draining" if self._closing else "ok",
+                "bundles": sorted(h.version for h in self.bundles.values()),
+                "inflight": self._inflight,
+                "max_inflight": self.max_inflight,
+            }
+            response = connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+            del response.headers["Content-Type"]  # respond() set text/plain; replace, not add
+            response.headers["Content-Type"] = "application/json"
+            return response
+        return None
+
+    # -- one device ------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.stats.connections += 1
+        conn = ProtocolConnection(
+            static=self._static,
+            is_allowed=self.allow.allows,
+            bundles=self.bundles,
+            replay_guard=self._replay,
+            max_message=self.max_message,
+        )
+        send_lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            first = await asyncio.wait_for(ws.recv(), self.config.handshake_timeout)
+            if not isinstance(first, bytes):
+                await ws.close(CLOSE_PROTOCOL, "binary messages only")
+                return
+            events = conn.receive(first)
+            for reply in conn.data_to_send():
+                await ws.send(reply)
+            if isinstance(events[0], ErrorReply):
+                self.stats.handshakes_rejected += 1
+                await ws.close(CLOSE_VERSION, events[0].code)
+                return
+            assert isinstance(events[0], HandshakeComplete)
+            self.stats.handshakes_ok += 1
+            hosted = self._hosted[events[0].version]
+            del first, events  # an idle connection should not keep its handshake alive
+            while True:
+                data = await asyncio.wait_for(ws.recv(), self.config.idle_timeout)
+                if not isinstance(data, bytes):
+                    await ws.close(CLOSE_PROTOCOL, "binary messages only")
+                    return
+                if not await self._dispatch(ws, conn, send_lock, hosted, data, tasks):
+                    return
+                del data  # nor its last request's plaintext (measured: ~0.6 MiB per connection)
+        except AuthenticationFailed:
+            if conn.transport is None:
+                self.stats.handshakes_rejected += 1
+            self.stats.error("auth")
+            await ws.close(CLOSE_AUTH, "authentication failed")
+        except ProtocolError as exc:
+            self.stats.error("protocol")
+            log.info("protocol error from %s: %s", ws.remote_address, exc)
+            await ws.close(CLOSE_PROTOCOL, truncate_utf8(str(exc), 120))  # close reasons <= 123 B
+        except asyncio.TimeoutError:
+            self.stats.error("timeout")
+            await ws.close(CLOSE_PROTOCOL, "timeout")
+        except ConnectionClosed:
+            pass
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _dispatch(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        hosted: _Hosted,
+        data: bytes,
+        tasks: set[asyncio.Task[None]],
+    ) -> bool:
+        """Handle one transport message; False when the device closed the session."""
+        for event in conn.receive(data):
+            if isinstance(event, RunRequest) and hosted.decoder is not None:
+                await self._reply_error(
+                    ws,
+                    conn,
+                    send_lock,
+                    event.request_id,
+                    "session",
+                    "this bundle is a decoder: generate through a session (open/prefill/step)",
+                )
+            elif isinstance(event, RunRequest):
+                task = asyncio.create_task(self._serve_request(ws, conn, send_lock, hosted, event))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif isinstance(event, SessionOpen | SessionEnd | SessionFeed):
+                task = asyncio.create_task(self._serve_session(ws, conn, send_lock, hosted, event))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif isinstance(event, InvalidRequest):
+                await self._reply_error(
+                    ws, conn, send_lock, event.request_id, "payload", event.message
+                )
+            elif isinstance(event, Ping):
+                async with send_lock:
+                    conn.send_pong(event.request_id, event.payload)
+                    for out in conn.data_to_send():
+                        await ws.send(out)
+            elif isinstance(event, CloseRequested):
+                await ws.close()
+                return False
+        return True
+
+    async def _admit(
+        self, ws: ServerConnection, conn: ProtocolConnection, send_lock: asyncio.Lock, rid: int
+    ) -> bool:
+        """Count a request in, or answer ``shutting_down`` / ``overloaded`` (never queue it)."""
+        self.stats.requests += 1
+        if self._closing:
+            await self._reply_error(
+                ws, conn, send_lock, rid, "shutting_down", "server is shutting down"
+            )
+            return False
+        if self._inflight >= self.max_inflight:
+            await self._reply_error(
+                ws, conn, send_lock, rid, "overloaded", f"{self._inflight} requests in flight"
+            )
+            return False
+        self._inflight += 1
+        self._idle.clear()
+        return True
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def _serve_request(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        hosted: _Hosted,
+        request: RunRequest,
+    ) -> None:
+        if not await self._admit(ws, conn, send_lock, request.request_id):
+            return
+        try:
+            started = time.perf_counter()
+            if hosted.tail_ms < INLINE_TAIL_MS and self._inflight == 1:
+                # A tail this short costs less than the hop to a worker thread and back.
+                outputs = self._run_tail(hosted, request)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs = await asyncio.wait_for(
+                    loop.run_in_executor(self._executor, self._run_tail, hosted, request),
+                    self.config.request_timeout,
+                )
+            server_ms = (time.perf_counter() - started) * 1e3
+            hosted.tail_ms = 0.8 * hosted.tail_ms + 0.2 * server_ms if hosted.runs else server_ms
+            hosted.runs += 1
+            encoded = [
+                (name, codec_mod.encode(a, codec_mod.CodecSpec())) for name, a in outputs.items()
+            ]
+            async with send_lock:
+                conn.send_result(request.request_id, encoded, server_ms)
+                for out in conn.data_to_send():
+                    await ws.send(out)
+            self.stats.results += 1
+        except PayloadError as exc:
+            await self._reply_error(ws, conn, send_lock, request.request_id, "payload", exc.message)
+        except asyncio.TimeoutError:
+            await self._reply_error(
+                ws,
+                conn,
+                send_lock,
+                request.request_id,
+                "timeout",
+                "the tail did not finish in time",
+            )
+        except ConnectionClosed:
+            pass
+        except EdgeOffloadError as exc:
+            await self._reply_error(
+                ws, conn, send_lock, request.request_id, "internal", exc.message
+            )
+        except Exception:  # an ORT failure must not take the server down
+            log.exception("tail failed for request %d", request.request_id)
+            await self._reply_error(
+                ws, conn, send_lock, request.request_id, "internal", "the tail failed on the server"
+            )
+        finally:
+            self._release()
+
+    # -- generation sessions ---------------------------------------------------------------------
+
+    async def _serve_session(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        hosted: _Hosted,
+        event: SessionOpen | SessionEnd | SessionFeed,
+    ) -> None:
+        """Open, feed or end a session; every failure is an error reply for this request only."""
+        owner = conn.peer_public or b""
+        version = hosted.info.version
+        try:
+            if hosted.decoder is None:
+                raise SessionError("this bundle is not a decoder: it has no sessions")
+            if isinstance(event, SessionOpen):
+                params = SamplingParams.from_dict(event.sampling)
+                granted = min(event.max_tokens, self.config.max_context)
+                if granted < 1:
+                    raise SessionError("max_tokens must be at least 1")
+                opened = self.sessions.open(
+                    owner=owner,
+                    version=version,
+                    sampling=params,
+                    make_kv=lambda: hosted.new_kv(granted),
+                    now=self.clock(),
+                )
+                async with send_lock:
+                    conn.send_opened(event.request_id, opened.session_id, granted)
+                    for out in conn.data_to_send():
+                        await ws.send(out)
+                return
+            if isinstance(event, SessionEnd):
+                self.sessions.close(event.session, owner=owner, version=version, now=self.clock())
+                async with send_lock:
+                    conn.send_ended(event.request_id, event.session)
+                    for out in conn.data_to_send():
+                        await ws.send(out)
+                return
+            await self._serve_feed(ws, conn, send_lock, hosted, event, owner)
+        except SessionLost as exc:
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "session_lost", exc.message
+            )
+        except (SessionError, SamplingError) as exc:
+            await self._reply_error(ws, conn, send_lock, event.request_id, "session", exc.message)
+        except PayloadError as exc:
+            await self._reply_error(ws, conn, send_lock, event.request_id, "payload", exc.message)
+        except ServerBusy as exc:
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "overloaded", exc.message
+            )
+        except ConnectionClosed:
+            pass
+
+    async def _serve_feed(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        hosted: _Hosted,
+        event: SessionFeed,
+        owner: bytes,
+    ) -> None:
+        session = self.sessions.get(
+            event.session, owner=owner, version=hosted.info.version, now=self.clock()
+        )
+        if session.busy:
+            raise SessionError(f"session {event.session} is already running a prefill or step")
+        if event.pos != session.length:
+            raise SessionError(
+                f"{event.kind} at position {event.pos}, but session {event.session} holds "
+                f"{session.length} positions"
+            )
+        if event.kind == "step" and session.length == 0:
+            raise SessionError(f"a step before any prefill of session {event.session}")
+        new_tokens = sum(c.n for c in event.chunks)
+        session.kv.check_room(new_tokens)
+        growth = new_tokens * hosted.kv_bytes_per_token
+        if session.kv.nbytes + growth > self.sessions.budget_bytes:
+            self.sessions.make_room(session, growth)  # raises: alone over the budget
+        if not await self._admit(ws, conn, send_lock, event.request_id):
+            return
+        session.busy = True
+        try:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            token, saved = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._run_feed, hosted, session, event),
+                self.config.request_timeout,
+            )
+            try:  # evict others only for growth that really happened
+                self.sessions.make_room(session, 0)
+            except BaseException:
+                session.kv.arrays, session.kv.length = saved
+                raise
+            server_ms = (time.perf_counter() - started) * 1e3
+            async with send_lock:
+                conn.send_token(
+                    event.request_id, session.session_id, session.length, token, server_ms
+                )
+                for out in conn.data_to_send():
+                    await ws.send(out)
+            self.stats.results += 1
+        except asyncio.TimeoutError:
+            # The worker may still finish and grow the cache: the session is not trustworthy.
+            self.sessions.drop(session.session_id)
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "timeout", "the tail did not finish in time"
+            )
+        except (SessionError, PayloadError, SamplingError, ServerBusy):
+            raise
+        except EdgeOffloadError as exc:
+            await self._reply_error(ws, conn, send_lock, event.request_id, "internal", exc.message)
+        except Exception:  # an ORT failure must not take the server down
+            log.exception("tail failed for session %d", session.session_id)
+            self.sessions.drop(session.session_id)
+            await self._reply_error(
+                ws, conn, send_lock, event.request_id, "internal", "the tail failed on the server"
+            )
+        finally:
+            session.busy = False
+            session.last_used = self.clock()
+            self._release()
+
+    def _run_feed(self, hosted: _Hosted, session: Session, event: SessionFeed) -> tuple[int, Any]:
+        """Run the tail over every chunk (all or nothing), then sample the next token."""
+        assert hosted.decoder is not None
+        manifest = hosted.bundle.manifest
+        kv = session.kv
+        saved = (dict(kv.arrays), kv.length)
+        try:
+            outputs: dict[str, Any] = {}
+            for chunk in event.chunks:
+                feed = decode_checked(
+                    chunk.tensors,
+                    manifest.crossing,
+                    lambda dtype: codec_mod.codec_for_dtype(hosted.codec, dtype).name,
+                    max_bytes=self.max_message,
+                )
+                outputs = kv.run(hosted.session, feed, chunk.n)
+            logits = select_next(outputs[hosted.decoder.logits])
+            return sample_token(logits, session.sampling, kv.length), saved
+        except BaseException:
+            kv.arrays, kv.length = saved  # a failed feed leaves the session as it was
+            raise
+
+    def _run_tail(self, hosted: _Hosted, request: RunRequest) -> dict[str, np.ndarray]:
+        manifest = hosted.bundle.manifest
+        feed = decode_checked(
+            request.tensors,
+            manifest.crossing,
+            lambda dtype: codec_mod.codec_for_dtype(hosted.codec, dtype).name,
+            max_bytes=self.max_message,
+        )
+        return run(hosted.session, feed)
+
+    async def _reply_error(
+        self,
+        ws: ServerConnection,
+        conn: ProtocolConnection,
+        send_lock: asyncio.Lock,
+        request_id: int,
+        code: str,
+        message: str,
+    ) -> None:
+        self.stats.error(code)
+        try:
+            async with send_lock:
+                conn.send_error(request_id, code, message)
+                for out in conn.data_to_send():
+                    await ws.send(out)
+        except ConnectionClosed:
+            pass

@@ -1,0 +1,598 @@
+"""Server throughput under many concurrent devices (``benchmarks/server_throughput.py``).
+
+One edge server (``edgeoffload serve`` in its own process, 127.0.0.1) hosts the tail of a
+model cut early, so the tail carries most of the compute. This process then plays C devices
+at once (C asyncio :class:`~edgeoffload.device.client.OffloadClient` objects, each with its own key,
+connection and head session), each sending a bounded number of sequential requests.
+
+The baseline is the tail's onnxruntime session called directly from a thread pool as wide as
+the server's worker pool, on the same crossing tensors, in the same run and on the same cores:
+right before and right after each row, for as many requests as the row, so that drift on a
+shared machine hits both sides alike. Each row also records the CPU time the server and the
+device process spent per request and how busy the whole machine was (other load included),
+so a ratio can be explained, not only read: on a dedicated machine a saturated server reaches
+about ``direct CPU per request / offload CPU per request``.
+
+Everything is bounded: request counts are fixed, every await has a timeout, and no request is
+issued once ``duration_cap_s`` has passed (the result then says ``capped``). Linux only (reads
+``/proc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import math
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeoffload.lab.bench import _interleaved_ms, environment
+
+Progress = Callable[[str, float], None]
+
+DEFAULT_CLIENTS: tuple[int, ...] = (1, 8, 32, 64)
+MAX_INFLIGHT = 256  # 64 devices x 1 request in flight, with room: no "overloaded" by design
+HEAD_FRACTION = 0.05  # default cut: the first single-tensor cut after ~5% of the nodes
+REQUEST_TIMEOUT_S = 30.0
+SAMPLES = 4  # distinct inputs, cycled through by every device and by the baseline
+
+
+# -- /proc readers (Linux) ---------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process ``pid`` in KiB (VmRSS from /proc/<pid>/status)."""
+    return _status_kib(pid, "VmRSS")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])  # "VmRSS:   123456 kB"
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal
+    return total - values[3] - values[4], total
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Cores the whole machine kept busy between two :func:`machine_ticks` readings."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total * (os.cpu_count() or 1), 3) if total else 0.0
+
+
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus`` (threads started later inherit it from
+    the thread that starts them)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # thread ended
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 3) if values else float("nan")
+
+
+def _latency(values: Sequence[float]) -> dict[str, float]:
+    return {"p50_ms": _pct(values, 50), "p99_ms": _pct(values, 99)}
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+def default_cut(analysis: Any, fraction: float = HEAD_FRACTION) -> Any:
+    """The first single-tensor cut whose head holds at least ``fraction`` of the nodes."""
+    n = len(analysis.node_order)
+    single = [c for c in analysis.cuts if 0 < c.index < n and len(c.tensors) == 1]
+    if not single:
+        from edgeoffload.errors import UsageError
+
+        raise UsageError(
+            "the model has no single-tensor cut with work on both sides",
+            hint="pass cut='c<N>' explicitly",
+        )
+    return next((c for c in single if c.index >= fraction * n), single[-1])
+
+
+def direct_baseline(
+    session: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    workers: int,
+    requests: int,
+    deadline: float,
+    cpus: set[int] | None = None,
+) -> dict[str, Any]:
+    """The tail session called directly by ``workers`` threads, ``requests`` calls in all.
+
+    Each thread runs calls back to back (a closed loop as wide as the server's pool); the
+    latency of a call is its own ``session.run`` time. No call starts after ``deadline``
+    (``time.monotonic()``). ``cpus``: pin the calling threads there (the server's cores).
+    """
+    names = [o.name for o in session.get_outputs()]
+    inputs = [{i.name: feed[i.name] for i in session.get_inputs()} for feed in feeds]
+    lock = threading.Lock()
+    issued = iter(range(requests))
+    latencies: list[float] = []
+
+    def worker() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)  # this thread only
+        while time.monotonic() < deadline:
+            with lock:
+                k = next(issued, None)
+            if k is None:
+                return
+            start = time.perf_counter()
+            session.run(names, inputs[k % len(inputs)])
+            ms = (time.perf_counter() - start) * 1e3
+            with lock:
+                latencies.append(ms)
+
+    for feed in inputs:  # warm-up outside the clock
+        session.run(names, feed)
+    cpu0, ticks0 = time.process_time(), machine_ticks()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers, thread_name_prefix="direct-tail") as pool:
+        futures = [pool.submit(worker) for _ in range(workers)]
+        for future in futures:
+            future.result(timeout=max(1.0, deadline - time.monotonic()) + REQUEST_TIMEOUT_S)
+    wall = time.perf_counter() - start
+    cpu, ticks1 = time.process_time() - cpu0, machine_ticks()
+    done = len(latencies)
+    return {
+        "requests": done,
+        "wall_s": round(wall, 4),
+        "req_s": round(done / wall, 3) if wall > 0 else float("nan"),
+        **_latency(latencies),
+        "cpu_ms_per_request": round(cpu * 1e3 / done, 3) if done else float("nan"),
+        "own_cores": round(cpu / wall, 3) if wall > 0 else 0.0,
+        "machine_busy_cores": busy_cores(ticks0, ticks1),
+        "capped": done < requests,
+    }
+
+
+class _ServerProcess:
+    """``edgeoffload serve`` via demo.spawn_server; its output is drained so it never blocks."""
+
+    def __init__(self, bundle_dir: Path, *, key_dir: Path, allow: Path, extra: list[str]) -> None:
+        from edgeoffload.lab.demo import spawn_server
+
+        self.proc, self.port = spawn_server([bundle_dir], key_dir=key_dir, allow=allow, extra=extra)
+        self.output: collections.deque[str] = collections.deque(maxlen=50)
+        self._reader = threading.Thread(target=self._drain, daemon=True, name="server-output")
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(5)
+
+
+async def _bounded(awaitable: Any, timeout: float) -> Any:
+    return await asyncio.wait_for(awaitable, max(0.1, timeout))
+
+
+async def _close_all(clients: Sequence[Any]) -> None:
+    await asyncio.gather(*(_bounded(c.close(), 10.0) for c in clients), return_exceptions=True)
+
+
+async def _connect_and_run_once(
+    clients: Sequence[Any],
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    deadline: float,
+    check: Callable[[int, Mapping[str, np.ndarray]], float],
+    errors: collections.Counter[str],
+) -> float:
+    """Connect each client and complete one request on it, one device at a time (so that
+    transient request buffers never pile up); returns the worst |output - reference|."""
+    from edgeoffload.errors import EdgeOffloadError
+
+    worst = 0.0
+    for i, client in enumerate(clients):
+        if time.monotonic() >= deadline:
+            errors["not-connected-before-cap"] += 1
+            continue
+        try:
+            outputs = await _bounded(client.run(inputs[i % len(inputs)]), REQUEST_TIMEOUT_S + 5)
+            worst = max(worst, check(i % len(inputs), outputs))
+        except (EdgeOffloadError, asyncio.TimeoutError) as exc:
+            errors[type(exc).__name__] += 1
+    return worst
+
+
+async def _memory_per_connection(
+    clients: Sequence[Any],
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    server: _ServerProcess,
+    deadline: float,
+    check: Callable[[int, Mapping[str, np.ndarray]], float],
+) -> dict[str, Any]:
+    """Server RSS growth per connection: open ``len(clients)`` connections that complete one
+    request each, on a server warmed up beforehand (ORT arenas, allocator pools)."""
+    errors: collections.Counter[str] = collections.Counter()
+    await asyncio.sleep(0.2)  # let the server finish closing earlier connections
+    before = rss_kib(server.pid)
+    worst = await _connect_and_run_once(
+        clients, inputs, deadline=deadline, check=check, errors=errors
+    )
+    await asyncio.sleep(0.1)
+    after = rss_kib(server.pid)
+    await _close_all(clients)
+    return {
+        "connections": len(clients),
+        "server_rss_before_kib": before,
+        "server_rss_connected_kib": after,
+        "kib_per_connection": round((after - before) / len(clients), 2),
+        "errors": dict(errors),
+        "max_abs_error": worst,
+    }
+
+
+async def _row(
+    clients: Sequence[Any],
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    requests_per_client: int,
+    server: _ServerProcess,
+    deadline: float,
+    check: Callable[[int, Mapping[str, np.ndarray]], float],
+    direct: Callable[[int], dict[str, Any]],
+) -> dict[str, Any]:
+    """One client count: connect + one request each (untimed), the direct baseline for the
+    same number of requests (right before, so that drift on a shared machine hits both
+    alike), then the timed run."""
+    from edgeoffload.errors import EdgeOffloadError
+
+    count = len(clients)
+    errors: collections.Counter[str] = collections.Counter()
+    worst = await _connect_and_run_once(
+        clients, inputs, deadline=deadline, check=check, errors=errors
+    )
+    before = await asyncio.to_thread(direct, count * requests_per_client)
+
+    totals: list[float] = []
+    server_ms: list[float] = []
+    start_gate = asyncio.Event()
+
+    async def device(i: int) -> None:
+        client = clients[i]
+        await start_gate.wait()
+        for k in range(requests_per_client):
+            if time.monotonic() >= deadline:
+                return
+            try:
+                await _bounded(client.run(inputs[(i + k) % len(inputs)]), REQUEST_TIMEOUT_S + 5)
+            except (EdgeOffloadError, asyncio.TimeoutError) as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            timing = client.last_timing
+            assert timing is not None
+            if not timing.offloaded or timing.attempts != 1:
+                errors["not-offloaded-first-try"] += 1
+            totals.append(timing.total_ms)
+            server_ms.append(timing.server_ms)
+
+    tasks = [asyncio.create_task(device(i)) for i in range(count)]
+    server_cpu0, client_cpu0 = cpu_seconds(server.pid), time.process_time()
+    ticks0 = machine_ticks()
+    started = time.perf_counter()
+    start_gate.set()
+    budget = max(0.0, deadline - time.monotonic()) + REQUEST_TIMEOUT_S + 10
+    _, pending = await asyncio.wait(tasks, timeout=budget)
+    wall = time.perf_counter() - started
+    server_cpu = cpu_seconds(server.pid) - server_cpu0
+    client_cpu = time.process_time() - client_cpu0
+    ticks1 = machine_ticks()
+    for task in pending:
+        task.cancel()
+        errors["unfinished"] += 1
+    peak_rss = _status_kib(server.pid, "VmHWM")
+    await _close_all(clients)
+    # The direct baseline again, right after: the faster of the two adjacent runs is the
+    # reference (conservative: a dip caused by other load on the machine does not count).
+    after = await asyncio.to_thread(direct, count * requests_per_client)
+    baseline = {**max(before, after, key=lambda b: b["req_s"]), "runs": [before, after]}
+
+    done = len(totals)
+    req_s = round(done / wall, 3) if wall > 0 and done else 0.0
+    server_cpu_ms = server_cpu * 1e3 / done if done else math.nan
+    client_cpu_ms = client_cpu * 1e3 / done if done else math.nan
+    direct_cpu_ms = baseline["cpu_ms_per_request"]
+    return {
+        "clients": count,
+        "requests": done,
+        "wall_s": round(wall, 4),
+        "req_s": req_s,
+        "ratio_to_direct": round(req_s / baseline["req_s"], 4) if baseline["req_s"] else math.nan,
+        **_latency(totals),
+        "server_p50_ms": _pct(server_ms, 50),
+        "server_p99_ms": _pct(server_ms, 99),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "server_cpu_ms_per_request": round(server_cpu_ms, 3),
+        "client_cpu_ms_per_request": round(client_cpu_ms, 3),
+        # What the CPU accounting predicts for a machine with no other load, once the
+        # server is saturated: direct CPU per request over the CPU the offload path spends
+        # per request, with the devices on the same cores, and with them elsewhere.
+        "cpu_ratio_shared_cores": round(direct_cpu_ms / (server_cpu_ms + client_cpu_ms), 4),
+        "cpu_ratio_server_only": round(direct_cpu_ms / server_cpu_ms, 4),
+        # Cores kept busy by the server + this process, and by the whole machine (the rest
+        # is other load on a shared machine, which the baseline may not have met).
+        "own_cores": round((server_cpu + client_cpu) / wall, 3) if wall > 0 else 0.0,
+        "machine_busy_cores": busy_cores(ticks0, ticks1),
+        "server_peak_rss_kib": peak_rss,
+        "max_abs_error": worst,
+        "capped": done < count * requests_per_client,
+        "direct": baseline,
+    }
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def server_throughput(
+    model: Any = "zoo:mobilenetv2",
+    *,
+    cut: str | None = None,
+    clients: tuple[int, ...] = DEFAULT_CLIENTS,
+    requests_per_client: int = 10,
+    workers: int = 0,
+    threads: int = 1,
+    duration_cap_s: float = 120.0,
+    server_cpus: Sequence[int] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Requests/s and latency of one edge server under 1..N concurrent devices.
+
+    Args:
+        model: an ONNX ModelProto, a path, or ``zoo:NAME`` (see ``edgeoffload.split.zoo.resolve``).
+        cut: cut id or node/tensor name; default: the first single-tensor cut after ~5% of the
+            nodes, so that the tail (on the server) carries most of the compute.
+        clients: concurrent device counts, one row each.
+        requests_per_client: sequential requests each device sends in a row.
+        workers: server tail workers (and baseline threads); 0 = CPU count.
+        threads: intra-op threads per tail run (server and baseline alike).
+        duration_cap_s: no request is issued after this many seconds from the start.
+        server_cpus: pin the server (and the direct baseline) to these CPUs and the devices
+            (this process) to the others, so that the devices' own work (head, encryption)
+            does not compete with the server; default: no pinning, everyone shares the cores.
+        progress: ``(what, fraction)`` callback.
+    """
+    from edgeoffload.device.client import OffloadClient
+    from edgeoffload.errors import UsageError
+    from edgeoffload.keys import Identity, encode_public, generate_identity
+    from edgeoffload._ort import make_session, run
+    from edgeoffload.split.splitter import Analysis, split_model
+    from edgeoffload.split.zoo import resolve as resolve_model
+
+    if not clients or min(clients) < 1 or requests_per_client < 1:
+        raise UsageError("clients must be positive counts and requests_per_client >= 1")
+    begun = time.monotonic()
+    deadline = begun + duration_cap_s
+    available = os.sched_getaffinity(0)
+    pinned = set(server_cpus) if server_cpus else None
+    device_cpus = available - pinned if pinned else None
+    if pinned is not None and (not pinned <= available or not device_cpus):
+        raise UsageError(
+            f"server_cpus {sorted(pinned)} must be a proper subset of the CPUs this process may "
+            f"use ({sorted(available)}), leaving at least one for the devices"
+        )
+    workers = workers or (len(pinned) if pinned else os.cpu_count() or 1)
+
+    def note(what: str, fraction: float) -> None:
+        if progress is not None:
+            progress(what, fraction)
+
+    label = model if isinstance(model, str) else None
+    if isinstance(model, str):
+        model = resolve_model(model)
+    note("analysing the model", 0.0)
+    analysis = Analysis.of(model)
+    n = len(analysis.node_order)
+    chosen = analysis.graph.find_cut(cut, analysis.cuts) if cut else default_cut(analysis)
+
+    with tempfile.TemporaryDirectory(prefix="edgeoffload-loadtest-") as tmp:
+        root = Path(tmp)
+        note(f"splitting at {chosen.id}", 0.05)
+        bundle = split_model(analysis, chosen, root / "bundle", codec="none")
+        head = make_session(bundle.head_path, threads=threads) if bundle.head_path else None
+        tail = make_session(bundle.tail_path, threads=threads)
+        inputs = [analysis.graph.sample_inputs(seed=s) for s in range(SAMPLES)]
+        crossings = []
+        for sample in inputs:
+            crossing = run(head, sample) if head is not None else {}
+            crossing.update({k: sample[k] for k in bundle.manifest.passthrough})
+            crossings.append(crossing)
+        references = [run(tail, c) for c in crossings]
+        head_ms, tail_ms = (
+            _interleaved_ms(
+                [
+                    functools.partial(run, head, inputs[0]),
+                    functools.partial(run, tail, crossings[0]),
+                ],
+                runs=10,
+            )
+            if head is not None
+            else (0.0, float("nan"))
+        )
+
+        def check(k: int, outputs: Mapping[str, np.ndarray]) -> float:
+            worst = 0.0
+            for name, ref in references[k].items():
+                diff = np.abs(outputs[name].astype(np.float64) - ref.astype(np.float64))
+                worst = max(worst, float(diff.max(initial=0.0)))
+            return worst
+
+        def direct(requests: int) -> dict[str, Any]:
+            return direct_baseline(
+                tail, crossings, workers=workers, requests=requests, deadline=deadline, cpus=pinned
+            )
+
+        server_id = generate_identity(root / "server")
+        devices = [Identity.generate() for _ in range(max(clients))]
+        allow = root / "authorized_keys"
+        allow.write_text(
+            "".join(f"{encode_public(d.public)} device-{i}\n" for i, d in enumerate(devices))
+        )
+        extra = [
+            "--workers", str(workers),
+            "--threads", str(threads),
+            "--max-inflight", str(MAX_INFLIGHT),
+        ]  # fmt: skip
+        note("starting the edge server", 0.15)
+        server = _ServerProcess(bundle.path, key_dir=root / "server", allow=allow, extra=extra)
+        rows: list[dict[str, Any]] = []
+        memory: dict[str, Any] = {}
+        skipped: list[int] = []
+        try:
+            if pinned is not None and device_cpus is not None:
+                pin_threads(server.pid, pinned)
+                pin_threads(os.getpid(), device_cpus)
+            rss_idle = rss_kib(server.pid)
+            pool = [
+                OffloadClient(
+                    bundle,
+                    server=f"ws://127.0.0.1:{server.port}",
+                    server_key=server_id.public,
+                    identity=device,
+                    fallback="error",
+                    timeout=REQUEST_TIMEOUT_S,
+                    connect_timeout=10.0,
+                    retries=0,  # a retried request would hide an error
+                    threads=threads,
+                )
+                for device in devices
+            ]
+
+            async def rows_in_loop() -> None:
+                # Warm the server up first (ORT arenas for concurrent runs, allocator pools),
+                # so that no row's memory or latency pays for first-run allocations.
+                # One connection carries the warm-up (2 x workers requests in flight, twice),
+                # so that little freed connection memory is there to be reused below.
+                for _ in range(2):
+                    await asyncio.gather(
+                        *(
+                            _bounded(pool[0].run(inputs[k % len(inputs)]), REQUEST_TIMEOUT_S + 5)
+                            for k in range(2 * workers)
+                        )
+                    )
+                await _close_all(pool[:1])
+                note(f"memory with {max(clients)} connections", 0.18)
+                memory.update(
+                    await _memory_per_connection(
+                        pool[: max(clients)], inputs, server=server, deadline=deadline, check=check
+                    )
+                )
+                for i, count in enumerate(clients):
+                    if time.monotonic() >= deadline:
+                        skipped.append(count)
+                        continue
+                    note(f"{count} concurrent device(s)", 0.2 + 0.7 * i / len(clients))
+                    rows.append(
+                        await _row(
+                            pool[:count],
+                            inputs,
+                            requests_per_client=requests_per_client,
+                            server=server,
+                            deadline=deadline,
+                            check=check,
+                            direct=direct,
+                        )
+                    )
+                await _close_all(pool)
+
+            asyncio.run(rows_in_loop())
+        finally:
+            server.stop()
+            if pinned is not None:
+                pin_threads(os.getpid(), available)
+        server_output = list(server.output)
+
+    # The summary baseline: the median (by req/s) of the rows' direct runs, robust to a dip.
+    directs = sorted((r["direct"] for r in rows), key=lambda b: b["req_s"])
+    baseline = {k: v for k, v in directs[len(directs) // 2].items() if k != "runs"} if rows else {}
+    note("done", 1.0)
+    return {
+        "benchmark": "server-throughput",
+        "model": label or analysis.source_name,
+        "nodes": n,
+        "cut": chosen.id,
+        "cut_after": chosen.after,
+        "crossing_bytes": chosen.nbytes,
+        "codec": "none",
+        "head_ms": round(head_ms, 3),
+        "tail_ms": round(tail_ms, 3),
+        "tail_share": round(tail_ms / (head_ms + tail_ms), 4) if head_ms + tail_ms > 0 else None,
+        "workers": workers,
+        "threads": threads,
+        "max_inflight": MAX_INFLIGHT,
+        "cpus": os.cpu_count(),
+        "server_cpus": sorted(pinned) if pinned else None,
+        "device_cpus": sorted(device_cpus) if device_cpus else None,
+        "requests_per_client": requests_per_client,
+        "server": "separate process (edgeoffload serve), 127.0.0.1; devices: asyncio "
+        "OffloadClients in one client process on the same machine",
+        "environment": environment(),
+        "baseline": {
+            "method": f"tail session called directly from {workers} thread(s) on the same "
+            "crossing tensors, right before and right after each row, for as many requests "
+            "as the row (the faster of the two is the row's 'direct', which its "
+            "ratio_to_direct uses); this summary is the median of the rows' direct runs",
+            **baseline,
+        },
+        "rows": rows,
+        "memory_per_connection_kib": memory.get("kib_per_connection"),
+        "memory_per_connection_clients": memory.get("connections"),
+        "memory": {"server_rss_idle_kib": rss_idle, **memory},
+        "max_abs_error": max(
+            [r["max_abs_error"] for r in rows] + [memory.get("max_abs_error", 0.0)]
+        ),
+        "duration_cap_s": duration_cap_s,
+        "elapsed_s": round(time.monotonic() - begun, 2),
+        "capped": bool(skipped) or any(r["capped"] for r in rows),
+        "skipped_client_counts": skipped,
+        "server_output_tail": server_output[-3:],
+    }

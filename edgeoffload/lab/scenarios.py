@@ -1,0 +1,425 @@
+"""The benchmark lab: measured end-to-end latency of cuts on emulated devices and links.
+
+For one model, one device class and one link preset, a scenario
+
+1. profiles the model on the emulated device (``edgeoffload profile`` inside a process held to
+   a fraction of one core, :mod:`edgeoffload.lab.deviceemu`) and on the server (this machine),
+2. asks the cost model for its choice (plus the per-cut plans),
+3. starts the edge server (its own process, full speed) behind the userspace link emulator
+   (:mod:`edgeoffload.lab.linkemu`, a pipe with the preset's rates and delay),
+4. runs a device worker (again held to the device's CPU fraction) that measures all-local,
+   all-remote, the chosen cut and the other candidate cuts end to end, best predicted first,
+   skipping a cut only when its transfer alone — which the emulator makes exact — already
+   takes longer than the best cut measured so far (it cannot win), and
+5. reports regret (measured latency of the choice / measured best), the speedup of the choice
+   over the better of all-local and all-remote, the predicted-vs-measured error of each
+   component, and the bytes on the wire.
+
+``python -m edgeoffload.lab.scenarios worker JOB.json`` is the device side (run by the lab, not by hand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("edgeoffload.lab.scenarios")
+
+MODELS = {
+    "mobilenetv2": ("zoo:mobilenetv2", {}),
+    "encoder": ("zoo:encoder", {"sequence": 128}),
+    "minilm": ("zoo:minilm", {"sequence_length": 128}),
+}
+LINKS = ("3g", "lte", "wifi", "ethernet")
+DEVICES = ("phone", "rpi")
+
+
+# -- device worker (runs inside the CPU-limited process) --------------------------------------
+
+
+def _worker(job_path: Path) -> None:
+    from edgeoffload.device.client import OffloadClient
+    from edgeoffload.keys import load_identity
+    from edgeoffload._ort import make_session, run
+
+    job = json.loads(job_path.read_text())
+    with np.load(job["inputs"]) as data:
+        inputs = {k: data[k] for k in data.files}
+    repeats = int(job["repeats"])
+    results: dict[str, Any] = {}
+
+    # All-local: the unsplit model on the device.
+    full = make_session(job["model"], threads=1)
+    run(full, inputs)
+    local = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(full, inputs)
+        local.append((time.perf_counter() - start) * 1e3)
+    results["local"] = {"total_ms": local}
+    best = statistics.median(local)
+
+    identity = load_identity(job["device_key"])
+    server_key = bytes.fromhex(job["server_key"])
+
+    async def measure(entry: dict[str, Any]) -> dict[str, Any]:
+        client = OffloadClient(
+            entry["path"],
+            server=job["server"],
+            server_key=server_key,
+            identity=identity,
+            fallback="error",
+            timeout=float(job["timeout"]),
+            threads=1,
+        )
+        timings = []
+        async with client:
+            await client.run(inputs)  # warm-up: connection, sessions
+            for _ in range(entry["repeats"]):
+                await client.run(inputs)
+                assert client.last_timing is not None
+                timings.append(client.last_timing.to_dict())
+        return {"timings": timings}
+
+    for entry in job["bundles"]:  # best predicted first
+        if entry["lower_bound_ms"] >= best and not entry.get("always"):
+            results[entry["id"]] = {
+                "skipped": f"its transfer alone ({entry['lower_bound_ms']:.1f} "
+                f"ms) exceeds the best measured ({best:.1f} ms)"
+            }
+            continue
+        measured = asyncio.run(measure(entry))
+        results[entry["id"]] = measured
+        median = statistics.median(t["total_ms"] for t in measured["timings"])
+        best = min(best, median)
+    Path(job["output"]).write_text(json.dumps(results))
+
+
+# -- scenario (parent side) ---------------------------------------------------------------------
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median": round(statistics.median(ordered), 3),
+        "p10": round(float(np.percentile(ordered, 10)), 3),
+        "p90": round(float(np.percentile(ordered, 90)), 3),
+    }
+
+
+def run_scenario(
+    analysis: Any,
+    *,
+    model_name: str,
+    link_name: str,
+    device_class: str,
+    device_profile: Any,
+    server_profile: Any,
+    workdir: Path,
+    keys: dict[str, Any],
+    bundle_cache: dict[tuple[int, str], Any],
+    repeats: int = 5,
+    single_tensor_cuts: bool = True,
+) -> dict[str, Any]:
+    """Measure one (model, link, device) scenario; see the module docstring."""
+    from edgeoffload.lab.demo import spawn_server
+    from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
+    from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
+    from edgeoffload.core.presets import parse_link
+    from edgeoffload.split.splitter import split_model
+
+    link = parse_link(link_name)
+    report = analysis.plan(device=device_profile, server=server_profile, link=link)
+    n = len(analysis.graph.nodes)
+    plans = {p.cut.index: p for p in report.plans}
+    candidates = {report.best.cut.index, 0}
+    for plan in report.plans:
+        if plan.cut.index == n:
+            continue
+        # CNNs: every single-tensor cut; transformers (where the mask crosses every cut inside
+        # the layers): every layer boundary.
+        wanted = len(plan.cut.tensors) == 1 if single_tensor_cuts else plan.cut.boundary
+        if wanted:
+            candidates.add(plan.cut.index)
+    candidates.discard(n)  # all-local is measured by the worker itself (no bundle to serve)
+    ordered = sorted(candidates, key=lambda k: plans[k].cost.total_ms)
+    entries = []
+    bundles = []
+    for k in ordered:
+        plan = plans[k]
+        key = (k, plan.codec)
+        if key not in bundle_cache:
+            bundle_cache[key] = split_model(
+                analysis, plan.cut, workdir / "bundles" / f"c{k}-{plan.codec}", codec=plan.codec
+            )
+        bundle = bundle_cache[key]
+        bundles.append(bundle)
+        slow = plan.cost.network_ms > 1000
+        entries.append(
+            {
+                "id": f"c{k}",
+                "path": str(bundle.path),
+                "lower_bound_ms": plan.cost.network_ms,
+                "repeats": max(2, repeats // 2) if slow else repeats,
+                "always": k in (0, report.best.cut.index),
+            }
+        )
+    inputs_path = workdir / "inputs.npz"
+    np.savez(inputs_path, **analysis.inputs)
+    model_path = workdir / "model.onnx"
+    if not model_path.exists():
+        model_path.write_bytes(analysis.graph.model.SerializeToString())
+    server, port = spawn_server(
+        sorted({b.path for b in bundles}),
+        key_dir=keys["server_dir"],
+        allow=keys["allow"],
+        extra=("--workers", "1", "--threads", "1"),
+    )
+    output = workdir / f"result-{link_name}-{device_class}.json"
+    try:
+        shape = LinkShape.from_link(link)
+
+        async def with_link() -> int:
+            async with LinkEmulator("127.0.0.1", port, shape) as emulator:
+                job = {
+                    "model": str(model_path),
+                    "inputs": str(inputs_path),
+                    "repeats": repeats,
+                    "server": f"ws://127.0.0.1:{emulator.port}",
+                    "server_key": keys["server_public"],
+                    "device_key": str(keys["device_dir"]),
+                    "timeout": 120,
+                    "bundles": entries,
+                    "output": str(output),
+                }
+                job_path = workdir / "job.json"
+                job_path.write_text(json.dumps(job))
+                cmd = [sys.executable, "-m", "edgeoffload.lab.scenarios", "worker", str(job_path)]
+                with CpuLimitedProcess(cmd, cpu_fraction(device_class)) as proc:
+                    code = await asyncio.to_thread(proc.wait, 1800)
+                    method = proc.method
+                if code != 0:
+                    raise RuntimeError(f"device worker failed with exit code {code}")
+                return method  # type: ignore[return-value]
+
+        method = asyncio.run(with_link())
+    finally:
+        server.terminate()
+        server.wait(30)
+    measured = json.loads(output.read_text())
+    return _scenario_report(
+        analysis,
+        report,
+        measured,
+        model_name=model_name,
+        link_name=link_name,
+        device_class=device_class,
+        cpu_limit=str(method),
+    )
+
+
+def _scenario_report(
+    analysis: Any,
+    report: Any,
+    measured: dict[str, Any],
+    *,
+    model_name: str,
+    link_name: str,
+    device_class: str,
+    cpu_limit: str,
+) -> dict[str, Any]:
+    n = len(analysis.graph.nodes)
+    local = _summary(measured["local"]["total_ms"])
+    cuts: dict[str, Any] = {f"c{n}": {"measured_total": local, "kind": "all-local"}}
+    for plan in report.plans:
+        key = plan.cut.id
+        if key not in measured or plan.cut.index == n:
+            continue
+        entry = measured[key]
+        row: dict[str, Any] = {
+            "kind": "all-remote" if plan.cut.index == 0 else "split",
+            "codec": plan.codec,
+            "predicted": plan.cost.to_dict(),
+        }
+        if "skipped" in entry:
+            row["skipped"] = entry["skipped"]
+        else:
+            timings = entry["timings"]
+            row["measured_total"] = _summary([t["total_ms"] for t in timings])
+            for component in ("head_ms", "encode_ms", "network_ms", "server_ms", "decode_ms"):
+                row[f"measured_{component}"] = round(
+                    statistics.median(t[component] for t in timings), 3
+                )
+            row["wire_bytes"] = timings[0]["wire_bytes"]
+        cuts[key] = row
+    measured_totals = {
+        k: v["measured_total"]["median"] for k, v in cuts.items() if "measured_total" in v
+    }
+    best_id = min(measured_totals, key=measured_totals.__getitem__)
+    chosen_id = report.best.cut.id
+    chosen = measured_totals[chosen_id]
+    baseline = min(measured_totals[f"c{n}"], measured_totals["c0"])
+    chosen_row = cuts[chosen_id]
+    errors = {}
+    if chosen_row.get("kind") != "all-local" and "predicted" in chosen_row:
+        predicted = chosen_row["predicted"]
+        pairs = {
+            "device": (predicted["device_ms"], chosen_row["measured_head_ms"]),
+            "transfer": (
+                predicted["encode_ms"] + predicted["network_ms"] + predicted["decode_ms"],
+                chosen_row["measured_encode_ms"]
+                + chosen_row["measured_network_ms"]
+                + chosen_row["measured_decode_ms"],
+            ),
+            "server": (predicted["server_ms"], chosen_row["measured_server_ms"]),
+        }
+        # Relative error where the component exists in the plan (all-remote has no device
+        # compute to predict: its ~0.1 ms of input checks would read as -100%).
+        errors = {
+            k: round((p - m) / m, 3) if p > 0 and m > 0 else None for k, (p, m) in pairs.items()
+        }
+    return {
+        "model": model_name,
+        "link": link_name,
+        "device": device_class,
+        "cpu_limit": cpu_limit,
+        "chosen": chosen_id,
+        "chosen_codec": report.best.codec,
+        "measured_best": best_id,
+        "chosen_ms": round(chosen, 3),
+        "best_ms": round(measured_totals[best_id], 3),
+        "all_local_ms": round(measured_totals[f"c{n}"], 3),
+        "all_remote_ms": round(measured_totals["c0"], 3),
+        "regret": round(chosen / measured_totals[best_id], 4),
+        "speedup_vs_better_extreme": round(baseline / chosen, 4),
+        "predicted_total_ms": round(report.best.cost.total_ms, 3),
+        "component_relative_error": errors,
+        "chosen_wire_bytes": cuts[chosen_id].get("wire_bytes", 0),
+        "cuts_measured": len(measured_totals),
+        "cuts_skipped": sum(1 for v in cuts.values() if "skipped" in v),
+        "cuts": cuts,
+    }
+
+
+def run_lab(
+    models: Sequence[str] = tuple(MODELS),
+    links: Sequence[str] = LINKS,
+    devices: Sequence[str] = DEVICES,
+    *,
+    repeats: int = 5,
+    results_dir: Path | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Every scenario of the grid; returns (and writes) the combined result."""
+    from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
+    from edgeoffload.keys import encode_public, generate_identity
+    from edgeoffload.split.profiler import load_profile
+    from edgeoffload.split.splitter import Analysis
+    from edgeoffload.split.zoo import resolve as resolve_model
+
+    scenarios = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgeoffload-lab-") as tmp:
+        root = Path(tmp)
+        server_id = generate_identity(root / "server")
+        device_id = generate_identity(root / "device")
+        (root / "allow").write_text(encode_public(device_id.public) + "\n")
+        keys = {
+            "server_dir": root / "server",
+            "device_dir": root / "device",
+            "allow": root / "allow",
+            "server_public": server_id.public.hex(),
+        }
+        for model_name in models:
+            spec, dims = MODELS[model_name]
+            analysis = Analysis.of(resolve_model(spec), dims=dims)
+            workdir = root / model_name
+            workdir.mkdir()
+            model_path = workdir / "model.onnx"
+            model_path.write_bytes(analysis.graph.model.SerializeToString())
+            server_profile = analysis.profile(threads=1, name="server")
+            bundle_cache: dict[tuple[int, str], Any] = {}
+            for device_class in devices:
+                profile_path = workdir / f"profile-{device_class}.json"
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "edgeoffload.cli",
+                    "profile",
+                    str(model_path),
+                    "-o",
+                    str(profile_path),
+                    "--name",
+                    device_class,
+                    *[f"--dim={k}={v}" for k, v in dims.items()],
+                ]
+                with CpuLimitedProcess(cmd, cpu_fraction(device_class)) as proc:
+                    if proc.wait(1800) != 0:
+                        raise RuntimeError(f"profiling on the emulated {device_class} failed")
+                device_profile = load_profile(profile_path)
+                for link_name in links:
+                    if progress:
+                        progress(f"{model_name} / {device_class} / {link_name}")
+                    scenarios.append(
+                        run_scenario(
+                            analysis,
+                            model_name=model_name,
+                            link_name=link_name,
+                            device_class=device_class,
+                            device_profile=device_profile,
+                            server_profile=server_profile,
+                            workdir=workdir,
+                            keys=keys,
+                            bundle_cache=bundle_cache,
+                            repeats=repeats,
+                            single_tensor_cuts=model_name == "mobilenetv2",
+                        )
+                    )
+                    if results_dir is not None:  # keep what is measured if the run stops
+                        _write(results_dir, _combine(scenarios, started, partial=True))
+    result = _combine(scenarios, started, partial=False)
+    if results_dir is not None:
+        _write(results_dir, result)
+    return result
+
+
+def _combine(scenarios: list[dict[str, Any]], started: float, *, partial: bool) -> dict[str, Any]:
+    from edgeoffload.lab.bench import environment
+
+    regrets = [s["regret"] for s in scenarios]
+    return {
+        "benchmark": "lab",
+        "partial": partial,
+        "command": " ".join(sys.argv),
+        "environment": environment(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "median_regret": round(statistics.median(regrets), 4) if regrets else None,
+        "worst_regret": max(regrets) if regrets else None,
+        "worst_vs_better_extreme": min(
+            (s["speedup_vs_better_extreme"] for s in scenarios), default=None
+        ),
+        "scenarios": scenarios,
+    }
+
+
+def _write(results_dir: Path, result: dict[str, Any]) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "lab.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":  # python -m edgeoffload.lab.scenarios worker JOB.json
+    if len(sys.argv) == 3 and sys.argv[1] == "worker":
+        _worker(Path(sys.argv[2]))
+    else:
+        print("usage: python -m edgeoffload.lab.scenarios worker JOB.json", file=sys.stderr)
+        sys.exit(2)

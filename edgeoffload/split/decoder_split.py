@@ -1,0 +1,177 @@
+"""Analyse, plan and split decoder LLMs (models with a KV cache) at block boundaries.
+
+A decoder is analysed twice: for one decode step (the per-token request) and for the prompt's
+prefill, because the two phases cost differently and the choice of cut depends on how many
+tokens are generated per prompt (:mod:`edgeoffload.core.gencost`). Splitting reuses the one-shot
+machinery (:func:`split_model`); the halves are verified by greedy decoding with each side
+feeding its own KV cache back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeoffload.bundle import Bundle
+from edgeoffload.core.costmodel import Constraints
+from edgeoffload.core.decoder import DecoderLayout, block_of
+from edgeoffload.errors import GraphError, UsageError
+from edgeoffload.core.gencost import GenerationReport, GenerationWorkload, PhaseInputs, plan_generation
+from edgeoffload.split.graph import CutPoint
+from edgeoffload.split.splitter import Analysis, split_model
+from edgeoffload.types import DeviceProfile, LinkProfile
+
+# Files of a Hugging Face / optimum export folder that the device needs to generate text.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+    "chat_template.jinja",
+)
+
+Profiler = Callable[[Analysis], tuple[DeviceProfile, DeviceProfile]]
+
+
+def block_cuts(analysis: Analysis) -> dict[int, CutPoint]:
+    """Cuts at decoder block boundaries: number of blocks in the head -> cut.
+
+    0 is all-remote (the device sends token ids); a block's end is the cut after the last node
+    of that block.
+    """
+    out: dict[int, CutPoint] = {0: analysis.cuts[0]} if analysis.cuts[0].index == 0 else {}
+    for cut in analysis.cuts:
+        block = block_of(cut.layer) if cut.index > 0 else None
+        if block is not None and cut.boundary:
+            out[block + 1] = cut
+    return out
+
+
+def tokenizer_files(model_path: str | Path) -> dict[str, Path]:
+    """The tokenizer/config files next to an exported decoder, as bundle-relative names."""
+    folder = Path(model_path).parent
+    return {
+        f"tokenizer/{name}": folder / name for name in TOKENIZER_FILES if (folder / name).is_file()
+    }
+
+
+def layout_of(analysis: Analysis) -> DecoderLayout:
+    graph = analysis.graph
+    if not graph.state:
+        raise GraphError(
+            f"{analysis.source_name}: not a decoder with KV cache (no past_key_values/present)",
+            hint="export it with task text-generation-with-past (edgeoffload export)",
+        )
+    outputs = [graph.tensor_spec(o) for o in graph.output_names]
+    return DecoderLayout.of(graph.inputs, outputs, graph.state)
+
+
+@dataclass
+class DecoderAnalysis:
+    """A decoder analysed for its two phases at a given workload."""
+
+    step: Analysis
+    prefill: Analysis
+    layout: DecoderLayout
+    blocks: dict[int, CutPoint]
+    workload: GenerationWorkload
+
+    @classmethod
+    def of(
+        cls, model: str | Path, *, workload: GenerationWorkload | None = None
+    ) -> DecoderAnalysis:
+        workload = workload or GenerationWorkload()
+        # A step is priced in the middle of the reply, where the past is half generated.
+        past = workload.prompt_tokens + workload.new_tokens // 2
+        step = Analysis.of(model, dims={"sequence_length": 1, "past_sequence_length": past})
+        layout = layout_of(step)
+        prefill = Analysis.of(
+            model,
+            dims={"sequence_length": workload.prompt_tokens, "past_sequence_length": 0},
+        )
+        blocks = block_cuts(step)
+        if len(blocks) < 2:
+            raise GraphError(
+                f"{step.source_name}: no cut between decoder blocks was found",
+                hint="node names must carry the block (e.g. /model/layers.3/...)",
+            )
+        return cls(step, prefill, layout, blocks, workload)
+
+    def head_state(self) -> dict[int, list[str]]:
+        """Blocks in the head -> the KV inputs the device keeps for them."""
+        graph = self.step.graph
+        return {k: graph.state_inputs_of(range(c.index)) for k, c in self.blocks.items()}
+
+    def plan(
+        self,
+        *,
+        profiles: Profiler,
+        link: LinkProfile,
+        codec: str = "none",
+        constraints: Constraints | None = None,
+    ) -> GenerationReport:
+        """Price every block cut; ``profiles(analysis)`` gives (device, server) for a phase."""
+        phases = {}
+        for name, analysis in (("prefill", self.prefill), ("step", self.step)):
+            device, server = profiles(analysis)
+            phases[name] = PhaseInputs(
+                analysis.cuts,
+                analysis.node_order,
+                device,
+                server,
+                analysis.wire_bytes([codec]),
+            )
+        return plan_generation(
+            prefill=phases["prefill"],
+            step=phases["step"],
+            block_cuts=self.blocks,
+            layout=self.layout,
+            head_state=self.head_state(),
+            link=link,
+            workload=self.workload,
+            codec=codec,
+            constraints=constraints,
+        )
+
+
+def split_decoder(
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    head_layers: int | None,
+    codec: str = "none",
+    report: GenerationReport | None = None,
+    analysis: Analysis | None = None,
+) -> Bundle:
+    """Split a decoder ONNX (with past key values) after ``head_layers`` blocks (None: keep
+    the whole model on the device). The bundle ships the tokenizer files found next to the
+    model (under ``tokenizer/``)."""
+    analysis = analysis or Analysis.of(model)
+    layout_of(analysis)
+    if head_layers is None:
+        cut = analysis.cuts[-1]
+    else:
+        cuts = block_cuts(analysis)
+        if head_layers not in cuts:
+            raise UsageError(
+                f"--head-layers {head_layers}: the model has cuts after "
+                f"{', '.join(map(str, sorted(cuts)))} blocks"
+            )
+        cut = cuts[head_layers]
+    bundle = split_model(
+        analysis,
+        cut,
+        out_dir,
+        codec=codec,
+        extra_files=tokenizer_files(model),
+        predicted=report.to_dict() if report is not None else None,
+    )
+    return bundle
+
+
+def describe(report: GenerationReport) -> list[dict[str, Any]]:
+    """Rows for a table of the candidates (used by the CLI)."""
+    return [p.to_dict() for p in report.plans]
