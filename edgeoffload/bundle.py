@@ -24,6 +24,11 @@ HEAD = "head.onnx"
 TAIL = "tail.onnx"
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data`` (how the manifest names every part)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

@@ -1,4 +1,4 @@
-"""Long-term X25519 identity keys for devices and edge servers, and the server's allow-list.
+"""Long-term X25519 identity keys for devices and edge servers: the project's one key type.
 
 Every device and every edge server owns one static X25519 key pair (the ``s`` key of the Noise
 IK handshake). It lives in a key directory::
@@ -11,9 +11,8 @@ The text form of a public key (``encode_public``) is what users copy between mac
 command lines and list in an edge server's allow-list. ``fingerprint`` gives a short form that a
 person can compare by eye and that is safe to log.
 
-An edge server admits only the device keys in its :class:`AllowList`: an authorized-keys file
-(like ssh's ``authorized_keys``) or a folder of one-key files. The list reloads itself when its
-source changes, so a server picks up edits without a restart; a broken edit never empties it.
+An edge server admits only the device keys in its allow-list
+(:class:`edgeoffload.edge.allowlist.AllowList`), written in the authorized-keys text parsed here.
 
 Key material is never logged: private keys never appear in messages, logs or reprs; public keys
 appear only as fingerprints. Stdlib + ``cryptography`` only (this module is on the device path).
@@ -30,10 +29,7 @@ import os
 import re
 import secrets
 import stat
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -45,8 +41,7 @@ __all__ = [
     "PRIVATE_FILE",
     "PUBLIC_FILE",
     "PUBLIC_PREFIX",
-    "AllowList",
-    "Identity",
+    "KeyPair",
     "decode_public",
     "encode_public",
     "fingerprint",
@@ -103,7 +98,7 @@ def encode_public(public: bytes) -> str:
     Raises:
         UsageError: ``public`` is not 32 bytes.
     """
-    _check_key_bytes(public, "public key")
+    check_key_bytes(public, "public key")
     return PUBLIC_PREFIX + _b64url(bytes(public))
 
 
@@ -153,54 +148,67 @@ def fingerprint(public: bytes) -> str:
     The first 10 bytes of ``sha256(b"edgeoffload-key-v1" + public)`` in lowercase base32,
     in four groups of four characters: ``"mfrg-gzdf-mztw-q2lk"``.
     """
-    _check_key_bytes(public, "public key")
+    check_key_bytes(public, "public key")
     digest = hashlib.sha256(FINGERPRINT_DOMAIN + bytes(public)).digest()[:10]
     text = base64.b32encode(digest).decode("ascii").lower()  # 10 bytes -> 16 chars, no '='
     return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
-def _check_key_bytes(value: object, what: str) -> None:
+def check_key_bytes(value: object, what: str) -> bytes:
+    """``value`` as bytes if it is a 32-byte key, else a UsageError naming ``what`` it was."""
     if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != KEY_SIZE:
         size = len(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
         got = f"{size} bytes" if size is not None else type(value).__name__
-        raise UsageError(f"an X25519 {what} is {KEY_SIZE} bytes, got {got}")
+        raise UsageError(
+            f"{what} must be {KEY_SIZE} raw bytes, got {got}",
+            hint="X25519 keys are 32 raw bytes (not hex, not PEM)",
+        )
+    return bytes(value)
 
 
-def _derive_public(private: bytes) -> bytes:
+def public_of(private: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key."""
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
-# --------------------------------------------------------------------------- identity
+# --------------------------------------------------------------------------- key pair
 
 
-@dataclass(frozen=True)
-class Identity:
-    """A static X25519 key pair (raw 32-byte private and public keys).
+@dataclass(frozen=True, repr=False)
+class KeyPair:
+    """A static X25519 key pair as raw 32-byte keys: the ``s`` key Noise hashes and sends.
 
-    The private key is left out of ``repr`` so that an identity can be logged or shown in a
-    traceback without leaking it.
+    The one key type of the project: devices and servers load theirs from a key directory
+    (:func:`load_identity`), the handshake uses the same object. A pair built directly is
+    checked (both halves 32 bytes, the public half derived from the private one), because a
+    mismatched pair would fail only later, as an opaque authentication failure at the peer.
+    ``repr`` shows the fingerprint only, so a logged pair never leaks the private key.
     """
 
-    private: bytes = field(repr=False)
+    private: bytes
     public: bytes
 
     def __post_init__(self) -> None:
-        _check_key_bytes(self.private, "private key")
-        _check_key_bytes(self.public, "public key")
-        object.__setattr__(self, "private", bytes(self.private))
-        object.__setattr__(self, "public", bytes(self.public))
-        if _derive_public(self.private) != self.public:
-            raise UsageError("the public key does not belong to the private key")
+        private = check_key_bytes(self.private, "X25519 private key")
+        public = check_key_bytes(self.public, "X25519 public key")
+        if public_of(private) != public:
+            raise UsageError(
+                "the public key does not belong to the private key",
+                hint="build the pair with KeyPair.from_private(private)",
+            )
+        # Normalise bytearray/memoryview input so the frozen pair is immutable and hashable.
+        object.__setattr__(self, "private", private)
+        object.__setattr__(self, "public", public)
 
     @classmethod
-    def from_private(cls, private: bytes) -> Identity:
-        """The identity whose private key is ``private`` (the public key is derived)."""
-        _check_key_bytes(private, "private key")
-        return cls(private=bytes(private), public=_derive_public(bytes(private)))
+    def from_private(cls, private: bytes) -> KeyPair:
+        """The key pair of a 32-byte private key (the public key is derived)."""
+        raw = check_key_bytes(private, "X25519 private key")
+        return cls(private=raw, public=public_of(raw))
 
     @classmethod
-    def generate(cls) -> Identity:
-        """A fresh random identity held in memory only (see :func:`generate_identity`)."""
+    def generate(cls) -> KeyPair:
+        """A fresh random key pair held in memory only (see :func:`generate_identity`)."""
         key = X25519PrivateKey.generate()
         return cls(private=key.private_bytes_raw(), public=key.public_key().public_bytes_raw())
 
@@ -210,7 +218,7 @@ class Identity:
         return fingerprint(self.public)
 
     def __repr__(self) -> str:
-        return f"Identity(fingerprint={self.fingerprint!r})"
+        return f"KeyPair(fingerprint={self.fingerprint!r})"
 
 
 def _write_file_atomic(path: Path, data: bytes, *, mode: int, clobber: bool) -> None:
@@ -266,7 +274,7 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def generate_identity(directory: str | Path, *, overwrite: bool = False) -> Identity:
+def generate_identity(directory: str | Path, *, overwrite: bool = False) -> KeyPair:
     """Create a new key pair in ``directory`` and return it.
 
     Creates ``directory`` (mode 0700) if needed, writes ``private.key`` (mode 0600; never
@@ -294,7 +302,7 @@ def generate_identity(directory: str | Path, *, overwrite: bool = False) -> Iden
                 f"{private_path} already exists; refusing to replace an identity",
                 hint="pass --force (overwrite=True) to replace it; the old key is lost",
             )
-        identity = Identity.generate()
+        identity = KeyPair.generate()
         private_text = f"{PRIVATE_PREFIX}{_b64url(identity.private)}\n".encode("ascii")
         public_text = f"{encode_public(identity.public)}\n".encode("ascii")
         try:
@@ -315,7 +323,7 @@ def generate_identity(directory: str | Path, *, overwrite: bool = False) -> Iden
     return identity
 
 
-def _read_small_text(path: Path, fd: int) -> str:
+def read_small_text(path: Path, fd: int) -> str:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -339,12 +347,12 @@ def _read_key_file(path: Path) -> str:
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        return _read_small_text(path, fd)
+        return read_small_text(path, fd)
     finally:
         os.close(fd)
 
 
-def load_identity(directory: str | Path) -> Identity:
+def load_identity(directory: str | Path) -> KeyPair:
     """Load the key pair stored in ``directory`` by :func:`generate_identity`.
 
     Like ssh, refuses a ``private.key`` that group or others can read. When ``public.key`` is
@@ -378,7 +386,7 @@ def load_identity(directory: str | Path) -> Identity:
                 "a private key must not be accessible by others",
                 hint=f"chmod 600 {private_path}",
             )
-        text = _read_small_text(private_path, fd)
+        text = read_small_text(private_path, fd)
     finally:
         os.close(fd)
     s = text.strip()
@@ -391,7 +399,7 @@ def load_identity(directory: str | Path) -> Identity:
             + hint
             + " --force",
         )
-    identity = Identity.from_private(raw)
+    identity = KeyPair.from_private(raw)
     public_path = d / PUBLIC_FILE
     if public_path.exists():
         try:
@@ -453,7 +461,7 @@ def load_public(path_or_text: str | Path) -> bytes:
                 f"{p.parent} has no {PUBLIC_FILE}",
                 hint=_KEYGEN_HINT.format(directory=p.parent),
             )
-    entries = _parse_key_text(_read_key_file(p), p)
+    entries = parse_key_text(_read_key_file(p), p)
     if len(entries) != 1:
         raise UsageError(f"{p} must contain exactly one public key, found {len(entries)}")
     return entries[0][1]
@@ -466,10 +474,10 @@ def _exists(p: Path) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------- allow-list
+# --------------------------------------------------------------------------- authorized-keys text
 
 
-def _parse_key_text(text: str, source: Path) -> list[tuple[int, bytes, str | None]]:
+def parse_key_text(text: str, source: Path) -> list[tuple[int, bytes, str | None]]:
     """Parse authorized-keys lines into (line number, key, label or None).
 
     Raises:
@@ -492,226 +500,3 @@ def _parse_key_text(text: str, source: Path) -> list[tuple[int, bytes, str | Non
         label = parts[1].strip() if len(parts) > 1 else None
         entries.append((lineno, key, label or None))
     return entries
-
-
-_Signature = tuple[object, ...]
-
-
-class AllowList:
-    """Device keys an edge server admits.
-
-    Source: an authorized-keys file (one key per line, '#' comments, blank lines ok, optional
-    trailing label after whitespace, like ssh's ``authorized_keys``) or a folder of ``*.pub`` /
-    ``public.key`` files (one key each; hidden files are ignored; the label is the file's
-    trailing label, else the file name without ``.pub``, else for ``public.key`` ``None``).
-
-    The list reloads itself when its source changes (checked through ``mtime_ns``, size and
-    inode of the file, or of the folder and its key files), at most once per
-    ``check_interval`` seconds, so a server picks up edits without a restart. A reload that
-    fails (a malformed line, a vanished file) leaves the previously loaded list in force and
-    logs a warning; the same broken state is not re-parsed until it changes again.
-
-    Thread-safe.
-
-    Args:
-        path: the authorized-keys file or the folder.
-        check_interval: minimum seconds between two checks of the source (0: every call).
-        clock: monotonic clock in seconds (injectable for tests).
-
-    Raises:
-        UsageError: the path is missing or the first load fails.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        check_interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if not check_interval >= 0:
-            raise UsageError(f"check_interval must be >= 0 seconds, got {check_interval!r}")
-        self.path = Path(path)
-        self.check_interval = float(check_interval)
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._keys: dict[bytes, str | None] = {}
-        self._signature: _Signature | None = None
-        self._failed_signature: _Signature | None = None
-        self._last_check = 0.0
-        self.reload()
-
-    # -- public API ---------------------------------------------------------------------
-
-    def allows(self, public: bytes) -> bool:
-        """True when ``public`` (32 raw bytes) is in the list (reloading it first if due)."""
-        self._maybe_reload()
-        return bytes(public) in self._keys
-
-    def label(self, public: bytes) -> str | None:
-        """The label of ``public`` (for logging), or None if it has none or is not listed."""
-        self._maybe_reload()
-        return self._keys.get(bytes(public))
-
-    def reload(self) -> None:
-        """Reload the source now (e.g. on SIGHUP).
-
-        Raises:
-            UsageError: the source is missing or malformed; the previous list stays in force.
-        """
-        with self._lock:
-            self._last_check = self._clock()
-            signature = None
-            try:
-                signature = self._signature_of()
-                keys = self._load()
-            except UsageError:
-                self._failed_signature = signature
-                raise
-            self._install(keys, signature)
-
-    def try_reload(self) -> bool:
-        """Like :meth:`reload`, but log a warning instead of raising (for a SIGHUP handler).
-
-        Returns:
-            True when the list was reloaded, False when the previous list stays in force.
-        """
-        try:
-            self.reload()
-        except UsageError as exc:
-            log.warning("allow-list not reloaded, keeping %d keys: %s", len(self), exc)
-            return False
-        return True
-
-    def entries(self) -> dict[bytes, str | None]:
-        """A copy of the list: public key -> label."""
-        return dict(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, public: object) -> bool:
-        return isinstance(public, (bytes, bytearray)) and self.allows(bytes(public))
-
-    def __repr__(self) -> str:
-        return f"AllowList({str(self.path)!r}, {len(self._keys)} keys)"
-
-    # -- internals ------------------------------------------------------------------------
-
-    def _maybe_reload(self) -> None:
-        now = self._clock()
-        if now - self._last_check < self.check_interval:
-            return
-        with self._lock:
-            if now - self._last_check < self.check_interval:
-                return  # another thread checked meanwhile
-            self._last_check = now
-            try:
-                signature = self._signature_of()
-            except UsageError as exc:
-                if self._failed_signature != ("missing",):
-                    self._failed_signature = ("missing",)
-                    log.warning("allow-list not reloaded, keeping %d keys: %s", len(self), exc)
-                return
-            if signature == self._signature or signature == self._failed_signature:
-                return
-            try:
-                keys = self._load()
-            except UsageError as exc:
-                self._failed_signature = signature
-                log.warning("allow-list not reloaded, keeping %d keys: %s", len(self), exc)
-                return
-            self._install(keys, signature)
-
-    def _install(self, keys: dict[bytes, str | None], signature: _Signature) -> None:
-        added = len(keys.keys() - self._keys.keys())
-        removed = len(self._keys.keys() - keys.keys())
-        first = self._signature is None
-        self._keys = keys
-        self._signature = signature
-        self._failed_signature = None
-        if first:
-            log.info("allow-list %s: %d keys", self.path, len(keys))
-        else:
-            log.info(
-                "allow-list %s reloaded: %d keys (+%d, -%d)", self.path, len(keys), added, removed
-            )
-
-    def _missing(self) -> UsageError:
-        return UsageError(
-            f"allow-list {self.path} does not exist",
-            hint="create an authorized-keys file (one 'x25519:...' key per line) or a folder "
-            "of *.pub files; add a device by appending the contents of its public.key",
-        )
-
-    def _key_files(self) -> list[Path]:
-        try:
-            names = sorted(os.listdir(self.path))
-        except FileNotFoundError:
-            raise self._missing() from None
-        except OSError as exc:
-            raise UsageError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
-        files = []
-        for name in names:
-            if name.startswith(".") or not (name.endswith(".pub") or name == PUBLIC_FILE):
-                continue
-            p = self.path / name
-            if p.is_file():
-                files.append(p)
-        return files
-
-    def _signature_of(self) -> _Signature:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise self._missing() from None
-        except OSError as exc:
-            raise UsageError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
-        sig: list[object] = [st.st_ino, st.st_mtime_ns, st.st_size]
-        if stat.S_ISDIR(st.st_mode):
-            for p in self._key_files():
-                try:
-                    fst = os.stat(p)
-                except OSError:
-                    sig.append((p.name, None))
-                    continue
-                sig.append((p.name, fst.st_ino, fst.st_mtime_ns, fst.st_size))
-        return tuple(sig)
-
-    def _load(self) -> dict[bytes, str | None]:
-        keys: dict[bytes, str | None] = {}
-        if self.path.is_dir():
-            for p in self._key_files():
-                entries = _parse_key_text(self._read(p), p)
-                if len(entries) != 1:
-                    raise UsageError(
-                        f"{p}: a key file must contain exactly one public key, found {len(entries)}"
-                    )
-                _, key, label = entries[0]
-                if label is None and p.name != PUBLIC_FILE:
-                    label = p.name[: -len(".pub")]
-                keys.setdefault(key, label)
-        else:
-            for _, key, label in _parse_key_text(self._read(self.path), self.path):
-                keys.setdefault(key, label)
-        return keys
-
-    def _read(self, path: Path) -> str:
-        try:
-            st = os.stat(path)
-            if os.name != "nt" and st.st_mode & 0o022:
-                log.warning(
-                    "allow-list file %s is writable by group/others (mode %04o): anyone who "
-                    "can write it can admit devices",
-                    path,
-                    stat.S_IMODE(st.st_mode),
-                )
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"{path} disappeared while reading the allow-list") from None
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"{path} is not UTF-8 text") from None

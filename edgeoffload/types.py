@@ -8,7 +8,7 @@ malformed JSON file never surfaces as a KeyError deep inside the code.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,3 +368,101 @@ class DeviceProfile:
         if profile.threads < 1:
             raise ProfileError(f"profile: threads must be >= 1, got {profile.threads}")
         return profile
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """One place the model can be cut, with everything the cost model needs about it."""
+
+    index: int  # number of compute nodes in the head
+    after: str  # name of the last head node ("" for the all-remote cut)
+    layer: str  # readable layer label of the last head node
+    boundary: bool  # True when the cut falls between two layers
+    tensors: tuple[TensorSpec, ...]  # what crosses, symbolic shapes
+    nbytes: int  # bytes that cross at the resolved dims, before any codec
+    head_weight_bytes: int
+    head_peak_bytes: int  # peak live activation bytes while the head runs (estimate)
+    head_depth: int  # parametric layers (Conv/MatMul/Gemm...) in the head
+
+    @property
+    def id(self) -> str:
+        return f"c{self.index}"
+
+    @property
+    def device_memory_bytes(self) -> int:
+        return self.head_weight_bytes + self.head_peak_bytes
+
+    def describe(self) -> str:
+        if self.index == 0:
+            return "all-remote"
+        return f"after {self.after}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "index": self.index,
+            "after": self.after,
+            "layer": self.layer,
+            "boundary": self.boundary,
+            "tensors": [t.to_dict() for t in self.tensors],
+            "nbytes": self.nbytes,
+            "head_weight_bytes": self.head_weight_bytes,
+            "head_peak_bytes": self.head_peak_bytes,
+            "head_depth": self.head_depth,
+        }
+
+
+def match_specs(
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+    specs: Sequence[TensorSpec],
+    *,
+    error: type[EdgeOffloadError],
+    kind: str = "tensor",
+    fixed_dims: Mapping[str, int] | None = None,
+    hint: str | None = None,
+) -> dict[str, int]:
+    """Check ``(name, dtype, shape)`` triples against declared specs; the one rule for both sides.
+
+    The names must be exactly the declared ones (each once); every dtype and rank must match;
+    an int dim must equal the size, and a symbolic dim must have one value across all tensors
+    (every ``batch`` agrees) and equal ``fixed_dims[dim]`` when that is given. A mismatch raises
+    ``error`` (PayloadError for a peer's tensors, UsageError for a caller's inputs) naming the
+    tensor as ``kind``; ``hint`` goes with a wrong set of names. Returns the symbolic dims'
+    values.
+    """
+    expected = {s.name: s for s in specs}
+    got = [name for name, _, _ in tensors]
+    if len(set(got)) != len(got):
+        raise error(f"a {kind} name appears twice")
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise error(
+            f"{kind}s do not match the bundle: "
+            + (f"missing {missing} " if missing else "")
+            + (f"unexpected {unexpected}" if unexpected else ""),
+            hint=hint,
+        )
+    bound: dict[str, int] = dict(fixed_dims or {})
+    for name, dtype, shape in tensors:
+        spec = expected[name]
+        if dtype != spec.dtype:
+            raise error(f"{kind} {name!r} has dtype {dtype}, expected {spec.dtype}")
+        if len(shape) != len(spec.shape):
+            raise error(
+                f"{kind} {name!r} has shape {list(shape)}, expected {list(spec.shape)} "
+                f"(rank {len(shape)}, not {len(spec.shape)})"
+            )
+        for size, dim in zip(shape, spec.shape, strict=True):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise error(
+                        f"{kind} {name!r} has shape {list(shape)}, expected {list(spec.shape)}"
+                    )
+            elif fixed_dims is not None and dim in fixed_dims and size != fixed_dims[dim]:
+                raise error(f"{kind} {name!r}: dim {dim!r} is {size}, it must be {fixed_dims[dim]}")
+            elif bound.setdefault(dim, size) != size:
+                raise error(
+                    f"{kind} {name!r}: dim {dim!r} is {size} here but {bound[dim]} elsewhere"
+                )
+    return bound

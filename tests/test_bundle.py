@@ -13,9 +13,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgeoffload.split import splitter
-
-from edgeoffload.split import zoo
 from edgeoffload.bundle import (
     HEAD,
     MANIFEST,
@@ -28,7 +25,8 @@ from edgeoffload.bundle import (
     write_bundle,
 )
 from edgeoffload.errors import ManifestError, VerificationError, VersionMismatch
-from edgeoffload.split.graph import CutPoint
+from edgeoffload.split import splitter, zoo
+from edgeoffload.types import CutPoint
 from edgeoffload.types import DeviceProfile, LinkProfile, TensorSpec
 
 
@@ -272,8 +270,9 @@ def test_extreme_bundles_and_stale_parts(
 # --- pairing -------------------------------------------------------------------------------
 
 
-def test_check_pair(analysis: splitter.Analysis, mid_cut: CutPoint, pristine: Path,
-                    tmp_path: Path) -> None:
+def test_check_pair(
+    analysis: splitter.Analysis, mid_cut: CutPoint, pristine: Path, tmp_path: Path
+) -> None:
     device = load_bundle(pristine).manifest
     check_pair(device, load_bundle(pristine).manifest)  # same bundle: passes
 
@@ -291,8 +290,9 @@ def test_check_pair(analysis: splitter.Analysis, mid_cut: CutPoint, pristine: Pa
     assert fp16.version in str(info.value) and device.version in str(info.value)
 
 
-def test_identity_and_version(pristine: Path, analysis: splitter.Analysis,
-                              mid_cut: CutPoint) -> None:
+def test_identity_and_version(
+    pristine: Path, analysis: splitter.Analysis, mid_cut: CutPoint
+) -> None:
     m = load_bundle(pristine).manifest
     assert analysis.graph.sha256 in m.identity
     assert mid_cut.id in m.identity

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgeoffload.split import zoo
 from edgeoffload.cli import main
+from edgeoffload.split import zoo
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

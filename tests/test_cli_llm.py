@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
+from edgeoffload._ort import make_session
 from edgeoffload.bundle import load_bundle
 from edgeoffload.cli import main
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
-from edgeoffload.lab.demo import spawn_server
-from edgeoffload.keys import encode_public, generate_identity
-from edgeoffload._ort import make_session
 from edgeoffload.device.tokenizer import TextTokenizer
+from edgeoffload.keys import encode_public, generate_identity
+from edgeoffload.lab.demo import spawn_server
 
 CHAT_TIMEOUT = 120.0  # seconds: bound on one chat subprocess
 SERVER_CONTEXT = 64  # --max-context of the edge server process

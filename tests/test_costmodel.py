@@ -10,7 +10,7 @@ import pytest
 
 from edgeoffload.core.costmodel import ComputeModel, Constraints, evaluate
 from edgeoffload.errors import PlanError
-from edgeoffload.split.graph import CutPoint
+from edgeoffload.types import CutPoint
 from edgeoffload.types import (
     CalibrationPoint,
     DeviceProfile,
@@ -314,7 +314,10 @@ SCEN_WIRE = {
     "tb": {"none": 500, "zstd": 125},
 }
 FAST_CODECS = {
-    "encode:none": 1e15, "decode:none": 1e15, "encode:zstd": 1e15, "decode:zstd": 1e15,
+    "encode:none": 1e15,
+    "decode:none": 1e15,
+    "encode:zstd": 1e15,
+    "decode:zstd": 1e15,
 }
 SLOW_ZSTD = {"encode:none": 1e15, "decode:none": 1e15, "encode:zstd": 1e6, "decode:zstd": 1e6}
 

@@ -22,8 +22,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeoffload._ort import make_session, run
 from edgeoffload.bundle import load_bundle
 from edgeoffload.core.decoder import block_of
+from edgeoffload.errors import GraphError, ManifestError, UsageError
 from edgeoffload.split.decoder_split import (
     TOKENIZER_FILES,
     DecoderAnalysis,
@@ -32,9 +34,7 @@ from edgeoffload.split.decoder_split import (
     split_decoder,
     tokenizer_files,
 )
-from edgeoffload.errors import GraphError, ManifestError, UsageError
 from edgeoffload.split.graph import WEIGHT_VIEW_OPS, ModelGraph, detect_state_pairs
-from edgeoffload._ort import make_session, run
 from edgeoffload.split.splitter import Analysis
 from edgeoffload.types import TensorSpec, dim_terms, resolve_dim
 

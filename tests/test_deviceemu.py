@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeoffload.lab import deviceemu
-
 from edgeoffload.core import presets
+from edgeoffload.errors import UsageError
+from edgeoffload.lab import deviceemu
 from edgeoffload.lab.deviceemu import (
     DEVICE_CLASSES,
     PERIOD_US,
@@ -24,7 +24,6 @@ from edgeoffload.lab.deviceemu import (
     cpu_fraction,
     cpu_limit_method,
 )
-from edgeoffload.errors import UsageError
 
 PY = sys.executable
 METHOD = cpu_limit_method()

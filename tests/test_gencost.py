@@ -15,14 +15,14 @@ import pytest
 
 from edgeoffload.core.costmodel import REQUEST_OVERHEAD_MS, Constraints
 from edgeoffload.core.decoder import DecoderLayout
-from edgeoffload.errors import PlanError
 from edgeoffload.core.gencost import (
     TOKEN_REPLY_BYTES,
     GenerationWorkload,
     PhaseInputs,
     plan_generation,
 )
-from edgeoffload.split.graph import CutPoint
+from edgeoffload.errors import PlanError
+from edgeoffload.types import CutPoint
 from edgeoffload.types import DeviceProfile, LinkProfile, TensorSpec
 
 NODES = ("embed", "layers.0", "layers.1", "lm_head")
@@ -340,8 +340,8 @@ def test_a_block_cut_missing_from_the_prefill_is_an_error() -> None:
 
 
 def test_plan_of_a_real_decoder_covers_every_block_cut(tiny_llama_dir) -> None:
-    from edgeoffload.split.decoder_split import DecoderAnalysis
     from edgeoffload.core.presets import parse_link
+    from edgeoffload.split.decoder_split import DecoderAnalysis
 
     workload = GenerationWorkload(prompt_tokens=16, new_tokens=8)
     analysis = DecoderAnalysis.of(tiny_llama_dir / "model.onnx", workload=workload)

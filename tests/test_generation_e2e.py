@@ -32,12 +32,16 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from edgeoffload.protocol import connection as protocol
+from edgeoffload._ort import make_session
 from edgeoffload.bundle import Bundle
-from edgeoffload.device.client import BlockingOffloadClient, OffloadClient
 from edgeoffload.core.codec import EncodedTensor
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
-from edgeoffload.lab.demo import spawn_server
+from edgeoffload.core.sampling import SamplingParams, sample_token
+from edgeoffload.device.client import BlockingOffloadClient, OffloadClient
+from edgeoffload.device.generate import DecoderDevice, GeneratedToken
+from edgeoffload.device.runtime import DeviceRuntime
+from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.edge.server import EdgeServer, ServerConfig
 from edgeoffload.errors import (
     LocalProtocolError,
     OffloadUnavailable,
@@ -46,16 +50,18 @@ from edgeoffload.errors import (
     SessionLost,
     UsageError,
 )
-from edgeoffload.device.generate import DecoderDevice, GeneratedToken
-from edgeoffload.split.graph import ModelGraph
-from edgeoffload.keys import AllowList, encode_public, generate_identity
-from edgeoffload.core.noise import KeyPair
-from edgeoffload._ort import make_session
-from edgeoffload.protocol.connection import CLOSE_PROTOCOL, Chunk, ErrorReply, HandshakeComplete, Pong
+from edgeoffload.keys import encode_public, generate_identity
+from edgeoffload.lab.demo import spawn_server
+from edgeoffload.protocol import connection as protocol
+from edgeoffload.protocol.connection import (
+    CLOSE_PROTOCOL,
+    Chunk,
+    ErrorReply,
+    HandshakeComplete,
+    Pong,
+)
 from edgeoffload.protocol.connection import ClientConnection as ProtocolClient
-from edgeoffload.device.runtime import DeviceRuntime
-from edgeoffload.core.sampling import SamplingParams, sample_token
-from edgeoffload.edge.server import EdgeServer, ServerConfig
+from edgeoffload.split.graph import ModelGraph
 
 STEP = 10.0  # seconds: bound on any single await
 TEST_TIMEOUT = 60.0  # seconds: bound on one whole test coroutine
@@ -896,7 +902,7 @@ async def raw_connection(server: EdgeServer, bundle: Bundle, keys: SimpleNamespa
     """A websocket with a completed handshake, driven by the sans-I/O protocol client."""
     manifest = bundle.manifest
     conn = ProtocolClient(
-        static=KeyPair(private=keys.device.private, public=keys.device.public),
+        static=keys.device,
         server_public=keys.server.public,
         bundle=manifest.identity,
         version=manifest.version,

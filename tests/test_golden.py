@@ -37,8 +37,8 @@ from edgeoffload.core.noise import (
     TAG,
     CipherState,
     HandshakeState,
-    KeyPair,
 )
+from edgeoffload.keys import KeyPair
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTOR_DIR = ROOT / "mobile_bridge" / "vectors"

@@ -15,10 +15,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeoffload.split import zoo
-from edgeoffload.errors import CutError, GraphError
-from edgeoffload.split.graph import CutPoint, ModelGraph, layer_of
 from edgeoffload._ort import make_session, run
+from edgeoffload.errors import CutError, GraphError
+from edgeoffload.split import zoo
+from edgeoffload.split.graph import ModelGraph, layer_of
+from edgeoffload.types import CutPoint
 from edgeoffload.split.splitter import Analysis, run_split, verify_split
 
 SEED = 0

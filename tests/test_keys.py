@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edgeoffload.edge.allowlist import AllowList
 from edgeoffload.errors import UsageError
 from edgeoffload.keys import (
     PRIVATE_FILE,
     PUBLIC_FILE,
-    AllowList,
-    Identity,
+    KeyPair,
     decode_public,
     encode_public,
     fingerprint,
@@ -43,7 +43,7 @@ def _mode(path: Path) -> int:
 
 def _pub(n: int) -> bytes:
     """A distinct, deterministic public key."""
-    return Identity.from_private(hashlib.sha256(b"test-key-%d" % n).digest()).public
+    return KeyPair.from_private(hashlib.sha256(b"test-key-%d" % n).digest()).public
 
 
 class FakeClock:
@@ -192,7 +192,7 @@ def test_load_malformed_private_key_does_not_echo_it(tmp_path: Path) -> None:
 
 
 def test_identity_repr_hides_the_private_key() -> None:
-    ident = Identity.from_private(RFC_PRIVATE)
+    ident = KeyPair.from_private(RFC_PRIVATE)
     assert ident.public == RFC_PUBLIC
     text = repr(ident)
     assert ident.fingerprint in text
@@ -201,9 +201,9 @@ def test_identity_repr_hides_the_private_key() -> None:
 
 def test_identity_rejects_inconsistent_or_short_keys() -> None:
     with pytest.raises(UsageError):
-        Identity(private=RFC_PRIVATE, public=_pub(1))
+        KeyPair(private=RFC_PRIVATE, public=_pub(1))
     with pytest.raises(UsageError):
-        Identity.from_private(b"short")
+        KeyPair.from_private(b"short")
 
 
 # --------------------------------------------------------------------------- text forms
@@ -269,7 +269,7 @@ def test_encode_rejects_wrong_length() -> None:
 def test_fingerprint_format_and_stability() -> None:
     assert fingerprint(RFC_PUBLIC) == "s3nf-rdk5-5lr7-cpag"
     assert fingerprint(bytes(32)) == "kgkk-liiu-cesh-tg2n"
-    assert Identity.from_private(RFC_PRIVATE).fingerprint == "s3nf-rdk5-5lr7-cpag"
+    assert KeyPair.from_private(RFC_PRIVATE).fingerprint == "s3nf-rdk5-5lr7-cpag"
 
 
 @given(keys32)
@@ -453,7 +453,7 @@ def test_allowlist_malformed_edit_keeps_old_list(
     f.write_text(_authorized(encode_public(_pub(1)), encode_public(_pub(2)), "not-a-key"))
     _touch_later(f)
     clock.now += 1.0
-    with caplog.at_level(logging.WARNING, logger="edgeoffload.keys"):
+    with caplog.at_level(logging.WARNING, logger="edgeoffload.edge.allowlist"):
         assert allow.allows(_pub(1))  # the old list stays in force
         assert not allow.allows(_pub(2))  # the whole reload failed, not just one line
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -465,7 +465,7 @@ def test_allowlist_malformed_edit_keeps_old_list(
     # The same broken state is not re-parsed (no warning storm) ...
     caplog.clear()
     clock.now += 1.0
-    with caplog.at_level(logging.WARNING, logger="edgeoffload.keys"):
+    with caplog.at_level(logging.WARNING, logger="edgeoffload.edge.allowlist"):
         assert allow.allows(_pub(1))
     assert not caplog.records
     # ... and an explicit reload raises, keeping the old list.
@@ -473,7 +473,7 @@ def test_allowlist_malformed_edit_keeps_old_list(
         allow.reload()
     assert f"{f}:3:" in info.value.message
     assert allow.allows(_pub(1)) and len(allow) == 1
-    with caplog.at_level(logging.WARNING, logger="edgeoffload.keys"):
+    with caplog.at_level(logging.WARNING, logger="edgeoffload.edge.allowlist"):
         assert allow.try_reload() is False
     assert any(f"{f}:3:" in r.getMessage() for r in caplog.records)
 

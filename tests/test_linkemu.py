@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from edgeoffload.core.presets import LINK_PRESETS
 from edgeoffload.errors import UsageError
 from edgeoffload.lab.linkemu import LinkEmulator, LinkSchedule, LinkShape
-from edgeoffload.core.presets import LINK_PRESETS
 
 T = TypeVar("T")
 HOST = "127.0.0.1"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from edgeoffload.split import zoo
 from edgeoffload.errors import UsageError
 from edgeoffload.lab.loadtest import cpu_seconds, default_cut, rss_kib, server_throughput
+from edgeoffload.split import zoo
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 

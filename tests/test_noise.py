@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeoffload.errors import AuthenticationFailed, LocalProtocolError, UsageError
 from edgeoffload.core.noise import (
     DEFAULT_PROTOCOL,
     MAX_MESSAGE,
@@ -21,9 +20,10 @@ from edgeoffload.core.noise import (
     TAG,
     CipherState,
     HandshakeState,
-    KeyPair,
     Transport,
 )
+from edgeoffload.errors import AuthenticationFailed, LocalProtocolError, UsageError
+from edgeoffload.keys import KeyPair
 
 VECTORS_PATH = Path(__file__).parent / "vectors" / "noise" / "cacophony-subset.json"
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text())["vectors"]

@@ -17,13 +17,14 @@ import urllib.request
 import numpy as np
 import pytest
 
-from edgeoffload.split import zoo
 from edgeoffload.device.client import BlockingOffloadClient, OffloadClient
-from edgeoffload.lab.demo import spawn_server
-from edgeoffload.errors import OffloadUnavailable
-from edgeoffload.keys import AllowList, encode_public, generate_identity
 from edgeoffload.device.runtime import DeviceRuntime
+from edgeoffload.edge.allowlist import AllowList
 from edgeoffload.edge.server import EdgeServer, ServerConfig
+from edgeoffload.errors import OffloadUnavailable
+from edgeoffload.keys import encode_public, generate_identity
+from edgeoffload.lab.demo import spawn_server
+from edgeoffload.split import zoo
 from edgeoffload.split.splitter import CODEC_TOLERANCE, Analysis, split_model
 
 

@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeoffload.split import splitter
-
-from edgeoffload.split import zoo
 from edgeoffload.errors import ProfileError
+from edgeoffload.split import splitter, zoo
 from edgeoffload.split.profiler import codec_rates, load_profile, profile_model, save_profile
 from edgeoffload.types import DeviceProfile, PowerModel
 

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from edgeoffload import __version__
 from edgeoffload.core import codec as codec_mod
+from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS
+from edgeoffload.device.runtime import decode_checked
 from edgeoffload.errors import (
     AuthenticationFailed,
     LocalProtocolError,
@@ -30,7 +32,7 @@ from edgeoffload.errors import (
     SessionLost,
     VersionMismatch,
 )
-from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, KeyPair
+from edgeoffload.keys import KeyPair
 from edgeoffload.protocol.connection import (
     ERROR_CODES,
     MAX_ARRAY,
@@ -62,7 +64,6 @@ from edgeoffload.protocol.connection import (
     tai64n,
     unpack,
 )
-from edgeoffload.device.runtime import decode_checked
 from edgeoffload.types import TensorSpec
 
 CLIENT_STATIC = KeyPair.from_private(bytes(range(1, 33)))

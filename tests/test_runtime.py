@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeoffload.core import codec as codec_mod
-from edgeoffload.split import zoo
-from edgeoffload.errors import PayloadError, UsageError
 from edgeoffload._ort import make_session, run
+from edgeoffload.core import codec as codec_mod
 from edgeoffload.device.runtime import DeviceRuntime, check_inputs, decode_checked
+from edgeoffload.errors import PayloadError, UsageError
+from edgeoffload.split import zoo
 from edgeoffload.split.splitter import Analysis, split_model
 from edgeoffload.types import TensorSpec
 
@@ -87,7 +87,7 @@ def test_check_inputs_extra():
             r"'image' has shape \[2, 3, 5\], expected \['batch', 3, 4\]",
         ),
         ("image", np.zeros((2, 4, 4), dtype=np.float32), r"'image' has shape \[2, 4, 4\]"),
-        ("mask", np.ones((3, 5), dtype=np.int64), r"dim 'batch' is 3, elsewhere 2"),
+        ("mask", np.ones((3, 5), dtype=np.int64), r"dim 'batch' is 3 here but 2 elsewhere"),
     ],
     ids=[
         "dtype-float",

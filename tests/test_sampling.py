@@ -14,8 +14,8 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from edgeoffload.errors import EdgeOffloadError, SamplingError
 from edgeoffload.core.sampling import SamplingParams, filtered_distribution, sample_token
+from edgeoffload.errors import EdgeOffloadError, SamplingError
 
 Logits = npt.NDArray[np.float32]
 
@@ -432,7 +432,9 @@ def test_params_round_trip_property(
 
 def test_import_stays_light() -> None:
     heavy = ("torch", "transformers", "onnx", "jinja2")
-    code = f"import sys, edgeoffload.core.sampling\nprint([m for m in {heavy!r} if m in sys.modules])"
+    code = (
+        f"import sys, edgeoffload.core.sampling\nprint([m for m in {heavy!r} if m in sys.modules])"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

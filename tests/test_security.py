@@ -29,19 +29,19 @@ from websockets.asyncio.client import ClientConnection as WsConnection
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from edgeoffload.protocol import connection as protocol
-
-from edgeoffload.split import zoo
 from edgeoffload.bundle import Bundle
-from edgeoffload.device.client import OffloadClient
 from edgeoffload.core.codec import EncodedTensor
+from edgeoffload.device.client import OffloadClient
+from edgeoffload.device.runtime import DeviceRuntime
+from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.edge.server import EdgeServer, ServerConfig
 from edgeoffload.errors import (
     AuthenticationFailed,
     OffloadUnavailable,
     VersionMismatch,
 )
-from edgeoffload.keys import AllowList, Identity, encode_public, generate_identity
-from edgeoffload.core.noise import KeyPair
+from edgeoffload.keys import KeyPair, encode_public, generate_identity
+from edgeoffload.protocol import connection as protocol
 from edgeoffload.protocol.connection import (
     CLOSE_AUTH,
     CLOSE_PROTOCOL,
@@ -51,8 +51,7 @@ from edgeoffload.protocol.connection import (
     HandshakeComplete,
     RunResult,
 )
-from edgeoffload.device.runtime import DeviceRuntime
-from edgeoffload.edge.server import EdgeServer, ServerConfig
+from edgeoffload.split import zoo
 from edgeoffload.split.splitter import Analysis, split_model
 
 CLOSE_TOO_BIG = 1009  # websockets: message too big
@@ -65,9 +64,9 @@ TEST_TIMEOUT = 30.0  # seconds: bound on one whole test coroutine
 
 @dataclass
 class Env:
-    server_id: Identity
-    device_id: Identity
-    stranger_id: Identity  # a valid key pair that is NOT in the allow-list
+    server_id: KeyPair
+    device_id: KeyPair
+    stranger_id: KeyPair  # a valid key pair that is NOT in the allow-list
     allow_file: Path
     main: Bundle  # resnet, cut c68 (one float32[batch, 256] tensor crosses), codec none
     other_codec: Bundle  # same model and cut, codec fp16
@@ -166,7 +165,7 @@ def make_client(
     server: EdgeServer,
     *,
     bundle: Bundle | None = None,
-    identity: Identity | None = None,
+    identity: KeyPair | None = None,
     server_key: bytes | None = None,
     fallback: str = "error",
     timeout: float = 10.0,
@@ -198,7 +197,7 @@ def new_conn(
 ) -> ClientConnection:
     manifest = (bundle or env.main).manifest
     return ClientConnection(
-        static=KeyPair(private=env.device_id.private, public=env.device_id.public),
+        static=env.device_id,
         server_public=env.server_id.public,
         bundle=manifest.identity,
         version=manifest.version,

@@ -13,11 +13,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgeoffload.core.decoder import KVState, past_axis
-from edgeoffload.errors import ServerBusy, SessionError, SessionLost
 from edgeoffload._ort import make_session
+from edgeoffload.core.decoder import KVState, past_axis
 from edgeoffload.core.sampling import SamplingParams
 from edgeoffload.edge.sessions import SessionStore
+from edgeoffload.errors import ServerBusy, SessionError, SessionLost
 from edgeoffload.types import TensorSpec
 
 HEADS, HEAD_DIM = 2, 4

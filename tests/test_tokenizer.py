@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from edgeoffload.errors import TokenizerError, UsageError
 from edgeoffload.device.tokenizer import (
     CLEANUP_HOLD_BACK,
     StreamDecoder,
     TextTokenizer,
     clean_up_tokenization,
 )
+from edgeoffload.errors import TokenizerError, UsageError
 
 CORPUS = [
     "The edge server runs the tail of the model while the phone runs the head.",

@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgeoffload.split import zoo
 from edgeoffload.errors import UsageError
+from edgeoffload.split import zoo
 
 SEED = 0
 SEQUENCE = 16

@@ -492,9 +492,9 @@ def _split_decoder(
     as_json: bool,
     started: float,
 ) -> None:
-    from edgeoffload.split.decoder_split import DecoderAnalysis, split_decoder
     from edgeoffload.core.gencost import GenerationWorkload
     from edgeoffload.core.presets import device_slowdown
+    from edgeoffload.split.decoder_split import DecoderAnalysis, split_decoder
 
     if cut is not None:
         raise UsageError("decoders are cut between blocks: use --head-layers N, not --cut")
@@ -782,8 +782,8 @@ def demo(
     ] = None,
 ) -> None:
     """Split the embedded model for a link, serve its tail locally, run it offloaded, compare."""
-    from edgeoffload.lab.demo import full_model_runner, run_loopback
     from edgeoffload.core.presets import parse_link
+    from edgeoffload.lab.demo import full_model_runner, run_loopback
     from edgeoffload.split.splitter import split_model
 
     started = time.perf_counter()
@@ -958,9 +958,9 @@ def serve(
     import signal
 
     from edgeoffload.bundle import load_bundle
-    from edgeoffload.keys import AllowList, load_identity
     from edgeoffload.core.presets import parse_size
     from edgeoffload.edge.server import EdgeServer, ServerConfig
+    from edgeoffload.keys import AllowList, load_identity
 
     loaded = [load_bundle(b) for b in bundles]
     identity = load_identity(key)

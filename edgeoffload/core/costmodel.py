@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeoffload.errors import PlanError
-from edgeoffload.split.graph import CutPoint
-from edgeoffload.types import DeviceProfile, LinkProfile
+from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile
 
 OBJECTIVES = ("latency", "energy")
 LOSSLESS_AUTO_CODECS = ("none", "zstd", "lz4")

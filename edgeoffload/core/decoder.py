@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeoffload.errors import GraphError, SessionError
 from edgeoffload._ort import run
+from edgeoffload.errors import GraphError, SessionError
 from edgeoffload.types import TensorSpec
 
 INPUT_IDS = ("input_ids",)

@@ -23,8 +23,7 @@ from typing import Any
 from edgeoffload.core.costmodel import Constraints, CostBreakdown, PlanReport, evaluate
 from edgeoffload.core.decoder import DecoderLayout
 from edgeoffload.errors import PlanError
-from edgeoffload.split.graph import CutPoint
-from edgeoffload.types import DeviceProfile, LinkProfile
+from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile
 
 TOKEN_REPLY_BYTES = 64  # a msgpack "token" reply before encryption/framing
 

@@ -80,7 +80,6 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -88,6 +87,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from edgeoffload.errors import AuthenticationFailed, LocalProtocolError, UsageError
+from edgeoffload.keys import KeyPair, check_key_bytes
 
 __all__ = [
     "CHUNK",
@@ -99,7 +99,6 @@ __all__ = [
     "TAG",
     "CipherState",
     "HandshakeState",
-    "KeyPair",
     "Transport",
 ]
 
@@ -156,60 +155,6 @@ Buffer = bytes | bytearray | memoryview
 """Anything the AEAD accepts without a copy; the hot path passes memoryview slices."""
 
 
-def _check_key_bytes(value: object, what: str) -> bytes:
-    """Return ``value`` as bytes if it is a 32-byte key, else raise a UsageError saying so."""
-    if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != DHLEN:
-        size = len(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
-        raise UsageError(
-            f"{what} must be {DHLEN} raw bytes, got "
-            + (f"{size} bytes" if size is not None else type(value).__name__),
-            hint="X25519 keys are 32 raw bytes (not hex, not PEM)",
-        )
-    return bytes(value)
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    """An X25519 key pair as raw bytes (the form Noise hashes and sends).
-
-    The private half is left out of ``repr`` so that a logged key pair never leaks it. A pair
-    built directly is checked: both halves must be 32 bytes and the public half must belong to
-    the private one, because a mismatched pair fails only later, as an opaque authentication
-    failure at the peer.
-    """
-
-    private: bytes = field(repr=False)
-    public: bytes
-
-    def __post_init__(self) -> None:
-        private = _check_key_bytes(self.private, "private key")
-        public = _check_key_bytes(self.public, "public key")
-        if _public_of(private) != public:
-            raise UsageError(
-                "public key does not belong to the private key",
-                hint="build the pair with KeyPair.from_private(private)",
-            )
-        # Normalise bytearray/memoryview input so the frozen pair is immutable and hashable.
-        object.__setattr__(self, "private", private)
-        object.__setattr__(self, "public", public)
-
-    @classmethod
-    def generate(cls) -> KeyPair:
-        """A fresh random key pair (the only source of randomness in this module)."""
-        key = X25519PrivateKey.generate()
-        return cls(key.private_bytes_raw(), key.public_key().public_bytes_raw())
-
-    @classmethod
-    def from_private(cls, private: bytes) -> KeyPair:
-        """The key pair of a 32-byte private key; :class:`UsageError` on any other length."""
-        raw = _check_key_bytes(private, "private key")
-        return cls(raw, _public_of(raw))
-
-
-def _public_of(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
-
-
 def _dh(private: bytes, public: bytes) -> bytes:
     """X25519; a low-order peer key (all-zero result) is an authentication failure.
 
@@ -248,7 +193,7 @@ class CipherState:
         self._key: bytes | None = None
         self._aead: ChaCha20Poly1305 | AESGCM | None = None
         if key is not None:
-            self._set_key(_check_key_bytes(key, "cipher key"))
+            self._set_key(check_key_bytes(key, "cipher key"))
 
     def _set_key(self, key: bytes) -> None:
         self._key = key
@@ -430,7 +375,7 @@ class HandshakeState:
 
         self._s = s
         self._e = e
-        self._rs = _check_key_bytes(rs, "rs") if rs is not None else None
+        self._rs = check_key_bytes(rs, "rs") if rs is not None else None
         self._re: bytes | None = None
         self._sym = _SymmetricState(protocol_name, cipher, hash_name)
         self._sym.mix_hash(prologue)

@@ -32,8 +32,10 @@ from websockets.asyncio.client import ClientConnection as WsConnection
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from edgeoffload.core import codec as codec_mod
 from edgeoffload.bundle import Bundle
+from edgeoffload.core import codec as codec_mod
+from edgeoffload.core.noise import DEFAULT_PROTOCOL
+from edgeoffload.device.runtime import DeviceRuntime, decode_checked
 from edgeoffload.errors import (
     AuthenticationFailed,
     EdgeOffloadError,
@@ -45,8 +47,7 @@ from edgeoffload.errors import (
     UsageError,
     VersionMismatch,
 )
-from edgeoffload.keys import Identity
-from edgeoffload.core.noise import DEFAULT_PROTOCOL, KeyPair
+from edgeoffload.keys import KeyPair
 from edgeoffload.protocol.connection import (
     CLOSE_AUTH,
     CLOSE_VERSION,
@@ -61,7 +62,6 @@ from edgeoffload.protocol.connection import (
     SessionOpened,
     TokenResult,
 )
-from edgeoffload.device.runtime import DeviceRuntime, decode_checked
 from edgeoffload.types import LinkProfile
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class OffloadClient:
         *,
         server: str,
         server_key: bytes,
-        identity: Identity,
+        identity: KeyPair,
         fallback: str = "local",
         timeout: float = 10.0,
         connect_timeout: float = 3.0,
@@ -144,7 +144,7 @@ class OffloadClient:
         self.manifest = self.runtime.manifest
         self.server = server
         self.server_key = server_key
-        self.static = KeyPair(private=identity.private, public=identity.public)
+        self.static = identity
         self.fallback = fallback
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -28,6 +28,8 @@ import numpy as np
 
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
+from edgeoffload.core.sampling import SamplingParams, sample_token
+from edgeoffload.device.runtime import DeviceRuntime
 from edgeoffload.errors import (
     AuthenticationFailed,
     OffloadUnavailable,
@@ -40,8 +42,6 @@ from edgeoffload.errors import (
     VersionMismatch,
 )
 from edgeoffload.protocol.connection import MAX_CHUNKS, Chunk
-from edgeoffload.device.runtime import DeviceRuntime
-from edgeoffload.core.sampling import SamplingParams, sample_token
 
 if TYPE_CHECKING:
     from edgeoffload.device.client import OffloadClient

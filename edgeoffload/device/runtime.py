@@ -14,50 +14,35 @@ from typing import Any
 
 import numpy as np
 
-from edgeoffload.core import codec as codec_mod
-from edgeoffload.bundle import Bundle, load_bundle
-from edgeoffload.errors import PayloadError, UsageError
 from edgeoffload._ort import make_session, run
+from edgeoffload.bundle import Bundle, load_bundle
+from edgeoffload.core import codec as codec_mod
+from edgeoffload.errors import PayloadError, UsageError
 from edgeoffload.protocol.connection import check_against_specs
-from edgeoffload.types import TensorSpec
+from edgeoffload.types import TensorSpec, match_specs
 
 
 def check_inputs(
     inputs: Mapping[str, Any], specs: tuple[TensorSpec, ...], dims: Mapping[str, int]
 ) -> dict[str, np.ndarray]:
-    """Inputs as numpy arrays, checked against the bundle's graph inputs (UsageError)."""
+    """Inputs as C-contiguous numpy arrays, checked against the bundle's graph inputs.
+
+    A caller's mistake, so a :class:`UsageError` (the same rules as a peer's tensors,
+    :func:`edgeoffload.types.match_specs`).
+    """
     arrays: dict[str, np.ndarray] = {}
-    expected = {s.name: s for s in specs}
-    missing = sorted(set(expected) - set(inputs))
-    extra = sorted(set(inputs) - set(expected))
-    if missing or extra:
-        raise UsageError(
-            "inputs do not match the model: "
-            + (f"missing {missing} " if missing else "")
-            + (f"unexpected {extra}" if extra else ""),
-            hint="the model takes "
-            + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs),
-        )
-    bound: dict[str, int] = {}
-    for name, spec in expected.items():
+    for name, value in inputs.items():
         try:
-            array = np.asarray(inputs[name])
+            arrays[name] = np.ascontiguousarray(np.asarray(value))
         except (ValueError, TypeError) as exc:
             raise UsageError(f"input {name!r} is not an array: {exc}") from None
-        if array.dtype.name != spec.dtype:
-            raise UsageError(f"input {name!r} has dtype {array.dtype.name}, expected {spec.dtype}")
-        if array.ndim != len(spec.shape):
-            raise UsageError(
-                f"input {name!r} has shape {list(array.shape)}, expected {list(spec.shape)}"
-            )
-        for size, dim in zip(array.shape, spec.shape, strict=True):
-            if isinstance(dim, int) and size != dim:
-                raise UsageError(
-                    f"input {name!r} has shape {list(array.shape)}, expected {list(spec.shape)}"
-                )
-            if isinstance(dim, str) and bound.setdefault(dim, size) != size:
-                raise UsageError(f"input {name!r}: dim {dim!r} is {size}, elsewhere {bound[dim]}")
-        arrays[name] = np.ascontiguousarray(array)
+    match_specs(
+        [(name, a.dtype.name, a.shape) for name, a in arrays.items()],
+        specs,
+        error=UsageError,
+        kind="input",
+        hint="the model takes " + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs),
+    )
     return arrays
 
 

@@ -28,9 +28,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from edgeoffload.core import codec as codec_mod
+from edgeoffload._ort import make_session, run
 from edgeoffload.bundle import Bundle
+from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
+from edgeoffload.core.sampling import SamplingParams, sample_token
+from edgeoffload.device.runtime import decode_checked
+from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.edge.sessions import Session, SessionStore
 from edgeoffload.errors import (
     AuthenticationFailed,
     EdgeOffloadError,
@@ -42,9 +47,7 @@ from edgeoffload.errors import (
     SessionLost,
     UsageError,
 )
-from edgeoffload.keys import AllowList, Identity
-from edgeoffload.core.noise import KeyPair
-from edgeoffload._ort import make_session, run
+from edgeoffload.keys import KeyPair
 from edgeoffload.protocol.connection import (
     CLOSE_AUTH,
     CLOSE_PROTOCOL,
@@ -64,9 +67,6 @@ from edgeoffload.protocol.connection import (
     truncate_utf8,
 )
 from edgeoffload.protocol.connection import ServerConnection as ProtocolConnection
-from edgeoffload.device.runtime import decode_checked
-from edgeoffload.core.sampling import SamplingParams, sample_token
-from edgeoffload.edge.sessions import Session, SessionStore
 
 log = logging.getLogger("edgeoffload.edge.server")
 
@@ -152,7 +152,7 @@ class EdgeServer:
         self,
         bundles: Sequence[Bundle],
         *,
-        identity: Identity,
+        identity: KeyPair,
         allow: AllowList,
         config: ServerConfig | None = None,
     ) -> None:
@@ -179,7 +179,7 @@ class EdgeServer:
         self._idle.set()
         self._server: Server | None = None
         self._closing = False
-        self._static = KeyPair(private=identity.private, public=identity.public)
+        self._static = identity
         self.sessions = SessionStore(
             ttl=self.config.session_ttl, budget_bytes=self.config.kv_budget
         )

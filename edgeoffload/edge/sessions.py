@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeoffload.core.decoder import KVState
-from edgeoffload.errors import Overloaded, SessionError, SessionLost
 from edgeoffload.core.sampling import SamplingParams
+from edgeoffload.errors import Overloaded, SessionError, SessionLost
 
 
 @dataclass

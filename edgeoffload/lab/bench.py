@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeoffload.core.costmodel import ComputeModel
 from edgeoffload._ort import make_session, run
+from edgeoffload.core.costmodel import ComputeModel
 
 Progress = Callable[[str, float], None]
 
@@ -182,9 +182,9 @@ def offload_overhead(
     import tempfile
     from pathlib import Path
 
-    from edgeoffload.lab.demo import run_client, spawn_server
-    from edgeoffload.keys import encode_public, generate_identity
     from edgeoffload.core.noise import DEFAULT_PROTOCOL
+    from edgeoffload.keys import encode_public, generate_identity
+    from edgeoffload.lab.demo import run_client, spawn_server
     from edgeoffload.split.splitter import Analysis, split_model
 
     rows = []
@@ -317,10 +317,16 @@ def pipeline_throughput(size: int = 4 << 20, *, repeats: int = 20) -> dict[str, 
     other — everything a request does except the socket.
     """
     from edgeoffload.core import codec as codec_mod
-    from edgeoffload.core.noise import RUNTIME_PROTOCOLS, KeyPair
-    from edgeoffload.protocol.connection import ClientConnection, HostedBundle, ReplayGuard, RunRequest
-    from edgeoffload.protocol.connection import ServerConnection as ProtocolServer
+    from edgeoffload.core.noise import RUNTIME_PROTOCOLS
     from edgeoffload.device.runtime import decode_checked
+    from edgeoffload.keys import KeyPair
+    from edgeoffload.protocol.connection import (
+        ClientConnection,
+        HostedBundle,
+        ReplayGuard,
+        RunRequest,
+    )
+    from edgeoffload.protocol.connection import ServerConnection as ProtocolServer
     from edgeoffload.types import TensorSpec
 
     rng = np.random.default_rng(0)

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from edgeoffload.bundle import Bundle
-from edgeoffload.device.client import OffloadClient, RequestTiming
-from edgeoffload.keys import AllowList, encode_public, generate_identity
-from edgeoffload.core.noise import DEFAULT_PROTOCOL
 from edgeoffload._ort import make_session, run
+from edgeoffload.bundle import Bundle
+from edgeoffload.core.noise import DEFAULT_PROTOCOL
+from edgeoffload.device.client import OffloadClient, RequestTiming
+from edgeoffload.edge.allowlist import AllowList
 from edgeoffload.edge.server import EdgeServer, ServerConfig
+from edgeoffload.keys import encode_public, generate_identity
 
 COMPONENTS = ("head_ms", "encode_ms", "network_ms", "server_ms", "decode_ms", "total_ms")
 

@@ -113,10 +113,10 @@ def bench_generation(
     unsplit baseline) the others, as if they were two machines; without it the scheduler
     moves both between cores, which costs the ping-ponging split more than the baseline.
     """
-    from edgeoffload.split.decoder_split import layout_of, split_decoder
-    from edgeoffload.lab.demo import spawn_server
-    from edgeoffload.keys import encode_public, generate_identity, load_identity
     from edgeoffload._ort import make_session
+    from edgeoffload.keys import encode_public, generate_identity, load_identity
+    from edgeoffload.lab.demo import spawn_server
+    from edgeoffload.split.decoder_split import layout_of, split_decoder
     from edgeoffload.split.splitter import Analysis
 
     if runs < 1 or new_tokens < 2:
@@ -232,9 +232,9 @@ async def _measure(
     network: str | None,
     server_pid: int,
 ) -> dict[str, Any]:
+    from edgeoffload.core.presets import parse_link
     from edgeoffload.device.client import OffloadClient
     from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
-    from edgeoffload.core.presets import parse_link
 
     emulator = None
     target = port

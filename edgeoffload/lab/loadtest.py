@@ -401,10 +401,10 @@ def server_throughput(
             does not compete with the server; default: no pinning, everyone shares the cores.
         progress: ``(what, fraction)`` callback.
     """
+    from edgeoffload._ort import make_session, run
     from edgeoffload.device.client import OffloadClient
     from edgeoffload.errors import UsageError
-    from edgeoffload.keys import Identity, encode_public, generate_identity
-    from edgeoffload._ort import make_session, run
+    from edgeoffload.keys import KeyPair, encode_public, generate_identity
     from edgeoffload.split.splitter import Analysis, split_model
     from edgeoffload.split.zoo import resolve as resolve_model
 
@@ -472,7 +472,7 @@ def server_throughput(
             )
 
         server_id = generate_identity(root / "server")
-        devices = [Identity.generate() for _ in range(max(clients))]
+        devices = [KeyPair.generate() for _ in range(max(clients))]
         allow = root / "authorized_keys"
         allow.write_text(
             "".join(f"{encode_public(d.public)} device-{i}\n" for i, d in enumerate(devices))

@@ -48,9 +48,9 @@ DEVICES = ("phone", "rpi")
 
 
 def _worker(job_path: Path) -> None:
+    from edgeoffload._ort import make_session, run
     from edgeoffload.device.client import OffloadClient
     from edgeoffload.keys import load_identity
-    from edgeoffload._ort import make_session, run
 
     job = json.loads(job_path.read_text())
     with np.load(job["inputs"]) as data:
@@ -132,10 +132,10 @@ def run_scenario(
     single_tensor_cuts: bool = True,
 ) -> dict[str, Any]:
     """Measure one (model, link, device) scenario; see the module docstring."""
+    from edgeoffload.core.presets import parse_link
     from edgeoffload.lab.demo import spawn_server
     from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
     from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
-    from edgeoffload.core.presets import parse_link
     from edgeoffload.split.splitter import split_model
 
     link = parse_link(link_name)
@@ -321,8 +321,8 @@ def run_lab(
     progress: Any = None,
 ) -> dict[str, Any]:
     """Every scenario of the grid; returns (and writes) the combined result."""
-    from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
     from edgeoffload.keys import encode_public, generate_identity
+    from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
     from edgeoffload.split.profiler import load_profile
     from edgeoffload.split.splitter import Analysis
     from edgeoffload.split.zoo import resolve as resolve_model

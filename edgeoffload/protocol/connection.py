@@ -24,6 +24,7 @@ import msgpack
 
 from edgeoffload import __version__
 from edgeoffload.core.codec import ALLOWED_DTYPES, EncodedTensor
+from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, HandshakeState, Transport
 from edgeoffload.errors import (
     AuthenticationFailed,
     LocalProtocolError,
@@ -36,8 +37,8 @@ from edgeoffload.errors import (
     SessionLost,
     VersionMismatch,
 )
-from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, HandshakeState, KeyPair, Transport
-from edgeoffload.types import TensorSpec
+from edgeoffload.keys import KeyPair
+from edgeoffload.types import TensorSpec, match_specs
 
 PROTOCOL_VERSION = 1
 DEFAULT_AGENT = f"edgeoffload/{__version__}"
@@ -457,39 +458,13 @@ def check_against_specs(
     Symbolic dims must agree across tensors (every ``batch`` has one value); dims named in
     ``fixed_dims`` must equal that value. Byte lengths are then checked by ``codec.decode``.
     """
-    expected = {s.name: s for s in specs}
-    got = [name for name, _ in tensors]
-    if len(set(got)) != len(got):
-        raise PayloadError("a tensor name appears twice")
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    if missing or unexpected:
-        raise PayloadError(
-            "tensors do not match the bundle: "
-            + (f"missing {missing} " if missing else "")
-            + (f"unexpected {unexpected}" if unexpected else "")
-        )
-    bound: dict[str, int] = dict(fixed_dims or {})
+    match_specs(
+        [(name, t.dtype, t.shape) for name, t in tensors],
+        specs,
+        error=PayloadError,
+        fixed_dims=fixed_dims,
+    )
     for name, t in tensors:
-        spec = expected[name]
-        if t.dtype != spec.dtype:
-            raise PayloadError(
-                f"tensor {name!r}: dtype {t.dtype} but the bundle declares {spec.dtype}"
-            )
-        if len(t.shape) != len(spec.shape):
-            raise PayloadError(
-                f"tensor {name!r}: rank {len(t.shape)} but the bundle declares {len(spec.shape)}"
-            )
-        for size, dim in zip(t.shape, spec.shape, strict=True):
-            if isinstance(dim, int):
-                if size != dim:
-                    raise PayloadError(
-                        f"tensor {name!r}: shape {list(t.shape)} does not match {list(spec.shape)}"
-                    )
-            elif bound.setdefault(dim, size) != size:
-                raise PayloadError(
-                    f"tensor {name!r}: dim {dim!r} is {size} here but {bound[dim]} elsewhere"
-                )
         wanted = codec_for(t.dtype)
         if t.codec != wanted:
             raise PayloadError(f"tensor {name!r}: codec {t.codec!r}, the bundle uses {wanted!r}")

@@ -17,11 +17,15 @@ from typing import Any
 from edgeoffload.bundle import Bundle
 from edgeoffload.core.costmodel import Constraints
 from edgeoffload.core.decoder import DecoderLayout, block_of
+from edgeoffload.core.gencost import (
+    GenerationReport,
+    GenerationWorkload,
+    PhaseInputs,
+    plan_generation,
+)
 from edgeoffload.errors import GraphError, UsageError
-from edgeoffload.core.gencost import GenerationReport, GenerationWorkload, PhaseInputs, plan_generation
-from edgeoffload.split.graph import CutPoint
 from edgeoffload.split.splitter import Analysis, split_model
-from edgeoffload.types import DeviceProfile, LinkProfile
+from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile
 
 # Files of a Hugging Face / optimum export folder that the device needs to generate text.
 TOKENIZER_FILES = (

@@ -21,20 +21,18 @@ nodes are indexed by output name once (see :meth:`ModelGraph.extract`).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
+from edgeoffload.bundle import sha256_bytes
 from edgeoffload.errors import CutError, GraphError
-from edgeoffload.types import DTYPE_SIZES, Dim, TensorSpec, dim_terms, resolve_dim
+from edgeoffload.types import DTYPE_SIZES, CutPoint, Dim, TensorSpec, dim_terms, resolve_dim
 
 log = logging.getLogger("edgeoffload.split.graph")
 
@@ -59,52 +57,6 @@ PARAMETRIC_OPS = frozenset(
 MIN_OPSET = 13
 # Ops whose output is a weight when all their inputs are weights (tied/aliased parameters).
 WEIGHT_VIEW_OPS = frozenset({"Identity", "Transpose", "Cast"})
-
-
-@dataclass(frozen=True)
-class CutPoint:
-    """One place the model can be cut, with everything the cost model needs about it."""
-
-    index: int  # number of compute nodes in the head
-    after: str  # name of the last head node ("" for the all-remote cut)
-    layer: str  # readable layer label of the last head node
-    boundary: bool  # True when the cut falls between two layers
-    tensors: tuple[TensorSpec, ...]  # what crosses, symbolic shapes
-    nbytes: int  # bytes that cross at the resolved dims, before any codec
-    head_weight_bytes: int
-    head_peak_bytes: int  # peak live activation bytes while the head runs (estimate)
-    head_depth: int  # parametric layers (Conv/MatMul/Gemm...) in the head
-
-    @property
-    def id(self) -> str:
-        return f"c{self.index}"
-
-    @property
-    def device_memory_bytes(self) -> int:
-        return self.head_weight_bytes + self.head_peak_bytes
-
-    def describe(self) -> str:
-        if self.index == 0:
-            return "all-remote"
-        return f"after {self.after}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "index": self.index,
-            "after": self.after,
-            "layer": self.layer,
-            "boundary": self.boundary,
-            "tensors": [t.to_dict() for t in self.tensors],
-            "nbytes": self.nbytes,
-            "head_weight_bytes": self.head_weight_bytes,
-            "head_peak_bytes": self.head_peak_bytes,
-            "head_depth": self.head_depth,
-        }
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def layer_of(node_name: str) -> str:

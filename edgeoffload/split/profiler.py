@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeoffload._ort import make_session, median_ms, run
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.errors import ProfileError
-from edgeoffload.split.graph import CutPoint, ModelGraph
-from edgeoffload._ort import make_session, median_ms, run
-from edgeoffload.types import CalibrationPoint, DeviceProfile, PowerModel
+from edgeoffload.split.graph import ModelGraph
+from edgeoffload.types import CalibrationPoint, CutPoint, DeviceProfile, PowerModel
 
 log = logging.getLogger("edgeoffload.split.profiler")
 
@@ -211,7 +211,8 @@ def codec_rates(
 def channel_rates(size: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
     """Bytes/s of the secure channel: msgpack framing + Noise encryption (device side) and
     decryption + strict unpack (server side), for a ``size``-byte tensor payload."""
-    from edgeoffload.core.noise import DEFAULT_PROTOCOL, HandshakeState, KeyPair
+    from edgeoffload.core.noise import DEFAULT_PROTOCOL, HandshakeState
+    from edgeoffload.keys import KeyPair
     from edgeoffload.protocol.connection import pack_parts, unpack
 
     server = KeyPair.generate()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgeoffload import __version__
-from edgeoffload.core import codec as codec_mod
+from edgeoffload._ort import make_session, probe, run
 from edgeoffload.bundle import (
     HEAD,
     TAIL,
@@ -30,17 +30,18 @@ from edgeoffload.bundle import (
     Manifest,
     PartInfo,
     safe_relative,
+    sha256_bytes,
     sha256_file,
     write_bundle,
 )
+from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.costmodel import AUTO_CODECS, Constraints, PlanReport, evaluate
 from edgeoffload.core.decoder import DecoderLayout, KVState
-from edgeoffload.errors import GraphError, ManifestError, UsageError, VerificationError
-from edgeoffload.split.graph import CutPoint, ModelGraph, sha256_bytes
-from edgeoffload._ort import make_session, probe, run
-from edgeoffload.split.profiler import profile_model
 from edgeoffload.device.runtime import check_inputs
-from edgeoffload.types import DeviceProfile, LinkProfile, TensorSpec
+from edgeoffload.errors import GraphError, ManifestError, UsageError, VerificationError
+from edgeoffload.split.graph import ModelGraph
+from edgeoffload.split.profiler import profile_model
+from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile, TensorSpec
 
 log = logging.getLogger("edgeoffload.split.splitter")
 

@@ -28,11 +28,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edgeoffload.core import codec as codec_mod
 from edgeoffload.bundle import Manifest, PartInfo
+from edgeoffload.core import codec as codec_mod
+from edgeoffload.core.noise import CHUNK, RUNTIME_PROTOCOLS, HandshakeState, Transport
+from edgeoffload.core.sampling import SamplingParams, filtered_distribution, sample_token
 from edgeoffload.errors import VersionMismatch
-from edgeoffload.keys import encode_public, fingerprint
-from edgeoffload.core.noise import CHUNK, RUNTIME_PROTOCOLS, HandshakeState, KeyPair, Transport
+from edgeoffload.keys import KeyPair, encode_public, fingerprint
 from edgeoffload.protocol.connection import (
     MAX_STR,
     PROLOGUE_PREFIX,
@@ -58,7 +59,6 @@ from edgeoffload.protocol.connection import (
     prologue,
     tai64n,
 )
-from edgeoffload.core.sampling import SamplingParams, filtered_distribution, sample_token
 from edgeoffload.types import TensorSpec
 
 OUTPUT = Path(__file__).resolve().parent / "protocol-v1.json"
