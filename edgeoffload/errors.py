@@ -20,6 +20,7 @@ code  meaning
 9     ConversionError: exporting a PyTorch / Hugging Face model failed
 10    ProtocolError / AuthenticationFailed / PayloadError (wire protocol)
 11    OffloadUnavailable / Overloaded (no server could answer)
+12    MissingExtra: the command needs an optional part that is not installed
 ====  =====================================================================
 """
 
@@ -166,3 +167,23 @@ class SamplingError(EdgeOffloadError):
 
 class TokenizerError(EdgeOffloadError):
     """A tokenizer folder is missing or malformed, or its chat template failed to render."""
+
+
+class MissingExtra(EdgeOffloadError):
+    """The command needs an optional part of edgeoffload that this install lacks.
+
+    A device install (``pip install edgeoffload``) carries no onnx; splitting, cut analysis,
+    profiling, the zoo and the converters need an extra. The message names the missing module,
+    the hint the ``pip install`` line that brings it.
+    """
+
+    exit_code = 12
+
+    def __init__(self, module: str, extra: str, *, what: str) -> None:
+        super().__init__(
+            f"{what} needs {module}, which this install of edgeoffload does not have",
+            hint=f"pip install 'edgeoffload[{extra}]'",
+        )
+        self.module = module
+        self.extra = extra
+
