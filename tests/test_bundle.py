@@ -13,21 +13,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgeoffload.bundle import (
-    HEAD,
-    MANIFEST,
-    SCHEMA_VERSION,
-    TAIL,
-    Manifest,
-    PartInfo,
-    check_pair,
-    load_bundle,
-    write_bundle,
-)
+from edgeoffload.bundle import HEAD, MANIFEST, TAIL, load_bundle, write_bundle
 from edgeoffload.errors import ManifestError, VerificationError, VersionMismatch
+from edgeoffload.manifest import SCHEMA_VERSION, Manifest, PartInfo, check_pair
 from edgeoffload.split import splitter, zoo
-from edgeoffload.types import CutPoint
-from edgeoffload.types import DeviceProfile, LinkProfile, TensorSpec
+from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile, TensorSpec
 
 
 @pytest.fixture(scope="module")

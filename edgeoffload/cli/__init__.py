@@ -960,7 +960,8 @@ def serve(
     from edgeoffload.bundle import load_bundle
     from edgeoffload.core.presets import parse_size
     from edgeoffload.edge.server import EdgeServer, ServerConfig
-    from edgeoffload.keys import AllowList, load_identity
+    from edgeoffload.edge.allowlist import AllowList
+    from edgeoffload.keys import load_identity
 
     loaded = [load_bundle(b) for b in bundles]
     identity = load_identity(key)

@@ -23,22 +23,13 @@ import numpy as np
 
 from edgeoffload import __version__
 from edgeoffload._ort import make_session, probe, run
-from edgeoffload.bundle import (
-    HEAD,
-    TAIL,
-    Bundle,
-    Manifest,
-    PartInfo,
-    safe_relative,
-    sha256_bytes,
-    sha256_file,
-    write_bundle,
-)
+from edgeoffload.bundle import HEAD, TAIL, Bundle, sha256_bytes, sha256_file, write_bundle
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.costmodel import AUTO_CODECS, Constraints, PlanReport, evaluate
 from edgeoffload.core.decoder import DecoderLayout, KVState
 from edgeoffload.device.runtime import check_inputs
 from edgeoffload.errors import GraphError, ManifestError, UsageError, VerificationError
+from edgeoffload.manifest import Manifest, PartInfo, safe_relative
 from edgeoffload.split.graph import ModelGraph
 from edgeoffload.split.profiler import profile_model
 from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile, TensorSpec

@@ -28,12 +28,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from edgeoffload.bundle import Manifest, PartInfo
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.noise import CHUNK, RUNTIME_PROTOCOLS, HandshakeState, Transport
 from edgeoffload.core.sampling import SamplingParams, filtered_distribution, sample_token
 from edgeoffload.errors import VersionMismatch
 from edgeoffload.keys import KeyPair, encode_public, fingerprint
+from edgeoffload.manifest import Manifest, PartInfo
 from edgeoffload.protocol.connection import (
     MAX_STR,
     PROLOGUE_PREFIX,
