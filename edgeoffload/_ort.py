@@ -1,6 +1,7 @@
 """onnxruntime helpers shared by the splitter, the profiler and the runtime.
 
-Only ``onnxruntime`` and ``numpy`` are imported here, so the device path can use it.
+Only ``onnxruntime`` and ``numpy`` are imported here (never onnx), so the device path can use
+it; the probe run that needs onnx lives in :mod:`edgeoffload.split.analysis`.
 """
 
 from __future__ import annotations
@@ -76,33 +77,6 @@ def run(session: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     names = [o.name for o in session.get_outputs()]
     feed = {i.name: inputs[i.name] for i in session.get_inputs()}
     return dict(zip(names, session.run(names, feed), strict=True))
-
-
-def probe(
-    model: Any, inputs: Mapping[str, np.ndarray], *, serialized: bytes | None = None
-) -> dict[str, np.ndarray]:
-    """Run ``model`` once with every intermediate tensor exposed; returns all of them.
-
-    The copy runs unoptimised so that every tensor of the original graph still exists.
-    """
-    import onnx
-
-    existing = {o.name for o in model.graph.output}
-    graph_inputs = {i.name for i in model.graph.input}
-    extra = onnx.ModelProto()
-    for node in model.graph.node:
-        for out in node.output:
-            if out and out not in existing and out not in graph_inputs:
-                extra.graph.output.append(onnx.ValueInfoProto(name=out))
-                existing.add(out)
-    # Protobuf merges concatenated messages (repeated fields append): the model's bytes plus a
-    # message holding only the extra outputs parse as the model with those outputs, without
-    # copying or re-serialising the weights.
-    data = serialized if serialized is not None else model.SerializeToString()
-    session = make_session(data + extra.SerializeToString(), optimize=False)
-    result = run(session, inputs)
-    result.update({k: np.asarray(v) for k, v in inputs.items()})
-    return result
 
 
 def median_ms(fn: Callable[[], object], *, runs: int, warmup: int = 2) -> float:

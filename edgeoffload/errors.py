@@ -186,4 +186,3 @@ class MissingExtra(EdgeOffloadError):
         )
         self.module = module
         self.extra = extra
-

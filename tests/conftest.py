@@ -26,7 +26,7 @@ def zoo_models():
 
 @pytest.fixture(scope="session")
 def zoo_analyses(zoo_models):
-    from edgeoffload.split.splitter import Analysis
+    from edgeoffload.split.analysis import Analysis
 
     dims = {"encoder": {"sequence": 32}}
     return {name: Analysis.of(model, dims=dims.get(name)) for name, model in zoo_models.items()}
@@ -38,7 +38,7 @@ def minilm_analysis():
     pytest.importorskip("optimum.exporters.onnx")
     from edgeoffload.converters.minilm import export_minilm, minilm_sample_inputs
 
-    from edgeoffload.split.splitter import Analysis
+    from edgeoffload.split.analysis import Analysis
 
     path = export_minilm()
     inputs = minilm_sample_inputs(

@@ -17,21 +17,23 @@ from edgeoffload.bundle import HEAD, MANIFEST, TAIL, load_bundle, write_bundle
 from edgeoffload.errors import ManifestError, VerificationError, VersionMismatch
 from edgeoffload.manifest import SCHEMA_VERSION, Manifest, PartInfo, check_pair
 from edgeoffload.split import splitter, zoo
+from edgeoffload.split.analysis import Analysis
+from edgeoffload.split.verify import CODEC_TOLERANCE
 from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile, TensorSpec
 
 
 @pytest.fixture(scope="module")
-def analysis() -> splitter.Analysis:
-    return splitter.Analysis.of(zoo.build("resnet", seed=0))
+def analysis() -> Analysis:
+    return Analysis.of(zoo.build("resnet", seed=0))
 
 
 @pytest.fixture(scope="module")
-def mid_cut(analysis: splitter.Analysis) -> CutPoint:
+def mid_cut(analysis: Analysis) -> CutPoint:
     return analysis.cuts[len(analysis.cuts) // 2]
 
 
 @pytest.fixture(scope="module")
-def pristine(analysis: splitter.Analysis, mid_cut: CutPoint, tmp_path_factory) -> Path:
+def pristine(analysis: Analysis, mid_cut: CutPoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "mid"
     splitter.split_model(analysis, mid_cut, out)
     return out
@@ -58,7 +60,7 @@ def _write_manifest_json(directory: Path, data: object) -> None:
 # --- round trip ----------------------------------------------------------------------------
 
 
-def test_round_trip(analysis: splitter.Analysis, mid_cut: CutPoint, tmp_path: Path) -> None:
+def test_round_trip(analysis: Analysis, mid_cut: CutPoint, tmp_path: Path) -> None:
     written = splitter.split_model(analysis, mid_cut, tmp_path / "b")
     loaded = load_bundle(tmp_path / "b")
     assert loaded.manifest.to_dict() == written.manifest.to_dict()
@@ -85,7 +87,7 @@ def test_round_trip(analysis: splitter.Analysis, mid_cut: CutPoint, tmp_path: Pa
 
 
 def test_round_trip_with_predicted_report(
-    analysis: splitter.Analysis, mid_cut: CutPoint, tmp_path: Path
+    analysis: Analysis, mid_cut: CutPoint, tmp_path: Path
 ) -> None:
     profile = DeviceProfile(
         name="flat",
@@ -235,7 +237,7 @@ def test_manifest_bad_tensor_spec(bundle_dir: Path) -> None:
 
 
 def test_extreme_bundles_and_stale_parts(
-    analysis: splitter.Analysis, mid_cut: CutPoint, tmp_path: Path
+    analysis: Analysis, mid_cut: CutPoint, tmp_path: Path
 ) -> None:
     out = tmp_path / "b"
     splitter.split_model(analysis, mid_cut, out)
@@ -260,9 +262,7 @@ def test_extreme_bundles_and_stale_parts(
 # --- pairing -------------------------------------------------------------------------------
 
 
-def test_check_pair(
-    analysis: splitter.Analysis, mid_cut: CutPoint, pristine: Path, tmp_path: Path
-) -> None:
+def test_check_pair(analysis: Analysis, mid_cut: CutPoint, pristine: Path, tmp_path: Path) -> None:
     device = load_bundle(pristine).manifest
     check_pair(device, load_bundle(pristine).manifest)  # same bundle: passes
 
@@ -280,9 +280,7 @@ def test_check_pair(
     assert fp16.version in str(info.value) and device.version in str(info.value)
 
 
-def test_identity_and_version(
-    pristine: Path, analysis: splitter.Analysis, mid_cut: CutPoint
-) -> None:
+def test_identity_and_version(pristine: Path, analysis: Analysis, mid_cut: CutPoint) -> None:
     m = load_bundle(pristine).manifest
     assert analysis.graph.sha256 in m.identity
     assert mid_cut.id in m.identity
@@ -317,7 +315,7 @@ def test_verification_recorded_exact_for_none(pristine: Path) -> None:
 
 
 def test_verification_recorded_for_int8(
-    analysis: splitter.Analysis, mid_cut: CutPoint, tmp_path: Path
+    analysis: Analysis, mid_cut: CutPoint, tmp_path: Path
 ) -> None:
     bundle = splitter.split_model(analysis, mid_cut, tmp_path / "q", codec="int8")
     v = load_bundle(tmp_path / "q").manifest.verification
@@ -325,7 +323,7 @@ def test_verification_recorded_for_int8(
     assert v["codec"] == "int8"
     assert set(v["codec_max_rel_error"]) == {"logits"}
     err = v["codec_max_rel_error"]["logits"]
-    assert 0.0 < err <= splitter.CODEC_TOLERANCE["int8"]
+    assert 0.0 < err <= CODEC_TOLERANCE["int8"]
     assert bundle.manifest.codec == "int8"
 
 
@@ -360,7 +358,7 @@ def _outlier_model() -> onnx.ModelProto:
 
 
 def test_lossy_codec_beyond_tolerance_raises(tmp_path: Path) -> None:
-    analysis = splitter.Analysis.of(_outlier_model(), seed=0)
+    analysis = Analysis.of(_outlier_model(), seed=0)
     cut = analysis.graph.find_cut("c1")
     assert [t.name for t in cut.tensors] == ["h"]
     # lossless and per-channel int8 (its own scale per column) reproduce the output

@@ -31,8 +31,7 @@ from edgeoffload.bundle import load_bundle
 from edgeoffload.cli import main
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.device.tokenizer import TextTokenizer
-from edgeoffload.keys import encode_public, generate_identity
-from edgeoffload.lab.demo import spawn_server
+from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
 
 CHAT_TIMEOUT = 120.0  # seconds: bound on one chat subprocess
 SERVER_CONTEXT = 64  # --max-context of the edge server process
@@ -98,22 +97,19 @@ def forced_split(tiny_llama_dir, tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("cli-llm-keys")
-    generate_identity(root / "server")
-    device = generate_identity(root / "device")
-    allow = root / "authorized_keys"
-    allow.write_text(f"{encode_public(device.public)} chat-device\n")
-    return SimpleNamespace(server=root / "server", device=root / "device", allow=allow)
+    keys = ThrowawayKeys.create(tmp_path_factory.mktemp("cli-llm-keys"), devices=("chat-device",))
+    return SimpleNamespace(
+        throwaway=keys, server=keys.server_dir, device=keys.device_dir(), allow=keys.allow_file
+    )
 
 
 @pytest.fixture(scope="module")
 def server(forced_split, keys) -> Any:
     """`edgeoffload serve BUNDLE` in its own process, shared by the chat tests."""
-    proc, port = spawn_server(
+    spawned = spawn_server(
         [forced_split.path],
-        key_dir=keys.server,
-        allow=keys.allow,
-        extra=[
+        keys.throwaway,
+        extra_args=[
             "--kv-budget",
             "64MiB",
             "--session-ttl",
@@ -125,7 +121,8 @@ def server(forced_split, keys) -> Any:
         ],
         timeout=60.0,
     )
-    yield SimpleNamespace(proc=proc, url=f"ws://127.0.0.1:{port}")
+    proc = spawned.process
+    yield SimpleNamespace(proc=proc, url=spawned.url)
     proc.terminate()
     try:
         proc.wait(15)

@@ -10,9 +10,9 @@ import pytest
 
 from edgeoffload.core.costmodel import ComputeModel, Constraints, evaluate
 from edgeoffload.errors import PlanError
-from edgeoffload.types import CutPoint
 from edgeoffload.types import (
     CalibrationPoint,
+    CutPoint,
     DeviceProfile,
     LinkProfile,
     PowerModel,

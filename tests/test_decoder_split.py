@@ -24,8 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeoffload._ort import make_session, run
 from edgeoffload.bundle import load_bundle
-from edgeoffload.core.decoder import block_of
+from edgeoffload.core.decoder import block_of, state_pairs
 from edgeoffload.errors import GraphError, ManifestError, UsageError
+from edgeoffload.split.analysis import Analysis
 from edgeoffload.split.decoder_split import (
     TOKENIZER_FILES,
     DecoderAnalysis,
@@ -34,8 +35,8 @@ from edgeoffload.split.decoder_split import (
     split_decoder,
     tokenizer_files,
 )
-from edgeoffload.split.graph import WEIGHT_VIEW_OPS, ModelGraph, detect_state_pairs
-from edgeoffload.split.splitter import Analysis
+from edgeoffload.split.graph import WEIGHT_VIEW_OPS
+from edgeoffload.split.loading import load_model
 from edgeoffload.types import TensorSpec, dim_terms, resolve_dim
 
 KINDS = ("llama", "gpt2")
@@ -95,7 +96,7 @@ def _sha256(path: Path) -> str:
 # -- state pairs: naming -------------------------------------------------------------------------
 
 
-def test_detect_state_pairs_naming_variants() -> None:
+def test_state_pairs_naming_variants() -> None:
     inputs = [
         "input_ids",
         "past_key_values.0.key",
@@ -121,7 +122,7 @@ def test_detect_state_pairs_naming_variants() -> None:
         "present.5.query",
         "present.6.key",
     ]
-    assert detect_state_pairs(inputs, outputs) == {
+    assert state_pairs(inputs, outputs) == {
         "past_key_values.0.key": "present.0.key",
         "past_key_values.0.value": "present.0.value",
         "past_key_values_1_key": "present_1_key",
@@ -129,8 +130,8 @@ def test_detect_state_pairs_naming_variants() -> None:
         "past.2.key": "present.2.key",
         "past.2.value": "present.2.value",
     }
-    assert detect_state_pairs(["x"], ["y"]) == {}
-    assert detect_state_pairs(["past_key_values.12.value"], ["present.12.value"]) == {
+    assert state_pairs(["x"], ["y"]) == {}
+    assert state_pairs(["past_key_values.12.value"], ["present.12.value"]) == {
         "past_key_values.12.value": "present.12.value"
     }
 
@@ -176,7 +177,7 @@ def _state_toy(
 
 
 def test_state_span_is_never_cut_and_state_never_crosses() -> None:
-    graph = ModelGraph.from_model(_state_toy())
+    graph = load_model(_state_toy()).graph()
     assert graph.state == {"past_key_values.0.key": "present.0.key"}
     cuts = graph.cuts()
     assert [c.index for c in cuts] == [0, 1, 4, 5]
@@ -199,7 +200,7 @@ def test_a_cache_update_read_later_is_not_sent_across() -> None:
     producer of the present output, so the cut after the update (c4) is offered and sends the
     layer's whole updated cache across, every call.
     """
-    graph = ModelGraph.from_model(_state_toy(read_update=True))
+    graph = load_model(_state_toy(read_update=True)).graph()
     cuts = graph.cuts()
     for cut in cuts:
         assert "present.0.key" not in {t.name for t in cut.tensors}, cut.id
@@ -209,20 +210,20 @@ def test_a_cache_update_read_later_is_not_sent_across() -> None:
 def test_explicit_state_for_other_naming_and_bad_pairs() -> None:
     model = _state_toy(kv_in="cache_in", kv_out="cache_out")
     # Not an export naming: no state unless given, so the cache may be cut apart.
-    plain = ModelGraph.from_model(model)
+    plain = load_model(model).graph()
     assert plain.state == {}
     assert [c.index for c in plain.cuts()] == [0, 1, 2, 3, 5]
-    given = ModelGraph.from_model(model, state={"cache_in": "cache_out"})
+    given = load_model(model).graph(state={"cache_in": "cache_out"})
     assert given.state == {"cache_in": "cache_out"}
     assert [c.index for c in given.cuts()] == [0, 1, 4, 5]
     assert given.state_inputs_of(range(0, 4)) == ["cache_in"]
     assert given.state_outputs_of(range(0, 4)) == ["cache_out"]
     assert given.state_inputs_of(range(4, 5)) == [] and given.state_outputs_of(range(4, 5)) == []
     # An explicit empty mapping switches detection off.
-    assert ModelGraph.from_model(_state_toy(), state={}).state == {}
+    assert load_model(_state_toy()).graph(state={}).state == {}
     for bad in ({"cache_in": "y_missing"}, {"nope": "cache_out"}, {"cache_out": "cache_in"}):
         with pytest.raises(GraphError, match="state pair"):
-            ModelGraph.from_model(model, state=bad)
+            load_model(model).graph(state=bad)
 
 
 # -- state pairs and block cuts on the real exports ------------------------------------------------
@@ -611,15 +612,15 @@ def _sum_dim_model() -> Any:
 
 
 def test_graph_dims_are_the_terms_of_sums() -> None:
-    graph = ModelGraph.from_model(_sum_dim_model(), dims={"past": 0, "seq": 3})
+    graph = load_model(_sum_dim_model()).graph(dims={"past": 0, "seq": 3})
     assert graph.input_shapes() == {"x": (1, 3)}
-    assert ModelGraph.from_model(_sum_dim_model(), dims={"past": 2, "seq": 3}).input_shapes() == {
+    assert load_model(_sum_dim_model()).graph(dims={"past": 2, "seq": 3}).input_shapes() == {
         "x": (1, 5)
     }
     with pytest.raises(GraphError, match="no graph input has such a dimension"):
-        ModelGraph.from_model(_sum_dim_model(), dims={"sequence": 3})
+        load_model(_sum_dim_model()).graph(dims={"sequence": 3})
     with pytest.raises(GraphError, match=">= 0"):
-        ModelGraph.from_model(_sum_dim_model(), dims={"past": -1, "seq": 3})
+        load_model(_sum_dim_model()).graph(dims={"past": -1, "seq": 3})
 
 
 def test_a_missing_term_of_a_sum_dim_is_named_in_the_hint() -> None:
@@ -628,7 +629,7 @@ def test_a_missing_term_of_a_sum_dim_is_named_in_the_hint() -> None:
     Fails today: ModelGraph.input_shapes lists the whole symbolic dim, so the hint reads
     ``--dim past + seq=N``, which --dim then rejects (no input has a dim of that name).
     """
-    graph = ModelGraph.from_model(_sum_dim_model(), dims={"seq": 3})
+    graph = load_model(_sum_dim_model()).graph(dims={"seq": 3})
     with pytest.raises(GraphError, match="symbolic dim") as info:
         graph.input_shapes()
     assert info.value.hint == "--dim past=N gives their values"
@@ -686,7 +687,7 @@ def _tied_model(chain: tuple[str, ...]) -> Any:
 def test_weight_views_are_weights_of_both_sides(chain: tuple[str, ...]) -> None:
     assert set(chain) <= WEIGHT_VIEW_OPS
     model = _tied_model(chain)
-    graph = ModelGraph.from_model(model)
+    graph = load_model(model).graph()
     assert [n.op_type for n in graph.nodes] == ["MatMul", "Relu", "Sigmoid", "MatMul"]
     assert graph.initializers["Wv"] == 64  # the view weighs what it aliases
     cuts = graph.cuts()
@@ -729,7 +730,7 @@ def test_a_view_of_an_activation_is_not_a_weight() -> None:
     )
     model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    graph = ModelGraph.from_model(model)
+    graph = load_model(model).graph()
     assert [n.op_type for n in graph.nodes] == ["Transpose", "Relu", "Add"]
     cut = next(c for c in graph.cuts() if c.index == 2)
     assert {t.name for t in cut.tensors} == {"xt", "r"}
@@ -761,7 +762,7 @@ def test_split_model_refuses_extra_files_outside_the_bundle(analyses, tmp_path) 
 def test_verify_generation_catches_a_tail_that_differs(analyses) -> None:
     """The generation check is not vacuous: a tail whose norm weights were scaled fails it."""
     from edgeoffload.errors import VerificationError
-    from edgeoffload.split.splitter import verify_generation
+    from edgeoffload.split.verify import verify_generation
 
     analysis = analyses["llama"]
     graph = analysis.graph

@@ -1,4 +1,4 @@
-"""edgeoffload.lab.deviceemu: CPU-throttled device processes in real cgroups (no mocks of the kernel).
+"""edgeoffload.lab.deviceemu: CPU-throttled device processes in real cgroups (no kernel mocks).
 
 The cgroup tests need root and a cpu controller; they skip with the reason otherwise.
 """

@@ -22,8 +22,7 @@ from edgeoffload.core.gencost import (
     plan_generation,
 )
 from edgeoffload.errors import PlanError
-from edgeoffload.types import CutPoint
-from edgeoffload.types import DeviceProfile, LinkProfile, TensorSpec
+from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile, TensorSpec
 
 NODES = ("embed", "layers.0", "layers.1", "lm_head")
 HIDDEN = 16  # float32 residual: 64 bytes per position

@@ -37,8 +37,9 @@ from edgeoffload.bundle import Bundle
 from edgeoffload.core.codec import EncodedTensor
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
-from edgeoffload.device.client import BlockingOffloadClient, OffloadClient
-from edgeoffload.device.generate import DecoderDevice, GeneratedToken
+from edgeoffload.device.blocking import BlockingOffloadClient
+from edgeoffload.device.client import OffloadClient
+from edgeoffload.device.generate import DecoderDevice, GeneratedToken, Generation
 from edgeoffload.device.runtime import DeviceRuntime
 from edgeoffload.edge.allowlist import AllowList
 from edgeoffload.edge.server import EdgeServer, ServerConfig
@@ -50,18 +51,13 @@ from edgeoffload.errors import (
     SessionLost,
     UsageError,
 )
-from edgeoffload.keys import encode_public, generate_identity
-from edgeoffload.lab.demo import spawn_server
-from edgeoffload.protocol import connection as protocol
-from edgeoffload.protocol.connection import (
-    CLOSE_PROTOCOL,
-    Chunk,
-    ErrorReply,
-    HandshakeComplete,
-    Pong,
-)
+from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
+from edgeoffload.protocol.connection import CLOSE_PROTOCOL
 from edgeoffload.protocol.connection import ClientConnection as ProtocolClient
-from edgeoffload.split.graph import ModelGraph
+from edgeoffload.protocol.events import Chunk, ErrorReply, HandshakeComplete, Pong
+from edgeoffload.protocol.tensors import encode_tensors
+from edgeoffload.protocol.wire import pack
+from edgeoffload.split.loading import load_model
 
 STEP = 10.0  # seconds: bound on any single await
 TEST_TIMEOUT = 60.0  # seconds: bound on one whole test coroutine
@@ -88,7 +84,7 @@ class Reference:
 
     def __init__(self, folder: Path) -> None:
         model = folder / "model.onnx"
-        graph = ModelGraph.load(model)
+        graph = load_model(model).graph()
         outputs = [graph.tensor_spec(o) for o in graph.output_names]
         self.layout = DecoderLayout.of(graph.inputs, outputs, graph.state)
         self.session = make_session(model, threads=1)
@@ -129,15 +125,16 @@ def reference(tiny_llama_dir, tiny_gpt2_dir) -> dict[str, Reference]:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("generation-keys")
-    server = generate_identity(root / "server")
-    device = generate_identity(root / "device")
-    other = generate_identity(root / "other-device")
-    allow = root / "authorized_keys"
-    allow.write_text(
-        f"{encode_public(device.public)} device\n{encode_public(other.public)} other-device\n"
+    keys = ThrowawayKeys.create(
+        tmp_path_factory.mktemp("generation-keys"), devices=("device", "other-device")
     )
-    return SimpleNamespace(root=root, server=server, device=device, other=other, allow=allow)
+    return SimpleNamespace(
+        throwaway=keys,
+        server=keys.server,
+        device=keys.devices["device"],
+        other=keys.devices["other-device"],
+        allow=keys.allow_file,
+    )
 
 
 def new_server(bundles: list[Bundle], keys: SimpleNamespace, **config: Any) -> EdgeServer:
@@ -184,7 +181,7 @@ def make_client(
 
 
 async def collect(
-    stream: AsyncIterator[GeneratedToken],
+    stream: Generation,
     on_token: Callable[[int], Awaitable[None]] | None = None,
     items: list[GeneratedToken] | None = None,
 ) -> list[GeneratedToken]:
@@ -205,7 +202,7 @@ async def collect(
                 if on_token is not None:
                     await on_token(count)
     finally:
-        await asyncio.wait_for(stream.aclose(), STEP)  # type: ignore[attr-defined]
+        await asyncio.wait_for(stream.aclose(), STEP)
     return items
 
 
@@ -243,13 +240,11 @@ def test_split_generation_gives_the_unsplit_models_tokens(
             client = make_client(bundle, server.port, keys)
             async with client:
                 for prompt in PROMPTS:
-                    items = await collect(
-                        client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS)
-                    )
+                    stream = client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS)
+                    items = await collect(stream)
                     expected = ref.generate(prompt)
                     assert ids(items) == expected, prompt
-                    stats = client.last_generation
-                    assert stats is not None
+                    stats = stream.stats
                     assert stats.prompt_tokens == len(prompt)
                     assert stats.generated_tokens == len(expected)
                     assert stats.finish_reason == ("length" if len(expected) == 40 else "eos")
@@ -290,9 +285,9 @@ def test_text_prompt_with_chat_template(tiny_llama_dir, tiny_llama_bundle, refer
                     "messages": {"messages": chat},
                     "plain": {"prompt": TEXT_PROMPT, "chat": False},
                 }.items():
-                    items = await collect(client.generate(max_new_tokens=32, **kwargs))
-                    assert client.last_generation is not None
-                    results[label] = (items, client.last_generation.prompt_tokens)
+                    stream = client.generate(max_new_tokens=32, **kwargs)
+                    items = await collect(stream)
+                    results[label] = (items, stream.stats.prompt_tokens)
                 return results
 
     results = run_async(main())
@@ -395,11 +390,9 @@ def test_evicted_or_expired_session_is_rebuilt_by_replay(tiny_llama_bundle, refe
                     server.clock = lambda: time.monotonic() + 10 * server.config.session_ttl
 
             async with client:
-                items = await collect(
-                    client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, **SAMPLED),
-                    interfere,
-                )
-                return items, client.last_generation, server.sessions.expired
+                stream = client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, **SAMPLED)
+                items = await collect(stream, interfere)
+                return items, stream.stats, server.sessions.expired
 
     items, stats, expired = run_async(main())
     assert ids(items) == expected
@@ -421,13 +414,12 @@ def test_kv_budget_eviction_between_two_concurrent_devices(tiny_llama_bundle, re
                 for identity in (keys.device, keys.other)
             ]
             async with clients[0], clients[1]:
-                outputs = await asyncio.gather(
-                    *(
-                        collect(c.generate(input_ids=p, max_new_tokens=NEW_TOKENS, **SAMPLED))
-                        for c, p in zip(clients, prompts, strict=True)
-                    )
-                )
-                stats = [c.last_generation for c in clients]
+                streams = [
+                    c.generate(input_ids=p, max_new_tokens=NEW_TOKENS, **SAMPLED)
+                    for c, p in zip(clients, prompts, strict=True)
+                ]
+                outputs = await asyncio.gather(*(collect(stream) for stream in streams))
+                stats = [stream.stats for stream in streams]
             return outputs, stats, server.sessions.evicted
 
     outputs, stats, evicted = run_async(main())
@@ -464,12 +456,10 @@ def test_server_restart_mid_generation(tiny_gpt2_bundle, reference, keys):
         client = make_client(tiny_gpt2_bundle, port, keys)
         try:
             async with client:
-                items = await collect(
-                    client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, **SAMPLED),
-                    interfere,
-                )
+                stream = client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, **SAMPLED)
+                items = await collect(stream, interfere)
             await asyncio.wait_for(asyncio.gather(*tasks), STEP)
-            return items, client.last_generation, servers[-1].stats.results
+            return items, stream.stats, servers[-1].stats.results
         finally:
             for server in servers[1:]:
                 await asyncio.wait_for(server.shutdown(), STEP)
@@ -509,7 +499,7 @@ def test_server_gone_for_good(fallback, tiny_llama_bundle, reference, keys):
                 await collect(stream, interfere, items)
             except OffloadUnavailable as exc:
                 error = exc
-        return items, error, time.monotonic() - killed_at[0], client.last_generation
+        return items, error, time.monotonic() - killed_at[0], stream.stats
 
     items, error, elapsed, stats = run_async(main())
     expected = reference["llama"].generate(prompt, **SAMPLED)
@@ -529,9 +519,8 @@ def test_server_gone_for_good(fallback, tiny_llama_bundle, reference, keys):
 
 def test_server_process_killed_mid_generation(tiny_llama_bundle, reference, keys):
     """`edgeoffload serve` in its own process, SIGKILLed between two tokens."""
-    proc, port = spawn_server(
-        [tiny_llama_bundle.path], key_dir=keys.root / "server", allow=keys.allow
-    )
+    server = spawn_server([tiny_llama_bundle.path], keys.throwaway)
+    proc, port = server.process, server.port
     prompt = PROMPTS[2]
     try:
 
@@ -542,11 +531,9 @@ def test_server_process_killed_mid_generation(tiny_llama_bundle, reference, keys
 
             client = make_client(tiny_llama_bundle, port, keys, fallback="local", timeout=2.0)
             async with client:
-                items = await collect(
-                    client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, **SAMPLED),
-                    interfere,
-                )
-            return items, client.last_generation
+                stream = client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS, **SAMPLED)
+                items = await collect(stream, interfere)
+            return items, stream.stats
 
         items, stats = run_async(main())
         assert proc.wait(10) == -signal.SIGKILL
@@ -566,8 +553,9 @@ def test_context_limit_of_the_server_ends_the_reply(tiny_llama_bundle, reference
         async with serving([tiny_llama_bundle], keys, max_context=16) as server:
             client = make_client(tiny_llama_bundle, server.port, keys)
             async with client:
-                items = await collect(client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS))
-                stats = client.last_generation
+                stream = client.generate(input_ids=prompt, max_new_tokens=NEW_TOKENS)
+                items = await collect(stream)
+                stats = stream.stats
                 with pytest.raises(SessionError) as info:  # longer than the server allows
                     await collect(client.generate(input_ids=list(range(3, 23))))
                 assert type(info.value) is SessionError and "16" in str(info.value)
@@ -636,14 +624,10 @@ def test_hostile_session_messages_get_typed_errors(tiny_llama_bundle, reference,
                     if k == 3:
                         await asyncio.wait_for(slow.wait(), STEP)
 
-                honest_task = asyncio.create_task(
-                    collect(
-                        honest.generate(
-                            input_ids=honest_prompt, max_new_tokens=NEW_TOKENS, **SAMPLED
-                        ),
-                        pace,
-                    )
+                honest_stream = honest.generate(
+                    input_ids=honest_prompt, max_new_tokens=NEW_TOKENS, **SAMPLED
                 )
+                honest_task = asyncio.create_task(collect(honest_stream, pace))
 
                 async def expect(error: type[Exception], call: Awaitable[Any]) -> Exception:
                     with pytest.raises(error) as info:
@@ -759,7 +743,7 @@ def test_hostile_session_messages_get_typed_errors(tiny_llama_bundle, reference,
 
                 slow.set()
                 items = await asyncio.wait_for(honest_task, 30)
-                return items, honest.last_generation, server.sessions.evicted
+                return items, honest_stream.stats, server.sessions.evicted
 
     items, stats, evicted = run_async(main())
     assert ids(items) == reference["llama"].generate(honest_prompt, **SAMPLED)
@@ -929,7 +913,7 @@ def test_forged_session_messages_close_the_connection(tiny_llama_bundle, referen
     """Malformed session messages (wrong types, impossible values, a server's message) are
     protocol errors: close 4400. The server goes on serving others."""
     chunk = DecoderDevice(DeviceRuntime(tiny_llama_bundle)).head([7, 8, 9])
-    tensors = protocol.encode_tensors(chunk.tensors)
+    tensors = encode_tensors(chunk.tensors)
     feed = {"id": 1, "session": 7, "pos": 0}
     forged = {
         "negative-pos": {"t": "step", **feed, "pos": -1, "tensors": tensors},
@@ -954,7 +938,7 @@ def test_forged_session_messages_close_the_connection(tiny_llama_bundle, referen
             for name, message in forged.items():
                 ws, conn = await raw_connection(server, tiny_llama_bundle, keys)
                 assert conn.transport is not None
-                await ws.send(conn.transport.encrypt(protocol.pack(message)))
+                await ws.send(conn.transport.encrypt(pack(message)))
                 with pytest.raises(ConnectionClosed) as info:
                     await asyncio.wait_for(ws.recv(), STEP)
                 assert info.value.rcvd is not None, name
@@ -1050,9 +1034,10 @@ def test_a_prompt_larger_than_one_message_is_prefilled_in_chunks(
         try:
             client = make_client(tiny_llama_bundle, server.port, keys)
             async with client:
-                items = await collect(client.generate(input_ids=prompt, max_new_tokens=16))
-                stats = client.last_generation
-                assert stats is not None and stats.recoveries == 0
+                stream = client.generate(input_ids=prompt, max_new_tokens=16)
+                items = await collect(stream)
+                stats = stream.stats
+                assert stats.recoveries == 0
                 device_chunks = stats.bytes_up - sum(stats.step_bytes)
                 assert device_chunks > server.max_message  # it did not fit one message
                 assert server.stats.errors == {}

@@ -537,7 +537,7 @@ def test_session_messages(suite: dict[str, Any]) -> None:
 def _reference_sampling(
     logits: np.ndarray, params: dict[str, Any], position: int
 ) -> tuple[list[int], np.ndarray, int]:
-    """PROTOCOL.md §12.6 written out plainly (sorting, loops), not with edgeoffload.core.sampling."""
+    """PROTOCOL.md §12.6 written out plainly (sorting, loops), not with core.sampling."""
     values = logits.astype(np.float64)
     if params["temperature"] == 0:
         best = int(np.argmax(values))  # the first maximum
@@ -602,7 +602,7 @@ def _section(number: str) -> str:
 
 
 def test_transition_table_matches_the_code() -> None:
-    from edgeoffload.protocol.connection import TRANSITIONS
+    from edgeoffload.protocol._state import TRANSITIONS
 
     rows = re.findall(
         r"^\| (client|server) \| ([a-z-]+) \| `((?:send|recv):[a-z]+)` \| ([a-z-]+) \|$",

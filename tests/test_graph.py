@@ -1,7 +1,7 @@
 """Tests for edgeoffload.split.graph: cut analysis, find_cut, loading, naming and extraction.
 
 Every model is built here with onnx.helper (opset 17, fixed seeds) and every split is run in
-real onnxruntime sessions through ``splitter.verify_split`` / ``splitter.run_split``.
+real onnxruntime sessions through ``verify.verify_split`` / ``verify.run_split``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeoffload._ort import make_session, run
 from edgeoffload.errors import CutError, GraphError
 from edgeoffload.split import zoo
+from edgeoffload.split.analysis import Analysis
 from edgeoffload.split.graph import ModelGraph, layer_of
+from edgeoffload.split.loading import load_model
+from edgeoffload.split.verify import run_split, verify_split
 from edgeoffload.types import CutPoint
-from edgeoffload.split.splitter import Analysis, run_split, verify_split
 
 SEED = 0
 F = TensorProto.FLOAT
@@ -209,7 +211,7 @@ def two_output_model() -> onnx.ModelProto:
 
 
 def test_chain_cuts_cross_one_tensor_each() -> None:
-    graph = ModelGraph.from_model(chain_model(), dims={"batch": 2})
+    graph = load_model(chain_model()).graph(dims={"batch": 2})
     cuts = graph.cuts()
     assert len(cuts) == len(graph.nodes) + 1 == 5
     assert [c.index for c in cuts] == list(range(5))
@@ -227,7 +229,7 @@ def test_chain_cuts_cross_one_tensor_each() -> None:
 
 
 def test_chain_batch_defaults_to_one() -> None:
-    graph = ModelGraph.from_model(chain_model())
+    graph = load_model(chain_model()).graph()
     assert graph.dims == {"batch": 1}
     assert graph.input_shapes() == {"x": (1, 4)}
     assert [c.nbytes for c in graph.cuts()] == [16, 32, 32, 12, 0]
@@ -236,7 +238,7 @@ def test_chain_batch_defaults_to_one() -> None:
 
 
 def test_chain_weights_depth_and_peak() -> None:
-    graph = ModelGraph.from_model(chain_model(), dims={"batch": 2})
+    graph = load_model(chain_model()).graph(dims={"batch": 2})
     cuts = graph.cuts()
     w1, w2 = 4 * 8 * 4, 8 * 3 * 4
     assert [c.head_weight_bytes for c in cuts] == [0, w1, w1, w1 + w2, w1 + w2]
@@ -256,7 +258,7 @@ def test_chain_weights_depth_and_peak() -> None:
 
 @pytest.mark.parametrize("index", range(5))
 def test_chain_every_cut_splits_exactly(index: int) -> None:
-    graph = ModelGraph.from_model(chain_model(), dims={"batch": 2})
+    graph = load_model(chain_model()).graph(dims={"batch": 2})
     cut = graph.cuts()[index]
     head, tail = graph.split(cut)
     assert (head is None) == (index == 0)
@@ -268,7 +270,7 @@ def test_chain_every_cut_splits_exactly(index: int) -> None:
 
 
 def test_residual_cuts_cross_skip_and_branch() -> None:
-    graph = ModelGraph.from_model(residual_model())
+    graph = load_model(residual_model()).graph()
     cuts = graph.cuts()
     assert len(cuts) == 7
     assert _names(cuts[1]) == ["zz_skip"]
@@ -292,7 +294,7 @@ def test_residual_cuts_cross_skip_and_branch() -> None:
 
 
 def test_late_input_crosses_every_earlier_cut() -> None:
-    graph = ModelGraph.from_model(late_input_model(), dims={"batch": 2})
+    graph = load_model(late_input_model()).graph(dims={"batch": 2})
     cuts = graph.cuts()
     assert [_names(c) for c in cuts] == [
         ["mask", "x"],
@@ -328,7 +330,7 @@ def test_late_input_crosses_every_earlier_cut() -> None:
 
 
 def test_constants_and_initializers_go_to_both_sides() -> None:
-    graph = ModelGraph.from_model(shared_constant_model())
+    graph = load_model(shared_constant_model()).graph()
     assert [n.name for n in graph.nodes] == ["p/add", "p/mul", "p/relu", "p/mul2", "p/add2"]
     cuts = graph.cuts()
     assert len(cuts) == 6
@@ -348,7 +350,7 @@ def test_constants_and_initializers_go_to_both_sides() -> None:
 
 
 def test_unused_constant_and_initializer_stay_out_of_a_part() -> None:
-    graph = ModelGraph.from_model(shared_constant_model())
+    graph = load_model(shared_constant_model()).graph()
     head, tail = graph.split(graph.find_cut("c1"))
     assert head is not None and tail is not None
     assert [t.name for t in head.graph.initializer] == []  # p/add reads only x and C
@@ -360,7 +362,7 @@ def test_unused_constant_and_initializer_stay_out_of_a_part() -> None:
 
 
 def test_if_node_is_atomic_and_outer_scope_reads_cross() -> None:
-    graph = ModelGraph.from_model(if_model())
+    graph = load_model(if_model()).graph()
     names = [n.name for n in graph.nodes]
     assert names == ["pre/relu", "pre/neg", "pre/sum", "pre/greater", "ctl/if", "post/sigmoid"]
     cuts = graph.cuts()
@@ -382,7 +384,7 @@ def test_if_node_is_atomic_and_outer_scope_reads_cross() -> None:
 
 @pytest.mark.parametrize("key", ["then/add", "else/mul", "then_out", "else_out"])
 def test_find_cut_inside_control_flow_body_names_the_node(key: str) -> None:
-    graph = ModelGraph.from_model(if_model())
+    graph = load_model(if_model()).graph()
     with pytest.raises(CutError) as info:
         graph.find_cut(key)
     assert "ctl/if" in str(info.value)
@@ -392,7 +394,7 @@ def test_find_cut_inside_control_flow_body_names_the_node(key: str) -> None:
 
 @pytest.mark.parametrize("key", ["c2", "c3", "c4", "pre/greater", "ctl/if"])
 def test_split_around_if_node_is_exact(key: str) -> None:
-    graph = ModelGraph.from_model(if_model())
+    graph = load_model(if_model()).graph()
     cut = graph.find_cut(key)
     head, tail = graph.split(cut)
     x = np.random.default_rng(SEED).standard_normal((2, 3)).astype(np.float32)
@@ -459,14 +461,14 @@ def test_node_reading_an_unknown_tensor_is_a_graph_error() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     with pytest.raises(GraphError, match="ghost"):
-        ModelGraph.from_model(model)
+        load_model(model).graph()
 
 
 # -- find_cut -----------------------------------------------------------------------------------
 
 
 def test_find_cut_by_id_node_tensor_and_alias() -> None:
-    graph = ModelGraph.from_model(chain_model())
+    graph = load_model(chain_model()).graph()
     cuts = graph.cuts()
     assert graph.find_cut("c3") == cuts[3]
     assert graph.find_cut("c0") == cuts[0]
@@ -481,7 +483,7 @@ def test_find_cut_by_id_node_tensor_and_alias() -> None:
 
 
 def test_find_cut_unknown_name_suggests_near_miss() -> None:
-    graph = ModelGraph.from_model(chain_model())
+    graph = load_model(chain_model()).graph()
     with pytest.raises(CutError) as info:
         graph.find_cut("fc1/rely")
     assert "fc1/rely" in str(info.value)
@@ -493,13 +495,13 @@ def test_find_cut_unknown_name_suggests_near_miss() -> None:
 
 
 def test_find_cut_out_of_range_id() -> None:
-    graph = ModelGraph.from_model(chain_model())
+    graph = load_model(chain_model()).graph()
     with pytest.raises(CutError, match=r"c0\.\.c4"):
         graph.find_cut("c9")
 
 
 def test_cut_leaving_a_graph_output_on_the_device_is_refused() -> None:
-    graph = ModelGraph.from_model(two_output_model())
+    graph = load_model(two_output_model()).graph()
     cuts = graph.cuts()
     # m/neg (index 1) produces "early": c2 and c3 would keep it on the device.
     assert [c.index for c in cuts] == [0, 1, 4]
@@ -526,11 +528,11 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
 def test_load_round_trip(tmp_path: Path) -> None:
     data = chain_model().SerializeToString()
     path = _write(tmp_path, "chain.onnx", data)
-    graph = ModelGraph.load(path, dims={"batch": 3})
+    graph = load_model(path).graph(dims={"batch": 3})
     assert [n.name for n in graph.nodes] == ["fc1/matmul", "fc1/relu", "fc2/matmul", "fc2/sigmoid"]
     assert graph.input_shapes() == {"x": (3, 4)}
     assert len(graph.sha256) == 64
-    assert graph.sha256 == ModelGraph.load(str(path)).sha256
+    assert graph.sha256 == load_model(str(path)).graph().sha256
 
 
 @pytest.mark.parametrize(
@@ -555,7 +557,7 @@ def test_load_rejects_unusable_files(tmp_path: Path, kind: str, needle: str) -> 
     elif kind == "directory":
         path.mkdir()
     with pytest.raises(GraphError) as info:
-        ModelGraph.load(path)
+        load_model(path).graph()
     assert info.value.exit_code == 3
     assert needle in str(info.value)
     assert str(path) in str(info.value)
@@ -571,7 +573,7 @@ def test_load_rejects_old_opset(tmp_path: Path) -> None:
     )
     path = _write(tmp_path, "old.onnx", model.SerializeToString())
     with pytest.raises(GraphError) as info:
-        ModelGraph.load(path)
+        load_model(path).graph()
     assert "opset 11" in str(info.value)
     assert info.value.hint is not None and "version_converter" in info.value.hint
 
@@ -582,7 +584,7 @@ def test_load_rejects_invalid_model(tmp_path: Path) -> None:
     model.graph.node[1].op_type = "NoSuchOp"
     path = _write(tmp_path, "bad.onnx", model.SerializeToString())
     with pytest.raises(GraphError, match="checker"):
-        ModelGraph.load(path)
+        load_model(path).graph()
 
 
 def test_unresolved_symbolic_dim_hints_at_dim_flag() -> None:
@@ -592,19 +594,19 @@ def test_unresolved_symbolic_dim_hints_at_dim_flag() -> None:
         [helper.make_tensor_value_info("x", F, ["batch", "sequence"])],
         [helper.make_tensor_value_info("y", F, ["batch", "sequence"])],
     )
-    graph = ModelGraph.from_model(model)
+    graph = load_model(model).graph()
     with pytest.raises(GraphError) as info:
         graph.input_shapes()
     assert "sequence" in str(info.value)
     assert info.value.hint is not None and "--dim sequence=N" in info.value.hint
-    assert ModelGraph.from_model(model, dims={"sequence": 5}).input_shapes() == {"x": (1, 5)}
+    assert load_model(model).graph(dims={"sequence": 5}).input_shapes() == {"x": (1, 5)}
 
 
 # 0 is a valid dim (an empty KV cache before a decoder's prefill); negatives and non-ints are not.
 @pytest.mark.parametrize("dims", [{"seqlen": 4}, {"batch": "2"}, {"batch": -2}])
 def test_bad_dims_are_graph_errors(dims: dict[str, int]) -> None:
     with pytest.raises(GraphError) as info:
-        ModelGraph.from_model(chain_model(), dims=dims)
+        load_model(chain_model()).graph(dims=dims)
     if "seqlen" in dims:
         assert "seqlen" in str(info.value)
         assert info.value.hint is not None and "batch" in info.value.hint
@@ -631,16 +633,16 @@ def _unnamed_model() -> onnx.ModelProto:
 def test_unnamed_and_duplicate_nodes_get_unique_stable_names(tmp_path: Path) -> None:
     model = _unnamed_model()
     path = _write(tmp_path, "m.onnx", model.SerializeToString())
-    names = [n.name for n in ModelGraph.load(path).nodes]
+    names = [n.name for n in load_model(path).graph().nodes]
     assert len(set(names)) == len(names) == 5
     assert all(names)
     assert names[1] == "dup"
-    assert names == [n.name for n in ModelGraph.load(path).nodes]
-    assert names == [n.name for n in ModelGraph.from_model(model).nodes]
+    assert names == [n.name for n in load_model(path).graph().nodes]
+    assert names == [n.name for n in load_model(model).graph().nodes]
     # The source model is not modified.
     assert [n.name for n in model.graph.node] == ["", "dup", "", "dup", "dup"]
     # Every node can be found by its name.
-    graph = ModelGraph.load(path)
+    graph = load_model(path).graph()
     assert [graph.find_cut(name).index for name in names] == [1, 2, 3, 4, 5]
 
 
@@ -654,7 +656,7 @@ def test_generated_name_does_not_collide_with_an_existing_name() -> None:
         [helper.make_tensor_value_info("x", F, [2])],
         [helper.make_tensor_value_info("y", F, [2])],
     )
-    names = [n.name for n in ModelGraph.from_model(model).nodes]
+    names = [n.name for n in load_model(model).graph().nodes]
     assert len(set(names)) == 2, names
 
 
@@ -678,15 +680,15 @@ def test_layer_of(name: str, layer: str) -> None:
 
 
 def test_has_layer_structure() -> None:
-    assert ModelGraph.from_model(chain_model()).has_layer_structure
-    assert ModelGraph.from_model(residual_model()).has_layer_structure
+    assert load_model(chain_model()).graph().has_layer_structure
+    assert load_model(residual_model()).graph().has_layer_structure
     nodes = [helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(6)]
     flat = _model(
         nodes,
         [helper.make_tensor_value_info("t0", F, [1, 2])],
         [helper.make_tensor_value_info("t6", F, [1, 2])],
     )
-    graph = ModelGraph.from_model(flat)
+    graph = load_model(flat).graph()
     assert graph.layers == [f"n{i}" for i in range(6)]
     assert not graph.has_layer_structure
 

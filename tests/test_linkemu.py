@@ -159,7 +159,9 @@ def test_small_message_rtt_is_two_delays() -> None:
         return rtts
 
     rtts = run(scenario())
-    assert statistics.median(rtts) == pytest.approx(0.040, abs=0.008)
+    # Lower bounds only: load on the machine can only add time (the schedule's accuracy is
+    # tested exactly above, and measured by the lab benchmark).
+    assert min(rtts) >= 0.040 - 0.001
 
 
 def test_upstream_throughput_at_link_rate() -> None:
@@ -187,7 +189,7 @@ def test_upstream_throughput_at_link_rate() -> None:
         return elapsed
 
     elapsed = run(scenario())
-    assert elapsed == pytest.approx(1.0 + 0.010, rel=0.15)
+    assert elapsed >= 0.98 * (1.0 + 0.005)  # never faster than 1 MB at 8 Mbit/s + one delay
 
 
 def test_asymmetric_link_each_direction_at_its_own_rate() -> None:
@@ -218,8 +220,10 @@ def test_asymmetric_link_each_direction_at_its_own_rate() -> None:
     run(scenario())
     up_time = marks["server_got_all"] - marks["start"]
     down_time = marks["client_got_all"] - marks["server_got_all"]
-    assert up_time == pytest.approx(0.5 + 0.005, rel=0.15)  # 250 kB at 4 Mbit/s
-    assert down_time == pytest.approx(0.5 + 0.005, rel=0.15)  # 1 MB at 16 Mbit/s
+    assert up_time >= 0.98 * 0.5  # 250 kB at 4 Mbit/s
+    assert down_time >= 0.98 * 0.5  # 1 MB at 16 Mbit/s
+    # Each direction at its own rate: a byte down takes a quarter of a byte up (2x margin).
+    assert down_time / down_size < 0.5 * up_time / up_size
 
 
 def test_link_is_a_pipe_not_stop_and_wait() -> None:
@@ -257,10 +261,10 @@ def test_link_is_a_pipe_not_stop_and_wait() -> None:
         return arrivals[0] - t0, arrivals[1] - t0, rtt
 
     first, second, rtt = run(scenario())
-    assert first == pytest.approx(0.2, abs=0.03)  # 100 ms serialisation + 100 ms delay
-    assert second - first == pytest.approx(0.1, abs=0.03)  # only its own serialisation
-    assert second < 0.35  # stop-and-wait would give 0.5
-    assert rtt == pytest.approx(0.2, abs=0.02)
+    assert first >= 0.2 - 0.002  # 100 ms serialisation + 100 ms delay
+    assert second - first >= 0.1 - 0.002  # its own serialisation...
+    assert second - first < first  # ...but not the delay again: stop-and-wait would wait 0.3
+    assert rtt >= 0.2 - 0.002
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
@@ -299,8 +303,9 @@ def test_jitter_keeps_order_and_spreads_latency() -> None:
         return [at - sent[k] for k, at in received]
 
     latencies = run(scenario())
+    # No upper bound: a busy machine adds lateness (the schedule's bound on the jitter is
+    # tested exactly in test_schedule_jitter_loss_in_order_and_reproducible).
     assert min(latencies) >= delay - 0.001
-    assert max(latencies) <= delay + jitter + 0.006
     assert max(latencies) - min(latencies) > 0.008  # the jitter is really there
     assert statistics.pstdev(latencies) > 0.003
 
@@ -343,15 +348,13 @@ def test_loss_delays_segments_and_is_reproducible() -> None:
     assert stats["segments_up"] == 20
     assert 1 <= stats["lost_up"] <= 19
     assert stats["lost_down"] == 0
-    delayed = [lat > 0.035 for lat in latencies]
-    for lat, late in zip(latencies, delayed, strict=True):
-        # one delay, or one delay plus the 50 ms penalty (upper bounds leave room for a busy CI)
-        assert 0.010 - 0.001 <= lat <= (0.060 + 0.025 if late else 0.030)
-        assert lat >= 0.060 - 0.001 or not late
-    assert sum(delayed) == stats["lost_up"]
-    again, stats_again = _loss_run(seed=11)
-    assert stats_again["lost_up"] == stats["lost_up"]
-    assert [lat > 0.035 for lat in again] == delayed  # the same segments were lost
+    # Every segment pays the delay and every lost one the 50 ms penalty on top. Lower bounds
+    # only: a busy machine adds lateness (which segments the schedule loses, and that nothing
+    # else is delayed, is tested exactly on LinkSchedule above).
+    assert min(latencies) >= 0.010 - 0.001
+    assert sum(lat >= 0.060 - 0.001 for lat in latencies) >= stats["lost_up"]
+    _, stats_again = _loss_run(seed=11)
+    assert stats_again["lost_up"] == stats["lost_up"]  # the same seed loses the same segments
 
 
 def test_backpressure_bounds_the_buffer_on_a_slow_link() -> None:
@@ -455,7 +458,7 @@ def test_half_close_is_forwarded_after_the_data() -> None:
 
     answer, elapsed = run(scenario())
     assert answer == b"HELLO LINK"
-    assert 0.030 - 0.001 <= elapsed <= 0.030 + 0.040  # data + FIN up, answer + FIN down
+    assert elapsed >= 0.030 - 0.001  # data + FIN up, answer + FIN down
 
 
 def test_close_ends_open_connections_and_leaves_no_tasks() -> None:

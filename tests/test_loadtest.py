@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from edgeoffload.errors import UsageError
-from edgeoffload.lab.loadtest import cpu_seconds, default_cut, rss_kib, server_throughput
+from edgeoffload.lab.loadtest import default_cut, server_throughput
+from edgeoffload.lab.procfs import cpu_seconds, rss_kib
 from edgeoffload.split import zoo
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
@@ -22,9 +23,10 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason=
 
 @pytest.fixture(scope="module")
 def result() -> dict[str, Any]:
+    """The benchmark's JSON (what ``benchmarks/server_throughput.py`` writes)."""
     return server_throughput(
         zoo.build("resnet"), clients=(1, 4), requests_per_client=3, duration_cap_s=60.0
-    )
+    ).to_dict()
 
 
 def test_structure(result: dict[str, Any]) -> None:

@@ -17,15 +17,17 @@ import urllib.request
 import numpy as np
 import pytest
 
-from edgeoffload.device.client import BlockingOffloadClient, OffloadClient
+from edgeoffload.device.blocking import BlockingOffloadClient
+from edgeoffload.device.client import OffloadClient
 from edgeoffload.device.runtime import DeviceRuntime
 from edgeoffload.edge.allowlist import AllowList
 from edgeoffload.edge.server import EdgeServer, ServerConfig
 from edgeoffload.errors import OffloadUnavailable
-from edgeoffload.keys import encode_public, generate_identity
-from edgeoffload.lab.demo import spawn_server
+from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
 from edgeoffload.split import zoo
-from edgeoffload.split.splitter import CODEC_TOLERANCE, Analysis, split_model
+from edgeoffload.split.analysis import Analysis
+from edgeoffload.split.splitter import split_model
+from edgeoffload.split.verify import CODEC_TOLERANCE
 
 
 def run_async(coro, timeout: float = 60.0):
@@ -34,12 +36,7 @@ def run_async(coro, timeout: float = 60.0):
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    server = generate_identity(root / "server")
-    device = generate_identity(root / "device")
-    allow = root / "authorized_keys"
-    allow.write_text(f"{encode_public(device.public)} test-device\n")
-    return {"server": server, "device": device, "allow": allow, "root": root}
+    return ThrowawayKeys.create(tmp_path_factory.mktemp("keys"), devices=("test-device",))
 
 
 def _middle_cut(analysis: Analysis):
@@ -63,8 +60,8 @@ def bundles(zoo_analyses, tmp_path_factory):
 async def _offload_all(bundles_list, keys, inputs_for):
     server = EdgeServer(
         bundles_list,
-        identity=keys["server"],
-        allow=AllowList(keys["allow"]),
+        identity=keys.server,
+        allow=AllowList(keys.allow_file),
         config=ServerConfig(port=0, workers=2),
     )
     await server.start()
@@ -74,8 +71,8 @@ async def _offload_all(bundles_list, keys, inputs_for):
             client = OffloadClient(
                 bundle,
                 server=f"ws://127.0.0.1:{server.port}",
-                server_key=keys["server"].public,
-                identity=keys["device"],
+                server_key=keys.server.public,
+                identity=keys.device,
                 fallback="error",
             )
             async with client:
@@ -124,8 +121,8 @@ def test_blocking_client_and_link_measurement(bundles, keys):
     async def scenario():
         server = EdgeServer(
             [bundle],
-            identity=keys["server"],
-            allow=AllowList(keys["allow"]),
+            identity=keys.server,
+            allow=AllowList(keys.allow_file),
             config=ServerConfig(port=0),
         )
         await server.start()
@@ -142,8 +139,8 @@ def test_blocking_client_and_link_measurement(bundles, keys):
         with BlockingOffloadClient(
             bundle,
             server=f"ws://127.0.0.1:{server.port}",
-            server_key=keys["server"].public,
-            identity=keys["device"],
+            server_key=keys.server.public,
+            identity=keys.device,
             fallback="error",
         ) as client:
             first = client.run(inputs)
@@ -168,16 +165,15 @@ def _client(bundle, port, keys, **options) -> OffloadClient:
     return OffloadClient(
         bundle,
         server=f"ws://127.0.0.1:{port}",
-        server_key=keys["server"].public,
-        identity=keys["device"],
+        server_key=keys.server.public,
+        identity=keys.device,
         **options,
     )
 
 
 def _start_server_process(bundle_dirs, keys, *extra) -> tuple[subprocess.Popen, int]:
-    return spawn_server(
-        bundle_dirs, key_dir=keys["root"] / "server", allow=keys["allow"], extra=extra
-    )
+    server = spawn_server(bundle_dirs, keys, extra_args=extra)
+    return server.process, server.port
 
 
 @pytest.fixture(scope="module")
@@ -305,9 +301,9 @@ def test_cli_run_against_cli_serve(bundles, keys, tmp_path):
                 "--server",
                 f"ws://127.0.0.1:{port}",
                 "--server-key",
-                str(keys["root"] / "server"),
+                str(keys.server_dir),
                 "--key",
-                str(keys["root"] / "device"),
+                str(keys.device_dir()),
                 "--input",
                 str(tmp_path / "in.npz"),
                 "-o",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from edgeoffload.errors import ProfileError
-from edgeoffload.split import splitter, zoo
+from edgeoffload.split import zoo
+from edgeoffload.split.analysis import Analysis
 from edgeoffload.split.profiler import codec_rates, load_profile, profile_model, save_profile
 from edgeoffload.types import DeviceProfile, PowerModel
 
@@ -19,12 +20,12 @@ CODECS = ("none", "zstd", "int8+zstd")
 
 
 @pytest.fixture(scope="module")
-def analysis() -> splitter.Analysis:
-    return splitter.Analysis.of(zoo.build("resnet", seed=0))
+def analysis() -> Analysis:
+    return Analysis.of(zoo.build("resnet", seed=0))
 
 
 @pytest.fixture(scope="module")
-def profile(analysis: splitter.Analysis) -> DeviceProfile:
+def profile(analysis: Analysis) -> DeviceProfile:
     return profile_model(
         analysis.graph,
         inputs=analysis.inputs,
@@ -36,7 +37,7 @@ def profile(analysis: splitter.Analysis) -> DeviceProfile:
     )
 
 
-def test_node_times_cover_every_node(profile: DeviceProfile, analysis: splitter.Analysis) -> None:
+def test_node_times_cover_every_node(profile: DeviceProfile, analysis: Analysis) -> None:
     names = {node.name for node in analysis.graph.nodes}
     assert set(profile.node_ms) == names
     assert all(ms >= 0.0 and math.isfinite(ms) for ms in profile.node_ms.values())
@@ -66,7 +67,7 @@ def test_codec_rates_recorded(profile: DeviceProfile) -> None:
     assert all(rate > 0 and math.isfinite(rate) for rate in profile.codec_bps.values())
 
 
-def test_profile_metadata(profile: DeviceProfile, analysis: splitter.Analysis) -> None:
+def test_profile_metadata(profile: DeviceProfile, analysis: Analysis) -> None:
     assert profile.threads == 1
     assert profile.name == "ci"
     assert profile.model_sha256 == analysis.graph.sha256
@@ -75,9 +76,7 @@ def test_profile_metadata(profile: DeviceProfile, analysis: splitter.Analysis) -
     assert profile.machine
 
 
-def test_profile_is_usable_for_planning(
-    profile: DeviceProfile, analysis: splitter.Analysis
-) -> None:
+def test_profile_is_usable_for_planning(profile: DeviceProfile, analysis: Analysis) -> None:
     from edgeoffload.types import LinkProfile
 
     report = analysis.plan(
@@ -93,7 +92,7 @@ def test_profile_is_usable_for_planning(
 
 def test_threads_recorded_without_activations() -> None:
     model = zoo.build("mobilenetv2", seed=0)
-    analysis = splitter.Analysis.of(model)
+    analysis = Analysis.of(model)
     prof = profile_model(analysis.graph, inputs=analysis.inputs, threads=2, runs=1)
     assert prof.threads == 2
     assert prof.codec_bps == {}  # no activations given: no codec rates measured
@@ -175,7 +174,7 @@ def test_load_json_that_is_not_an_object(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("threads", "runs"), [(0, 3), (-1, 3), (1, 0)])
-def test_bad_threads_or_runs(analysis: splitter.Analysis, threads: int, runs: int) -> None:
+def test_bad_threads_or_runs(analysis: Analysis, threads: int, runs: int) -> None:
     with pytest.raises(ProfileError) as info:
         profile_model(analysis.graph, inputs=analysis.inputs, threads=threads, runs=runs)
     assert info.value.exit_code == 8

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from edgeoffload import __version__
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS
-from edgeoffload.device.runtime import decode_checked
 from edgeoffload.errors import (
     AuthenticationFailed,
     LocalProtocolError,
@@ -33,35 +32,36 @@ from edgeoffload.errors import (
     VersionMismatch,
 )
 from edgeoffload.keys import KeyPair
+from edgeoffload.protocol._state import TRANSITIONS, Role, State
 from edgeoffload.protocol.connection import (
     ERROR_CODES,
+    PROTOCOL_VERSION,
+    ClientConnection,
+    HostedBundle,
+    ReplayGuard,
+    ServerConnection,
+    tai64n,
+)
+from edgeoffload.protocol.events import (
+    Chunk,
+    CloseRequested,
+    ErrorReply,
+    Event,
+    HandshakeComplete,
+    InvalidRequest,
+    Ping,
+    Pong,
+    RunRequest,
+    RunResult,
+)
+from edgeoffload.protocol.tensors import check_against_specs, decode_checked, decode_tensors
+from edgeoffload.protocol.wire import (
     MAX_ARRAY,
     MAX_DIMS,
     MAX_MAP,
     MAX_STR,
     MAX_TENSORS,
-    PROTOCOL_VERSION,
-    TRANSITIONS,
-    Chunk,
-    ClientConnection,
-    CloseRequested,
-    ErrorReply,
-    Event,
-    HandshakeComplete,
-    HostedBundle,
-    InvalidRequest,
-    Ping,
-    Pong,
-    ReplayGuard,
-    Role,
-    RunRequest,
-    RunResult,
-    ServerConnection,
-    State,
-    check_against_specs,
-    decode_tensors,
     pack,
-    tai64n,
     unpack,
 )
 from edgeoffload.types import TensorSpec

@@ -1,4 +1,4 @@
-"""Tests of the device runtime (edgeoffload.device.runtime) on real bundles split from zoo models."""
+"""Tests of the device runtime (edgeoffload.device.runtime) on bundles split from zoo models."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import pytest
 
 from edgeoffload._ort import make_session, run
 from edgeoffload.core import codec as codec_mod
-from edgeoffload.device.runtime import DeviceRuntime, check_inputs, decode_checked
+from edgeoffload.device.runtime import DeviceRuntime, check_inputs
 from edgeoffload.errors import PayloadError, UsageError
+from edgeoffload.protocol.tensors import decode_checked
 from edgeoffload.split import zoo
-from edgeoffload.split.splitter import Analysis, split_model
+from edgeoffload.split.analysis import Analysis
+from edgeoffload.split.splitter import split_model
 from edgeoffload.types import TensorSpec
 
 # -- check_inputs --------------------------------------------------------------------------------

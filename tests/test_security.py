@@ -41,18 +41,18 @@ from edgeoffload.errors import (
     VersionMismatch,
 )
 from edgeoffload.keys import KeyPair, encode_public, generate_identity
-from edgeoffload.protocol import connection as protocol
 from edgeoffload.protocol.connection import (
     CLOSE_AUTH,
     CLOSE_PROTOCOL,
     CLOSE_VERSION,
     ClientConnection,
-    ErrorReply,
-    HandshakeComplete,
-    RunResult,
 )
+from edgeoffload.protocol.events import ErrorReply, HandshakeComplete, Pong, RunResult
+from edgeoffload.protocol.tensors import encode_tensors
+from edgeoffload.protocol.wire import pack
 from edgeoffload.split import zoo
-from edgeoffload.split.splitter import Analysis, split_model
+from edgeoffload.split.analysis import Analysis
+from edgeoffload.split.splitter import split_model
 
 CLOSE_TOO_BIG = 1009  # websockets: message too big
 STEP = 5.0  # seconds: bound on any single network step
@@ -412,7 +412,7 @@ def test_flipped_bit_in_transport_message_kills_the_session(env: Env) -> None:
                 ws, conn = await raw_session(env, server)
                 # A ping first: the session demonstrably works before the attack.
                 pong = await send_and_receive(ws, conn, lambda c: c.send_ping(1, b"x"))
-                assert isinstance(pong, protocol.Pong) and pong.payload == b"x"
+                assert isinstance(pong, Pong) and pong.payload == b"x"
                 conn.send_run(2, honest_tensors(env))
                 (message,) = conn.data_to_send()
                 index = {"first": 0, "middle": len(message) // 2, "tag": len(message) - 1}
@@ -438,13 +438,13 @@ def test_flipped_bit_in_handshake_message_is_rejected(env: Env) -> None:
             for index in targets:
                 forged = dict(envelope, noise=_flip(noise_msg, index, 5))
                 ws = await ws_connect(server)
-                await ws.send(protocol.pack(forged))
+                await ws.send(pack(forged))
                 assert await expect_close(ws, CLOSE_AUTH) == [], index
             # The bundle identity is bound into the prologue: lying about it fails as well.
             bundle = envelope["bundle"]
             forged = dict(envelope, bundle=bundle[:-1] + ("8" if bundle[-1] != "8" else "9"))
             ws = await ws_connect(server)
-            await ws.send(protocol.pack(forged))
+            await ws.send(pack(forged))
             assert await expect_close(ws, CLOSE_AUTH) == []
             # A bit flipped in the raw bytes of the Noise field of the original message.
             offset = message1.index(noise_msg)
@@ -539,11 +539,11 @@ def _dup_keys_map() -> bytes:
 
 
 def _malformed_plaintexts(env: Env) -> dict[str, bytes]:
-    tensor = protocol.encode_tensors(honest_tensors(env))
+    tensor = encode_tensors(honest_tensors(env))
     return {
         "garbage": b"\xc1\xff\x00garbage that is not msgpack",
-        "truncated": protocol.pack({"t": "ping", "id": 1, "pad": b""})[:-2],
-        "trailing": protocol.pack({"t": "ping", "id": 1, "pad": b""}) + b"\x00",
+        "truncated": pack({"t": "ping", "id": 1, "pad": b""})[:-2],
+        "trailing": pack({"t": "ping", "id": 1, "pad": b""}) + b"\x00",
         "not-a-map": msgpack.packb(["t", "ping"]),
         "empty": b"",
         "duplicate-keys": _dup_keys_map(),
@@ -552,14 +552,12 @@ def _malformed_plaintexts(env: Env) -> dict[str, bytes]:
             {"t": "run", "id": 3, "tensors": [dict(tensor[0], data=msgpack.ExtType(1, b"x"))]},
             use_bin_type=True,
         ),
-        "unknown-field": protocol.pack({"t": "ping", "id": 1, "pad": b"", "admin": True}),
-        "unknown-tensor-field": protocol.pack(
-            {"t": "run", "id": 3, "tensors": [dict(tensor[0], offset=8)]}
-        ),
-        "unknown-type": protocol.pack({"t": "result", "id": 1, "tensors": [], "server_ms": 1.0}),
-        "missing-id": protocol.pack({"t": "run", "tensors": tensor}),
-        "bool-id": protocol.pack({"t": "run", "id": True, "tensors": tensor}),
-        "negative-id": protocol.pack({"t": "run", "id": -1, "tensors": tensor}),
+        "unknown-field": pack({"t": "ping", "id": 1, "pad": b"", "admin": True}),
+        "unknown-tensor-field": pack({"t": "run", "id": 3, "tensors": [dict(tensor[0], offset=8)]}),
+        "unknown-type": pack({"t": "result", "id": 1, "tensors": [], "server_ms": 1.0}),
+        "missing-id": pack({"t": "run", "tensors": tensor}),
+        "bool-id": pack({"t": "run", "id": True, "tensors": tensor}),
+        "negative-id": pack({"t": "run", "id": -1, "tensors": tensor}),
         "int-keys": msgpack.packb({1: "ping"}),
         "deep-nesting": b"\x91" * 2000 + b"\xc0",
     }
@@ -588,13 +586,11 @@ def test_malformed_handshake_envelope_is_rejected(env: Env) -> None:
             envelope = msgpack.unpackb(message1, raw=False)
             bad = {
                 "garbage": b"\xc1 not msgpack",
-                "extra-field": protocol.pack(dict(envelope, extra=1)),
-                "version-2": protocol.pack(dict(envelope, v=2)),
-                "unknown-suite": protocol.pack(
-                    dict(envelope, proto="Noise_NN_25519_AESGCM_SHA256")
-                ),
-                "noise-as-str": protocol.pack(dict(envelope, noise="x")),
-                "empty-noise": protocol.pack(dict(envelope, noise=b"")),
+                "extra-field": pack(dict(envelope, extra=1)),
+                "version-2": pack(dict(envelope, v=2)),
+                "unknown-suite": pack(dict(envelope, proto="Noise_NN_25519_AESGCM_SHA256")),
+                "noise-as-str": pack(dict(envelope, noise="x")),
+                "empty-noise": pack(dict(envelope, noise=b"")),
             }
             for name, data in bad.items():
                 ws = await ws_connect(server)

@@ -1,4 +1,5 @@
-"""Generation sessions on the server (SessionStore) and the KV cache as state (KVState).
+"""Generation sessions on the server (SessionStore), their rules (protocol._state) and the
+KV cache as state (KVState).
 
 The store has no clock of its own: every test passes ``now`` explicitly, so TTL expiry is
 tested without sleeping. KV caches grow through a real onnxruntime session of a tiny cache
@@ -18,6 +19,7 @@ from edgeoffload.core.decoder import KVState, past_axis
 from edgeoffload.core.sampling import SamplingParams
 from edgeoffload.edge.sessions import SessionStore
 from edgeoffload.errors import ServerBusy, SessionError, SessionLost
+from edgeoffload.protocol._state import check_feed, grant_max_tokens
 from edgeoffload.types import TensorSpec
 
 HEADS, HEAD_DIM = 2, 4
@@ -319,3 +321,31 @@ def test_wrong_growth_of_a_later_pair_leaves_the_state_unchanged(bad_cache_sessi
     assert "present.0.value" in str(info.value)
     assert kv.length == 0
     assert {name: a.shape[2] for name, a in kv.arrays.items()} == {n: 0 for n, _ in PAIRS}
+
+
+# -- session rules -------------------------------------------------------------------------------
+
+
+def test_grant_caps_max_tokens_at_the_server_context():
+    assert grant_max_tokens(100, 4096) == 100
+    assert grant_max_tokens(10_000, 4096) == 4096
+    for requested, context in ((0, 4096), (5, 0)):
+        with pytest.raises(SessionError, match="max_tokens must be at least 1"):
+            grant_max_tokens(requested, context)
+
+
+def test_feeds_continue_where_the_session_ends():
+    check_feed("prefill", 7, 0, length=0, busy=False)
+    check_feed("prefill", 7, 5, length=5, busy=False)  # a second prefill message
+    check_feed("step", 7, 5, length=5, busy=False)
+    with pytest.raises(SessionError, match="step at position 4, but session 7 holds 5 positions"):
+        check_feed("step", 7, 4, length=5, busy=False)
+    with pytest.raises(SessionError, match="prefill at position 6, but session 7 holds 5"):
+        check_feed("prefill", 7, 6, length=5, busy=False)
+
+
+def test_a_step_needs_a_prefill_and_one_feed_runs_at_a_time():
+    with pytest.raises(SessionError, match="a step before any prefill of session 7"):
+        check_feed("step", 7, 0, length=0, busy=False)
+    with pytest.raises(SessionError, match="session 7 is already running a prefill or step"):
+        check_feed("prefill", 7, 5, length=5, busy=True)

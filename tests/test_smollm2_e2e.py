@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -48,8 +47,7 @@ from edgeoffload.core.decoder import DecoderLayout, KVState, select_next  # noqa
 from edgeoffload.core.sampling import SamplingParams, sample_token  # noqa: E402
 from edgeoffload.device.client import OffloadClient  # noqa: E402
 from edgeoffload.device.tokenizer import TextTokenizer  # noqa: E402
-from edgeoffload.keys import encode_public, generate_identity  # noqa: E402
-from edgeoffload.lab.demo import spawn_server  # noqa: E402
+from edgeoffload.lab.harness import ThrowawayKeys, spawn_server  # noqa: E402
 
 HEAD_LAYERS = 15
 NEW_TOKENS = 64
@@ -169,24 +167,12 @@ def hf_greedy(prompts) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def server(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The tail in an ``edgeoffload serve`` process: one for the whole module."""
-    root = tmp_path_factory.mktemp("smollm2-keys")
-    server_id = generate_identity(root / "server")
-    device_id = generate_identity(root / "device")
-    (root / "allow").write_text(f"{encode_public(device_id.public)} smollm2-test\n")
-    proc, port = spawn_server(
-        [bundle.path],
-        key_dir=root / "server",
-        allow=root / "allow",
-        extra=["--workers", "1", "--threads", "1"],
-        timeout=120.0,
+    keys = ThrowawayKeys.create(tmp_path_factory.mktemp("smollm2-keys"), devices=("smollm2-test",))
+    spawned = spawn_server([bundle.path], keys, threads=1, workers=1, timeout=120.0)
+    yield SimpleNamespace(
+        port=spawned.port, public=keys.server.public, device=keys.device, proc=spawned.process
     )
-    yield SimpleNamespace(port=port, public=server_id.public, device=device_id, proc=proc)
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    spawned.stop()
 
 
 async def _generate(client: OffloadClient, **kwargs: Any) -> tuple[list[int], Any]:
@@ -203,9 +189,9 @@ async def _generate(client: OffloadClient, **kwargs: Any) -> tuple[list[int], An
                 tokens.append(item.token_id)
                 offloaded.append(item.offloaded)
     finally:
-        await asyncio.wait_for(stream.aclose(), STEP)  # type: ignore[attr-defined]
+        await asyncio.wait_for(stream.aclose(), STEP)
     assert all(offloaded)
-    return tokens, client.last_generation
+    return tokens, stream.stats
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Every single-tensor cut and >= 20 multi-tensor cuts of every zoo model split and verify.
 
 Verification runs the real head and tail in onnxruntime and compares tail(head(x)) with the
-full model on two inputs (see splitter.verify_split); any difference beyond the documented
+full model on two inputs (see verify.verify_split); any difference beyond the documented
 tolerance raises VerificationError, which fails the test.
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgeoffload.split import zoo
-from edgeoffload.split.splitter import verify_split
+from edgeoffload.split.verify import verify_split
 
 
 def _interior(analysis):

@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.device.tokenizer: encode/decode, streaming, chat templates vs transformers."""
+"""edgeoffload.device.tokenizer: encode/decode, streaming, chat templates vs transformers."""
 
 from __future__ import annotations
 
@@ -527,7 +527,10 @@ def test_tokenizer_json_alone_is_enough(tmp_path: Path, trained: Tokenizer) -> N
 
 def test_import_stays_light() -> None:
     heavy = ("torch", "transformers", "onnx", "jinja2")
-    code = f"import sys, edgeoffload.device.tokenizer\nprint([m for m in {heavy!r} if m in sys.modules])"
+    code = (
+        "import sys, edgeoffload.device.tokenizer\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

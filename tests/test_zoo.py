@@ -1,4 +1,4 @@
-"""Tests for edgeoffload.split.zoo: validity, runnability, determinism and naming of the zoo models."""
+"""edgeoffload.split.zoo: validity, runnability, determinism and naming of the zoo models."""
 
 from __future__ import annotations
 

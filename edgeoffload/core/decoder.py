@@ -23,16 +23,56 @@ from edgeoffload._ort import run
 from edgeoffload.errors import GraphError, SessionError
 from edgeoffload.types import TensorSpec
 
+# -- the exporters' names (optimum, transformers): the one table every module reads ---------
+
 INPUT_IDS = ("input_ids",)
 ATTENTION_MASK = ("attention_mask",)
 POSITION_IDS = ("position_ids",)
 LOGITS = ("logits",)
+# KV-cache state pairs: a past input (groups: layer index, "key" or "value") and the template
+# of the present output fed back as that input on the next call.
+STATE_NAMING: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"past_key_values\.(\d+)\.(key|value)"), "present.{0}.{1}"),
+    (re.compile(r"past_key_values_(\d+)_(key|value)"), "present_{0}_{1}"),
+    (re.compile(r"past\.(\d+)\.(key|value)"), "present.{0}.{1}"),
+)
 # The block index in a node's layer label: /model/layers.3/..., /transformer/h.3/...
 BLOCK_LABEL = re.compile(r"(?:^|/)(?:layers|layer|h|blocks|block)\.(\d+)$")
 
 
-def _pick(names: Sequence[str], wanted: Sequence[str]) -> str | None:
-    return next((n for n in names if n in wanted), None)
+def pick_name(names: Sequence[str], role: Sequence[str]) -> str | None:
+    """The first of ``names`` that the table gives ``role`` (e.g. :data:`LOGITS`), or None."""
+    return next((n for n in names if n in role), None)
+
+
+def present_name(past: str) -> str | None:
+    """The present output an exporter pairs with the past input ``past``; None if not a past."""
+    for pattern, template in STATE_NAMING:
+        match = pattern.fullmatch(past)
+        if match:
+            return template.format(*match.groups())
+    return None
+
+
+def state_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> dict[str, str]:
+    """KV-cache state pairs (``past_key_values.3.key`` -> ``present.3.key``) by export naming:
+    every past input whose present output the graph has."""
+    present = set(outputs)
+    pairs: dict[str, str] = {}
+    for name in inputs:
+        out = present_name(name)
+        if out is not None and out in present:
+            pairs[name] = out
+    return pairs
+
+
+def state_layer(past: str) -> int | None:
+    """The layer index of a past input (``past_key_values.3.key`` -> 3); None if not a past."""
+    for pattern, _ in STATE_NAMING:
+        match = pattern.fullmatch(past)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 @dataclass(frozen=True)
@@ -57,8 +97,8 @@ class DecoderLayout:
         """Find the roles by the exporters' names; GraphError when this is not a decoder."""
         in_names = [s.name for s in inputs]
         out_names = [s.name for s in outputs]
-        ids = _pick(in_names, INPUT_IDS)
-        logits = _pick(out_names, LOGITS)
+        ids = pick_name(in_names, INPUT_IDS)
+        logits = pick_name(out_names, LOGITS)
         if ids is None or logits is None or not state:
             raise GraphError(
                 "not a decoder with KV cache: expected input_ids, logits and "
@@ -73,8 +113,8 @@ class DecoderLayout:
         pairs = tuple((i, state[i]) for i in in_names if i in state)
         return cls(
             input_ids=ids,
-            attention_mask=_pick(in_names, ATTENTION_MASK),
-            position_ids=_pick(in_names, POSITION_IDS),
+            attention_mask=pick_name(in_names, ATTENTION_MASK),
+            position_ids=pick_name(in_names, POSITION_IDS),
             logits=logits,
             vocab_size=vocab,
             state=pairs,
@@ -83,7 +123,7 @@ class DecoderLayout:
 
     @property
     def num_layers(self) -> int:
-        return len({_layer_index(i) for i, _ in self.state})
+        return len({state_layer(i) for i, _ in self.state})
 
     def token_feed(self, token_ids: Sequence[int], start: int) -> dict[str, np.ndarray]:
         """The non-state inputs for ``token_ids`` at positions ``start, start + 1, ...``."""
@@ -109,11 +149,6 @@ class DecoderLayout:
                     per *= dim
             total += per
         return total
-
-
-def _layer_index(name: str) -> int:
-    match = re.search(r"(\d+)", name)
-    return int(match.group(1)) if match else -1
 
 
 def past_axis(spec: TensorSpec) -> int:

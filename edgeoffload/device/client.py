@@ -1,8 +1,8 @@
 """The device side: run the head, send the crossing tensors encrypted, get the tail's answer.
 
-``OffloadClient`` is asyncio; ``BlockingOffloadClient`` wraps it for apps without an event
-loop (it runs a private loop in a daemon thread). Both keep one connection open and reuse it,
-time out every step, retry a failed request once on a fresh connection with the same request
+``OffloadClient`` is asyncio (:class:`~edgeoffload.device.blocking.BlockingOffloadClient`
+wraps it for apps without an event loop). It keeps one connection open and reuses it, times
+out every step, retry a failed request once on a fresh connection with the same request
 id (tails are deterministic functions of their inputs, so a retried request that the server
 already ran gives the same answer), and then apply the fallback policy:
 
@@ -17,15 +17,15 @@ the deployment is wrong (or under attack) and raise their typed errors.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import statistics
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection as WsConnection
@@ -35,7 +35,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from edgeoffload.bundle import Bundle
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.noise import DEFAULT_PROTOCOL
-from edgeoffload.device.runtime import DeviceRuntime, decode_checked
+from edgeoffload.core.sampling import SamplingParams
+from edgeoffload.device.generate import Generation
+from edgeoffload.device.runtime import DeviceRuntime
 from edgeoffload.errors import (
     AuthenticationFailed,
     EdgeOffloadError,
@@ -48,11 +50,9 @@ from edgeoffload.errors import (
     VersionMismatch,
 )
 from edgeoffload.keys import KeyPair
-from edgeoffload.protocol.connection import (
-    CLOSE_AUTH,
-    CLOSE_VERSION,
+from edgeoffload.protocol.connection import CLOSE_AUTH, CLOSE_VERSION, ClientConnection
+from edgeoffload.protocol.events import (
     Chunk,
-    ClientConnection,
     CloseRequested,
     ErrorReply,
     HandshakeComplete,
@@ -62,10 +62,8 @@ from edgeoffload.protocol.connection import (
     SessionOpened,
     TokenResult,
 )
+from edgeoffload.protocol.tensors import decode_checked
 from edgeoffload.types import LinkProfile
-
-if TYPE_CHECKING:
-    from edgeoffload.device.generate import GeneratedToken, GenerationStats
 
 log = logging.getLogger("edgeoffload.device.client")
 
@@ -81,23 +79,39 @@ FALLBACKS = ("local", "error")
 REPLIES = (RunResult, Pong, SessionOpened, TokenResult, SessionEnded)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestTiming:
-    """Where one request's time went (milliseconds)."""
+    """Where one request's time went (milliseconds).
+
+    Offloaded, ``head + encode + network + server + decode`` make up the total. When the tail
+    ran on the device instead (``offloaded=False``: the local fallback, or an all-local
+    bundle), it is ``head + encode + network + local_tail``, with ``network`` the time lost
+    trying the server and ``server`` and ``decode`` zero.
+    """
 
     head_ms: float
     encode_ms: float  # codec encode + encryption on the device
     network_ms: float  # send -> result received, minus the server's own time
     server_ms: float  # tail on the server (decode + run), as the server measured it
     decode_ms: float  # decryption + codec decode of the result on the device
+    local_tail_ms: float  # tail on the device (the local fallback)
     total_ms: float
-    wire_bytes: int  # request bytes sent (ciphertext)
+    wire_bytes: int  # request bytes sent (ciphertext) by the request that was answered
     offloaded: bool
-    fallback_reason: str = ""
-    attempts: int = 1
+    fallback_reason: str = ""  # why the tail ran on the device
+    attempts: int = 1  # requests sent to the server, retries included
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+    @property
+    def tail_ms(self) -> float:
+        """The tail, wherever it ran (on the server as the server measured it)."""
+        return self.server_ms if self.offloaded else self.local_tail_ms
+
+    def to_dict(self) -> dict[str, float | int | bool | str]:
+        """A JSON object of the fields, times rounded to 0.1 us."""
+        return {
+            name: round(value, 4) if isinstance(value, float) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
 
 
 class _Link:
@@ -153,7 +167,6 @@ class OffloadClient:
         self.clock = clock
         self.link = _Link()
         self.last_timing: RequestTiming | None = None
-        self.last_generation: GenerationStats | None = None
         self._ids = itertools.count(1)
         self._ws: WsConnection | None = None
         self._conn: ClientConnection | None = None
@@ -400,7 +413,18 @@ class OffloadClient:
         head_ms = (time.perf_counter() - started) * 1e3
         self._head_ms = head_ms
         if self.manifest.tail is None:  # all-local bundle
-            self.last_timing = RequestTiming(head_ms, 0, 0, 0, 0, head_ms, 0, False, "all-local")
+            self.last_timing = RequestTiming(
+                head_ms=head_ms,
+                encode_ms=0.0,
+                network_ms=0.0,
+                server_ms=0.0,
+                decode_ms=0.0,
+                local_tail_ms=0.0,  # the head is the whole model
+                total_ms=head_ms,
+                wire_bytes=0,
+                offloaded=False,
+                fallback_reason="all-local",
+            )
             return crossing
         encode_start = time.perf_counter()
         encoded = self.runtime.encode(crossing)
@@ -442,14 +466,15 @@ class OffloadClient:
             encrypt_ms, wire, network_ms, server_ms, decode_ms = timing
             total = (time.perf_counter() - started) * 1e3
             self.last_timing = RequestTiming(
-                head_ms,
-                codec_ms + encrypt_ms,
-                network_ms,
-                server_ms,
-                decode_ms,
-                total,
-                wire,
-                True,
+                head_ms=head_ms,
+                encode_ms=codec_ms + encrypt_ms,
+                network_ms=network_ms,
+                server_ms=server_ms,
+                decode_ms=decode_ms,
+                local_tail_ms=0.0,
+                total_ms=total,
+                wire_bytes=wire,
+                offloaded=True,
                 attempts=attempts,
             )
             return outputs
@@ -535,8 +560,10 @@ class OffloadClient:
         seed: int = 0,
         stop: tuple[str, ...] | list[str] = (),
         chat: bool | None = None,
-    ) -> AsyncIterator[GeneratedToken]:
-        """Stream generated tokens (an async iterator of :class:`GeneratedToken`).
+    ) -> Generation:
+        """Stream generated tokens: a :class:`~edgeoffload.device.generate.Generation`, an
+        async iterator of :class:`~edgeoffload.device.generate.GeneratedToken` whose ``stats``
+        (:class:`~edgeoffload.device.generate.GenerationStats`) describe the reply.
 
         Give a ``prompt`` (the chat template is applied when the tokenizer has one, unless
         ``chat=False``), ``messages`` (a chat), or ``input_ids``. The head runs here and keeps
@@ -544,18 +571,16 @@ class OffloadClient:
         connection lost) is rebuilt from this device's own history without changing a token;
         when no server can answer, ``fallback="local"`` finishes the reply on the device.
         """
-        from edgeoffload.device.generate import Generation
-
         return Generation(
             self,
             prompt=prompt,
             input_ids=input_ids,
             messages=messages,
             max_new_tokens=max_new_tokens,
-            sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed},
+            sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
             stop=tuple(stop),
             chat=chat,
-        ).stream()
+        )
 
     async def _fall_back(
         self,
@@ -577,88 +602,16 @@ class OffloadClient:
         tail_ms = (time.perf_counter() - tail_start) * 1e3
         total = (time.perf_counter() - started) * 1e3
         self.last_timing = RequestTiming(
-            head_ms,
-            codec_ms,
-            total - head_ms - codec_ms - tail_ms,
-            0.0,
-            tail_ms,
-            total,
-            0,
-            False,
-            reason,
-            attempts,
+            head_ms=head_ms,
+            encode_ms=codec_ms,
+            network_ms=total - head_ms - codec_ms - tail_ms,  # spent on the failed attempts
+            server_ms=0.0,
+            decode_ms=0.0,
+            local_tail_ms=tail_ms,
+            total_ms=total,
+            wire_bytes=0,
+            offloaded=False,
+            fallback_reason=reason,
+            attempts=attempts,
         )
         return outputs
-
-
-class BlockingOffloadClient:
-    """:class:`OffloadClient` for apps with no event loop: every call blocks until done."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, daemon=True, name="edgeoffload-client"
-        )
-        self._thread.start()
-        self._client: OffloadClient = self._call(self._make(args, kwargs))
-
-    @staticmethod
-    async def _make(args: tuple[Any, ...], kwargs: dict[str, Any]) -> OffloadClient:
-        return OffloadClient(*args, **kwargs)
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    @property
-    def client(self) -> OffloadClient:
-        return self._client
-
-    @property
-    def last_timing(self) -> RequestTiming | None:
-        return self._client.last_timing
-
-    def connect(self) -> None:
-        self._call(self._client.connect())
-
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        result: dict[str, np.ndarray] = self._call(self._client.run(inputs))
-        return result
-
-    def ping(self, pad: int = 0) -> float:
-        value: float = self._call(self._client.ping(pad))
-        return value
-
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[GeneratedToken]:
-        """:meth:`OffloadClient.generate` as a plain iterator (each step blocks)."""
-        stream = self._call(self._make_stream(prompt, kwargs))
-        try:
-            while True:
-                try:
-                    yield self._call(stream.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._call(stream.aclose())
-
-    async def _make_stream(self, prompt: str | None, kwargs: dict[str, Any]) -> Any:
-        return self._client.generate(prompt, **kwargs)
-
-    def measure_link(self, **kwargs: Any) -> LinkProfile:
-        profile: LinkProfile = self._call(self._client.measure_link(**kwargs))
-        return profile
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._call(self._client.close())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
-            self._loop.close()
-
-    def __enter__(self) -> BlockingOffloadClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -11,6 +11,12 @@ the rebuilt cache and the next token are bit-identical; sampling draws are a pur
 (seed, position), so sampled replies survive recovery too. If no server answers within the
 client's timeout and ``fallback="local"``, the device replays the chunks into its own copy of
 the tail and finishes the reply itself.
+
+A :class:`Generation` talks to the server through a
+:class:`~edgeoffload.device.channel.SessionChannel` (what
+:class:`~edgeoffload.device.client.OffloadClient` implements) and is itself the stream that
+``OffloadClient.generate`` returns: an async iterator of :class:`GeneratedToken` whose
+``stats`` say where the reply's time and bytes went.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
+from edgeoffload.device.channel import SessionChannel
 from edgeoffload.device.runtime import DeviceRuntime
+from edgeoffload.device.tokenizer import StreamDecoder, TextTokenizer
 from edgeoffload.errors import (
     AuthenticationFailed,
     OffloadUnavailable,
@@ -41,11 +49,8 @@ from edgeoffload.errors import (
     UsageError,
     VersionMismatch,
 )
-from edgeoffload.protocol.connection import MAX_CHUNKS, Chunk
-
-if TYPE_CHECKING:
-    from edgeoffload.device.client import OffloadClient
-    from edgeoffload.device.tokenizer import TextTokenizer
+from edgeoffload.protocol.events import Chunk
+from edgeoffload.protocol.wire import MAX_CHUNKS
 
 log = logging.getLogger("edgeoffload.device.generate")
 
@@ -89,19 +94,30 @@ class GenerationStats:
         total = sum(self.step_ms)
         return 1e3 * len(self.step_ms) / total if total > 0 else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    @property
+    def median_step_ms(self) -> float | None:
+        """The middle step time (the upper one of an even count); None before any step."""
         steps = sorted(self.step_ms)
+        return steps[len(steps) // 2] if steps else None
+
+    @property
+    def median_step_bytes(self) -> int | None:
+        """Bytes sent for the middle step (the upper one of an even count)."""
+        sizes = sorted(self.step_bytes)
+        return sizes[len(sizes) // 2] if sizes else None
+
+    def to_dict(self) -> dict[str, int | float | str | None]:
+        """A JSON summary (rounded; the step lists reduced to their medians)."""
+        median_step_ms = self.median_step_ms
         return {
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "ttft_ms": round(self.ttft_ms, 3),
-            "median_step_ms": round(steps[len(steps) // 2], 3) if steps else None,
+            "median_step_ms": round(median_step_ms, 3) if median_step_ms is not None else None,
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "head_ms": round(self.head_ms, 3),
             "bytes_up": self.bytes_up,
-            "median_step_bytes": sorted(self.step_bytes)[len(self.step_bytes) // 2]
-            if self.step_bytes
-            else None,
+            "median_step_bytes": self.median_step_bytes,
             "recoveries": self.recoveries,
             "fallback_reason": self.fallback_reason,
             "finish_reason": self.finish_reason,
@@ -113,9 +129,17 @@ def load_tokenizer(runtime: DeviceRuntime) -> TextTokenizer | None:
     folder = runtime.bundle.path / TOKENIZER_DIR
     if not (folder / "tokenizer.json").is_file():
         return None
-    from edgeoffload.device.tokenizer import TextTokenizer
-
     return TextTokenizer.from_dir(folder)
+
+
+@dataclass(frozen=True)
+class HeadSnapshot:
+    """The head's state at one point, to roll back :meth:`DecoderDevice.head` calls."""
+
+    kv_arrays: dict[str, np.ndarray]
+    kv_length: int
+    position: int
+    chunks: int  # length of the recorded history
 
 
 class DecoderDevice:
@@ -161,13 +185,17 @@ class DecoderDevice:
         self.history.append(chunk)
         return chunk
 
-    def snapshot(self) -> tuple[dict[str, np.ndarray], int, int, int]:
-        return dict(self.head_kv.arrays), self.head_kv.length, self.position, len(self.history)
+    def snapshot(self) -> HeadSnapshot:
+        return HeadSnapshot(
+            dict(self.head_kv.arrays), self.head_kv.length, self.position, len(self.history)
+        )
 
-    def restore(self, saved: tuple[dict[str, np.ndarray], int, int, int]) -> None:
+    def restore(self, saved: HeadSnapshot) -> None:
         """Undo :meth:`head` calls made since :meth:`snapshot`."""
-        self.head_kv.arrays, self.head_kv.length, self.position, kept = saved
-        del self.history[kept:]
+        self.head_kv.arrays = dict(saved.kv_arrays)
+        self.head_kv.length = saved.kv_length
+        self.position = saved.position
+        del self.history[saved.chunks :]
 
     def local_token(self, chunks: list[Chunk], params: SamplingParams) -> int:
         """Run the device's own copy of the tail over ``chunks``; the token it samples."""
@@ -189,17 +217,23 @@ class DecoderDevice:
 
 
 class Generation:
-    """One streamed reply (created by :meth:`OffloadClient.generate`)."""
+    """One streamed reply: an async iterator of :class:`GeneratedToken`, with its ``stats``.
+
+    Created by :meth:`OffloadClient.generate`; the prompt is checked and tokenized here, the
+    server is first contacted when the first token is asked for. ``stats`` fill in as the
+    reply streams and are complete once it ends. Leaving early: ``await stream.aclose()``
+    ends the server's session.
+    """
 
     def __init__(
         self,
-        client: OffloadClient,
+        channel: SessionChannel,
         *,
         prompt: str | None,
         input_ids: list[int] | None,
         messages: list[dict[str, str]] | None,
         max_new_tokens: int,
-        sampling: dict[str, Any],
+        sampling: SamplingParams,
         stop: tuple[str, ...],
         chat: bool | None,
     ) -> None:
@@ -207,17 +241,30 @@ class Generation:
             raise UsageError("give exactly one of prompt, messages or input_ids")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
-        self.client = client
-        self.params = SamplingParams.from_dict(sampling)
+        self.channel = channel
+        self.runtime = channel.runtime
+        self.params = sampling
         self.max_new_tokens = max_new_tokens
         self.stop = stop
-        self.tokenizer = load_tokenizer(client.runtime)
+        self.tokenizer = load_tokenizer(self.runtime)
         self.prompt_ids = self._prompt_ids(prompt, input_ids, messages, chat)
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self.session: int | None = None
         self.context = len(self.prompt_ids) + max_new_tokens
         # An all-local bundle (the cost model's choice on a slow link) needs no server.
-        self.local = client.manifest.tail is None
+        self.local = self.runtime.manifest.tail is None
+        self._last_head_ms = float("inf")  # short single-token heads run on the event loop
+        self._tokens = self._stream()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> GeneratedToken:
+        return await self._tokens.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the reply here; ends the server's session if one is open."""
+        await self._tokens.aclose()
 
     def _prompt_ids(
         self,
@@ -228,7 +275,7 @@ class Generation:
     ) -> list[int]:
         if input_ids is not None:
             ids = [int(t) for t in input_ids]
-            vocab = DecoderDevice(self.client.runtime).layout.vocab_size
+            vocab = DecoderDevice(self.runtime).layout.vocab_size
             if not ids or not all(0 <= t < vocab for t in ids):
                 raise UsageError(f"input_ids must be a non-empty list of token ids < {vocab}")
             return ids
@@ -255,13 +302,10 @@ class Generation:
 
     # -- the stream ---------------------------------------------------------------------------
 
-    async def stream(self) -> AsyncIterator[GeneratedToken]:
-        from edgeoffload.device.tokenizer import StreamDecoder
-
-        device = DecoderDevice(self.client.runtime)
+    async def _stream(self) -> AsyncGenerator[GeneratedToken, None]:
+        device = DecoderDevice(self.runtime)
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         eos = self._eos_ids()
-        self.client.last_generation = self.stats
         started = time.perf_counter()
         text = ""
         try:
@@ -303,7 +347,7 @@ class Generation:
         """End-of-sequence ids: the tokenizer's, else the bundle's generation config's."""
         if self.tokenizer is not None:
             return self.tokenizer.eos_token_ids
-        config = self.client.runtime.bundle.path / TOKENIZER_DIR / "generation_config.json"
+        config = self.runtime.bundle.path / TOKENIZER_DIR / "generation_config.json"
         try:
             eos = json.loads(config.read_text()).get("eos_token_id")
         except (OSError, ValueError, AttributeError):
@@ -335,8 +379,8 @@ class Generation:
         if self.local:
             return float("inf")
         with contextlib.suppress(OffloadUnavailable, ProtocolError):
-            await self.client.connect()  # a failure is reported by the first feed (recovery)
-        return (self.client.max_request_bytes or (1 << 20)) - REPLAY_MARGIN
+            await self.channel.connect()  # a failure is reported by the first feed (recovery)
+        return (self.channel.max_request_bytes or (1 << 20)) - REPLAY_MARGIN
 
     async def _head(self, device: DecoderDevice, token_ids: list[int]) -> Chunk:
         started = time.perf_counter()
@@ -348,8 +392,6 @@ class Generation:
         self.stats.head_ms += self._last_head_ms
         return chunk
 
-    _last_head_ms = float("inf")
-
     async def _token(self, device: DecoderDevice, kind: str, chunk: Chunk) -> int:
         if self.local:
             return await asyncio.to_thread(device.local_token, [chunk], self.params)
@@ -357,7 +399,7 @@ class Generation:
             if self.session is None:
                 await self._open()
             assert self.session is not None
-            event, wire, _ = await self.client.feed_session(
+            event, wire, _ = await self.channel.feed_session(
                 kind, self.session, device.position - chunk.n, [chunk]
             )
             self.stats.bytes_up += wire
@@ -374,7 +416,7 @@ class Generation:
             return await self._recover(device, str(exc))
 
     async def _open(self) -> None:
-        self.session, granted = await self.client.open_session(self.params.to_dict(), self.context)
+        self.session, granted = await self.channel.open_session(self.params.to_dict(), self.context)
         if granted < self.context:
             log.info("server grants %d positions of the %d asked", granted, self.context)
             self.context = granted
@@ -387,7 +429,7 @@ class Generation:
         """Rebuild the server's session from the recorded chunks, or finish locally."""
         log.info("session lost (%s): rebuilding it from %d chunks", reason, len(device.history))
         self.stats.recoveries += 1
-        deadline = time.monotonic() + self.client.timeout
+        deadline = time.monotonic() + self.channel.timeout
         attempt = 0
         while time.monotonic() < deadline:
             self.session = None
@@ -403,11 +445,11 @@ class Generation:
             except (OffloadUnavailable, ProtocolError) as exc:  # Overloaded is one of these
                 reason = str(exc)
                 if not isinstance(exc, Overloaded):
-                    await self.client.reset_connection()
+                    await self.channel.reset_connection()
             delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
             attempt += 1
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        if self.client.fallback != "local" or not self.client.runtime.has_tail:
+        if self.channel.fallback != "local" or not self.runtime.has_tail:
             raise OffloadUnavailable(
                 f"the edge server could not rebuild the session ({reason})",
                 hint="use fallback='local' to finish replies on the device",
@@ -421,7 +463,7 @@ class Generation:
     async def _replay(self, device: DecoderDevice) -> int:
         """Send every recorded chunk again, in as few prefill messages as fit."""
         assert self.session is not None
-        limit = (self.client.max_request_bytes or (1 << 20)) - REPLAY_MARGIN
+        limit = (self.channel.max_request_bytes or (1 << 20)) - REPLAY_MARGIN
         batch: list[Chunk] = []
         size = 0
         pos = 0
@@ -433,7 +475,9 @@ class Generation:
             last = i + 1 == len(history)
             next_bytes = _chunk_bytes(history[i + 1]) if not last else 0
             if last or size + next_bytes > limit or len(batch) == MAX_CHUNKS:
-                event, wire, _ = await self.client.feed_session("prefill", self.session, pos, batch)
+                event, wire, _ = await self.channel.feed_session(
+                    "prefill", self.session, pos, batch
+                )
                 self.stats.bytes_up += wire
                 pos += sum(c.n for c in batch)
                 token = event.token
@@ -441,10 +485,10 @@ class Generation:
         return token
 
     async def _end(self) -> None:
-        if self.session is None or not self.client.connected:
+        if self.session is None or not self.channel.connected:
             return
         try:
-            await self.client.end_session(self.session)
+            await self.channel.end_session(self.session)
         except Exception as exc:  # the reply is complete; a lost goodbye changes nothing
             log.debug("ending session %d: %s", self.session, exc)
         self.session = None

@@ -17,8 +17,7 @@ import numpy as np
 from edgeoffload._ort import make_session, run
 from edgeoffload.bundle import Bundle, load_bundle
 from edgeoffload.core import codec as codec_mod
-from edgeoffload.errors import PayloadError, UsageError
-from edgeoffload.protocol.connection import check_against_specs
+from edgeoffload.errors import UsageError
 from edgeoffload.types import TensorSpec, match_specs
 
 
@@ -33,7 +32,8 @@ def check_inputs(
     arrays: dict[str, np.ndarray] = {}
     for name, value in inputs.items():
         try:
-            arrays[name] = np.ascontiguousarray(np.asarray(value))
+            # order="C", not ascontiguousarray: that one turns a 0-d array into shape [1].
+            arrays[name] = np.asarray(value, order="C")
         except (ValueError, TypeError) as exc:
             raise UsageError(f"input {name!r} is not an array: {exc}") from None
     match_specs(
@@ -106,22 +106,3 @@ class DeviceRuntime:
         """Head and tail both on the device (what ``fallback="local"`` computes)."""
         arrays = self.check_inputs(inputs)
         return self.run_tail_locally(self.run_head(arrays))
-
-
-def decode_checked(
-    tensors: Any,
-    specs: tuple[TensorSpec, ...],
-    codec_for: Any,
-    *,
-    max_bytes: int,
-    fixed_dims: Mapping[str, int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Validate encoded tensors against declared specs, then decode them (PayloadError)."""
-    check_against_specs(tensors, specs, codec_for=codec_for, fixed_dims=fixed_dims)
-    out: dict[str, np.ndarray] = {}
-    for name, encoded in tensors:
-        try:
-            out[name] = codec_mod.decode(encoded, max_bytes=max_bytes)
-        except PayloadError as exc:
-            raise PayloadError(f"tensor {name!r}: {exc.message}") from None
-    return out

@@ -33,8 +33,8 @@ from edgeoffload.bundle import Bundle
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
-from edgeoffload.device.runtime import decode_checked
 from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.edge.peer import Peer
 from edgeoffload.edge.sessions import Session, SessionStore
 from edgeoffload.errors import (
     AuthenticationFailed,
@@ -48,25 +48,30 @@ from edgeoffload.errors import (
     UsageError,
 )
 from edgeoffload.keys import KeyPair
+from edgeoffload.protocol._state import check_feed, grant_max_tokens
 from edgeoffload.protocol.connection import (
     CLOSE_AUTH,
     CLOSE_PROTOCOL,
     CLOSE_SHUTDOWN,
     CLOSE_VERSION,
+    HostedBundle,
+    ReplayGuard,
+)
+from edgeoffload.protocol.connection import ServerConnection as ProtocolConnection
+from edgeoffload.protocol.events import (
     CloseRequested,
     ErrorReply,
+    Event,
     HandshakeComplete,
-    HostedBundle,
     InvalidRequest,
     Ping,
-    ReplayGuard,
     RunRequest,
     SessionEnd,
     SessionFeed,
     SessionOpen,
-    truncate_utf8,
 )
-from edgeoffload.protocol.connection import ServerConnection as ProtocolConnection
+from edgeoffload.protocol.tensors import decode_checked
+from edgeoffload.protocol.wire import truncate_utf8
 
 log = logging.getLogger("edgeoffload.edge.server")
 
@@ -280,113 +285,81 @@ class EdgeServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.stats.connections += 1
-        conn = ProtocolConnection(
-            static=self._static,
-            is_allowed=self.allow.allows,
-            bundles=self.bundles,
-            replay_guard=self._replay,
-            max_message=self.max_message,
+        peer = Peer(
+            ws,
+            ProtocolConnection(
+                static=self._static,
+                is_allowed=self.allow.allows,
+                bundles=self.bundles,
+                replay_guard=self._replay,
+                max_message=self.max_message,
+            ),
+            count_error=self.stats.error,
         )
-        send_lock = asyncio.Lock()
-        tasks: set[asyncio.Task[None]] = set()
         try:
-            first = await asyncio.wait_for(ws.recv(), self.config.handshake_timeout)
-            if not isinstance(first, bytes):
-                await ws.close(CLOSE_PROTOCOL, "binary messages only")
+            greeting = await peer.handshake(self.config.handshake_timeout)
+            if greeting is None:
                 return
-            events = conn.receive(first)
-            for reply in conn.data_to_send():
-                await ws.send(reply)
-            if isinstance(events[0], ErrorReply):
+            if isinstance(greeting, ErrorReply):
                 self.stats.handshakes_rejected += 1
-                await ws.close(CLOSE_VERSION, events[0].code)
+                await peer.close(CLOSE_VERSION, greeting.code)
                 return
-            assert isinstance(events[0], HandshakeComplete)
+            assert isinstance(greeting, HandshakeComplete)
             self.stats.handshakes_ok += 1
-            hosted = self._hosted[events[0].version]
-            del first, events  # an idle connection should not keep its handshake alive
+            hosted = self._hosted[greeting.version]
+            del greeting  # an idle connection should not keep its handshake alive
             while True:
-                data = await asyncio.wait_for(ws.recv(), self.config.idle_timeout)
-                if not isinstance(data, bytes):
-                    await ws.close(CLOSE_PROTOCOL, "binary messages only")
+                events = await peer.receive(self.config.idle_timeout)
+                if events is None or not await self._dispatch(peer, hosted, events):
                     return
-                if not await self._dispatch(ws, conn, send_lock, hosted, data, tasks):
-                    return
-                del data  # nor its last request's plaintext (measured: ~0.6 MiB per connection)
+                del events  # nor its last request's plaintext (measured: ~0.6 MiB per connection)
         except AuthenticationFailed:
-            if conn.transport is None:
+            if peer.connection.transport is None:
                 self.stats.handshakes_rejected += 1
             self.stats.error("auth")
-            await ws.close(CLOSE_AUTH, "authentication failed")
+            await peer.close(CLOSE_AUTH, "authentication failed")
         except ProtocolError as exc:
             self.stats.error("protocol")
             log.info("protocol error from %s: %s", ws.remote_address, exc)
-            await ws.close(CLOSE_PROTOCOL, truncate_utf8(str(exc), 120))  # close reasons <= 123 B
+            await peer.close(CLOSE_PROTOCOL, truncate_utf8(str(exc), 120))  # reasons <= 123 B
         except asyncio.TimeoutError:
             self.stats.error("timeout")
-            await ws.close(CLOSE_PROTOCOL, "timeout")
+            await peer.close(CLOSE_PROTOCOL, "timeout")
         except ConnectionClosed:
             pass
         finally:
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await peer.finish()
 
-    async def _dispatch(
-        self,
-        ws: ServerConnection,
-        conn: ProtocolConnection,
-        send_lock: asyncio.Lock,
-        hosted: _Hosted,
-        data: bytes,
-        tasks: set[asyncio.Task[None]],
-    ) -> bool:
-        """Handle one transport message; False when the device closed the session."""
-        for event in conn.receive(data):
+    async def _dispatch(self, peer: Peer, hosted: _Hosted, events: list[Event]) -> bool:
+        """Handle the events of one transport message; False when the device closed."""
+        for event in events:
             if isinstance(event, RunRequest) and hosted.decoder is not None:
-                await self._reply_error(
-                    ws,
-                    conn,
-                    send_lock,
+                await peer.reply_error(
                     event.request_id,
                     "session",
                     "this bundle is a decoder: generate through a session (open/prefill/step)",
                 )
             elif isinstance(event, RunRequest):
-                task = asyncio.create_task(self._serve_request(ws, conn, send_lock, hosted, event))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                peer.spawn(self._serve_request(peer, hosted, event))
             elif isinstance(event, SessionOpen | SessionEnd | SessionFeed):
-                task = asyncio.create_task(self._serve_session(ws, conn, send_lock, hosted, event))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                peer.spawn(self._serve_session(peer, hosted, event))
             elif isinstance(event, InvalidRequest):
-                await self._reply_error(
-                    ws, conn, send_lock, event.request_id, "payload", event.message
-                )
+                await peer.reply_error(event.request_id, "payload", event.message)
             elif isinstance(event, Ping):
-                async with send_lock:
-                    conn.send_pong(event.request_id, event.payload)
-                    for out in conn.data_to_send():
-                        await ws.send(out)
+                await peer.send(ProtocolConnection.send_pong, event.request_id, event.payload)
             elif isinstance(event, CloseRequested):
-                await ws.close()
+                await peer.close()
                 return False
         return True
 
-    async def _admit(
-        self, ws: ServerConnection, conn: ProtocolConnection, send_lock: asyncio.Lock, rid: int
-    ) -> bool:
+    async def _admit(self, peer: Peer, request_id: int) -> bool:
         """Count a request in, or answer ``shutting_down`` / ``overloaded`` (never queue it)."""
         self.stats.requests += 1
         if self._closing:
-            await self._reply_error(
-                ws, conn, send_lock, rid, "shutting_down", "server is shutting down"
-            )
+            await peer.reply_error(request_id, "shutting_down", "server is shutting down")
             return False
         if self._inflight >= self.max_inflight:
-            await self._reply_error(
-                ws, conn, send_lock, rid, "overloaded", f"{self._inflight} requests in flight"
-            )
+            await peer.reply_error(request_id, "overloaded", f"{self._inflight} requests in flight")
             return False
         self._inflight += 1
         self._idle.clear()
@@ -397,15 +370,9 @@ class EdgeServer:
         if self._inflight == 0:
             self._idle.set()
 
-    async def _serve_request(
-        self,
-        ws: ServerConnection,
-        conn: ProtocolConnection,
-        send_lock: asyncio.Lock,
-        hosted: _Hosted,
-        request: RunRequest,
-    ) -> None:
-        if not await self._admit(ws, conn, send_lock, request.request_id):
+    async def _serve_request(self, peer: Peer, hosted: _Hosted, request: RunRequest) -> None:
+        rid = request.request_id
+        if not await self._admit(peer, rid):
             return
         try:
             started = time.perf_counter()
@@ -424,57 +391,37 @@ class EdgeServer:
             encoded = [
                 (name, codec_mod.encode(a, codec_mod.CodecSpec())) for name, a in outputs.items()
             ]
-            async with send_lock:
-                conn.send_result(request.request_id, encoded, server_ms)
-                for out in conn.data_to_send():
-                    await ws.send(out)
+            await peer.send(ProtocolConnection.send_result, rid, encoded, server_ms)
             self.stats.results += 1
         except PayloadError as exc:
-            await self._reply_error(ws, conn, send_lock, request.request_id, "payload", exc.message)
+            await peer.reply_error(rid, "payload", exc.message)
         except asyncio.TimeoutError:
-            await self._reply_error(
-                ws,
-                conn,
-                send_lock,
-                request.request_id,
-                "timeout",
-                "the tail did not finish in time",
-            )
+            await peer.reply_error(rid, "timeout", "the tail did not finish in time")
         except ConnectionClosed:
             pass
         except EdgeOffloadError as exc:
-            await self._reply_error(
-                ws, conn, send_lock, request.request_id, "internal", exc.message
-            )
+            await peer.reply_error(rid, "internal", exc.message)
         except Exception:  # an ORT failure must not take the server down
-            log.exception("tail failed for request %d", request.request_id)
-            await self._reply_error(
-                ws, conn, send_lock, request.request_id, "internal", "the tail failed on the server"
-            )
+            log.exception("tail failed for request %d", rid)
+            await peer.reply_error(rid, "internal", "the tail failed on the server")
         finally:
             self._release()
 
     # -- generation sessions ---------------------------------------------------------------------
 
     async def _serve_session(
-        self,
-        ws: ServerConnection,
-        conn: ProtocolConnection,
-        send_lock: asyncio.Lock,
-        hosted: _Hosted,
-        event: SessionOpen | SessionEnd | SessionFeed,
+        self, peer: Peer, hosted: _Hosted, event: SessionOpen | SessionEnd | SessionFeed
     ) -> None:
         """Open, feed or end a session; every failure is an error reply for this request only."""
-        owner = conn.peer_public or b""
+        rid = event.request_id
+        owner = peer.public_key
         version = hosted.info.version
         try:
             if hosted.decoder is None:
                 raise SessionError("this bundle is not a decoder: it has no sessions")
             if isinstance(event, SessionOpen):
                 params = SamplingParams.from_dict(event.sampling)
-                granted = min(event.max_tokens, self.config.max_context)
-                if granted < 1:
-                    raise SessionError("max_tokens must be at least 1")
+                granted = grant_max_tokens(event.max_tokens, self.config.max_context)
                 opened = self.sessions.open(
                     owner=owner,
                     version=version,
@@ -482,61 +429,36 @@ class EdgeServer:
                     make_kv=lambda: hosted.new_kv(granted),
                     now=self.clock(),
                 )
-                async with send_lock:
-                    conn.send_opened(event.request_id, opened.session_id, granted)
-                    for out in conn.data_to_send():
-                        await ws.send(out)
+                await peer.send(ProtocolConnection.send_opened, rid, opened.session_id, granted)
                 return
             if isinstance(event, SessionEnd):
                 self.sessions.close(event.session, owner=owner, version=version, now=self.clock())
-                async with send_lock:
-                    conn.send_ended(event.request_id, event.session)
-                    for out in conn.data_to_send():
-                        await ws.send(out)
+                await peer.send(ProtocolConnection.send_ended, rid, event.session)
                 return
-            await self._serve_feed(ws, conn, send_lock, hosted, event, owner)
+            await self._serve_feed(peer, hosted, event)
         except SessionLost as exc:
-            await self._reply_error(
-                ws, conn, send_lock, event.request_id, "session_lost", exc.message
-            )
+            await peer.reply_error(rid, "session_lost", exc.message)
         except (SessionError, SamplingError) as exc:
-            await self._reply_error(ws, conn, send_lock, event.request_id, "session", exc.message)
+            await peer.reply_error(rid, "session", exc.message)
         except PayloadError as exc:
-            await self._reply_error(ws, conn, send_lock, event.request_id, "payload", exc.message)
+            await peer.reply_error(rid, "payload", exc.message)
         except ServerBusy as exc:
-            await self._reply_error(
-                ws, conn, send_lock, event.request_id, "overloaded", exc.message
-            )
+            await peer.reply_error(rid, "overloaded", exc.message)
         except ConnectionClosed:
             pass
 
-    async def _serve_feed(
-        self,
-        ws: ServerConnection,
-        conn: ProtocolConnection,
-        send_lock: asyncio.Lock,
-        hosted: _Hosted,
-        event: SessionFeed,
-        owner: bytes,
-    ) -> None:
+    async def _serve_feed(self, peer: Peer, hosted: _Hosted, event: SessionFeed) -> None:
+        rid = event.request_id
         session = self.sessions.get(
-            event.session, owner=owner, version=hosted.info.version, now=self.clock()
+            event.session, owner=peer.public_key, version=hosted.info.version, now=self.clock()
         )
-        if session.busy:
-            raise SessionError(f"session {event.session} is already running a prefill or step")
-        if event.pos != session.length:
-            raise SessionError(
-                f"{event.kind} at position {event.pos}, but session {event.session} holds "
-                f"{session.length} positions"
-            )
-        if event.kind == "step" and session.length == 0:
-            raise SessionError(f"a step before any prefill of session {event.session}")
+        check_feed(event.kind, event.session, event.pos, length=session.length, busy=session.busy)
         new_tokens = sum(c.n for c in event.chunks)
         session.kv.check_room(new_tokens)
         growth = new_tokens * hosted.kv_bytes_per_token
         if session.kv.nbytes + growth > self.sessions.budget_bytes:
             self.sessions.make_room(session, growth)  # raises: alone over the budget
-        if not await self._admit(ws, conn, send_lock, event.request_id):
+        if not await self._admit(peer, rid):
             return
         session.busy = True
         try:
@@ -552,29 +474,27 @@ class EdgeServer:
                 session.kv.arrays, session.kv.length = saved
                 raise
             server_ms = (time.perf_counter() - started) * 1e3
-            async with send_lock:
-                conn.send_token(
-                    event.request_id, session.session_id, session.length, token, server_ms
-                )
-                for out in conn.data_to_send():
-                    await ws.send(out)
+            await peer.send(
+                ProtocolConnection.send_token,
+                rid,
+                session.session_id,
+                session.length,
+                token,
+                server_ms,
+            )
             self.stats.results += 1
         except asyncio.TimeoutError:
             # The worker may still finish and grow the cache: the session is not trustworthy.
             self.sessions.drop(session.session_id)
-            await self._reply_error(
-                ws, conn, send_lock, event.request_id, "timeout", "the tail did not finish in time"
-            )
+            await peer.reply_error(rid, "timeout", "the tail did not finish in time")
         except (SessionError, PayloadError, SamplingError, ServerBusy):
             raise
         except EdgeOffloadError as exc:
-            await self._reply_error(ws, conn, send_lock, event.request_id, "internal", exc.message)
+            await peer.reply_error(rid, "internal", exc.message)
         except Exception:  # an ORT failure must not take the server down
             log.exception("tail failed for session %d", session.session_id)
             self.sessions.drop(session.session_id)
-            await self._reply_error(
-                ws, conn, send_lock, event.request_id, "internal", "the tail failed on the server"
-            )
+            await peer.reply_error(rid, "internal", "the tail failed on the server")
         finally:
             session.busy = False
             session.last_used = self.clock()
@@ -583,18 +503,12 @@ class EdgeServer:
     def _run_feed(self, hosted: _Hosted, session: Session, event: SessionFeed) -> tuple[int, Any]:
         """Run the tail over every chunk (all or nothing), then sample the next token."""
         assert hosted.decoder is not None
-        manifest = hosted.bundle.manifest
         kv = session.kv
         saved = (dict(kv.arrays), kv.length)
         try:
             outputs: dict[str, Any] = {}
             for chunk in event.chunks:
-                feed = decode_checked(
-                    chunk.tensors,
-                    manifest.crossing,
-                    lambda dtype: codec_mod.codec_for_dtype(hosted.codec, dtype).name,
-                    max_bytes=self.max_message,
-                )
+                feed = self._decode(hosted, chunk.tensors)
                 outputs = kv.run(hosted.session, feed, chunk.n)
             logits = select_next(outputs[hosted.decoder.logits])
             return sample_token(logits, session.sampling, kv.length), saved
@@ -603,29 +517,15 @@ class EdgeServer:
             raise
 
     def _run_tail(self, hosted: _Hosted, request: RunRequest) -> dict[str, np.ndarray]:
-        manifest = hosted.bundle.manifest
-        feed = decode_checked(
-            request.tensors,
-            manifest.crossing,
+        return run(hosted.session, self._decode(hosted, request.tensors))
+
+    def _decode(
+        self, hosted: _Hosted, tensors: Sequence[tuple[str, codec_mod.EncodedTensor]]
+    ) -> dict[str, np.ndarray]:
+        """The device's crossing tensors, checked against the bundle's declaration, decoded."""
+        return decode_checked(
+            tensors,
+            hosted.bundle.manifest.crossing,
             lambda dtype: codec_mod.codec_for_dtype(hosted.codec, dtype).name,
             max_bytes=self.max_message,
         )
-        return run(hosted.session, feed)
-
-    async def _reply_error(
-        self,
-        ws: ServerConnection,
-        conn: ProtocolConnection,
-        send_lock: asyncio.Lock,
-        request_id: int,
-        code: str,
-        message: str,
-    ) -> None:
-        self.stats.error(code)
-        try:
-            async with send_lock:
-                conn.send_error(request_id, code, message)
-                for out in conn.data_to_send():
-                    await ws.send(out)
-        except ConnectionClosed:
-            pass

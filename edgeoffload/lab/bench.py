@@ -3,22 +3,48 @@
 ``cost_accuracy``: how well the profile + calibration predict the wall time of real head and
 tail sessions, over every single-tensor cut of a model. Predicted and measured times use the
 same thread count; the result has Spearman's rank correlation and the median relative error.
+
+``offload_overhead``: per-request framework overhead on loopback, against a plain websockets
+round trip of the same payload. ``pipeline_throughput``: encode + encrypt + decrypt + decode
+GB/s of one tensor per Noise suite and codec, through the sans-I/O protocol objects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import platform
-import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from websockets.asyncio.client import connect
 
 from edgeoffload._ort import make_session, run
+from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.costmodel import ComputeModel
+from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS
+from edgeoffload.keys import KeyPair
+from edgeoffload.lab.demo import measure_requests
+from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
+from edgeoffload.lab.stats import (
+    Environment,
+    Record,
+    environment,
+    interleaved_ms,
+    median,
+    percentile,
+)
+from edgeoffload.protocol.connection import ClientConnection, HostedBundle, ReplayGuard
+from edgeoffload.protocol.connection import ServerConnection as ProtocolServer
+from edgeoffload.protocol.events import RunRequest
+from edgeoffload.protocol.tensors import decode_checked
+from edgeoffload.types import TensorSpec
 
 Progress = Callable[[str, float], None]
 
@@ -45,29 +71,52 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _interleaved_ms(fns: list[Callable[[], object]], *, runs: int) -> list[float]:
-    """Median ms of each function, timed round-robin so load drift hits all alike."""
-    for fn in fns:
-        fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            samples[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
+# -- cost accuracy -------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
-    import onnxruntime
+@dataclass(frozen=True)
+class CutTiming(Record):
+    """Predicted and measured head/tail time at one cut."""
 
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
+    cut: str
+    after: str
+    predicted_head_ms: float
+    measured_head_ms: float
+    predicted_tail_ms: float
+    measured_tail_ms: float
+
+
+@dataclass(frozen=True)
+class Agreement(Record):
+    """How well predictions agree with measurements over all cuts."""
+
+    spearman: float
+    median_relative_error: float
+    max_relative_error: float
+
+    @classmethod
+    def of(cls, predicted: list[float], measured: list[float]) -> Agreement:
+        rel = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True) if m > 0]
+        return cls(
+            spearman=round(spearman(predicted, measured), 4),
+            median_relative_error=round(median(rel), 4),
+            max_relative_error=round(max(rel), 4) if rel else float("nan"),
+        )
+
+
+@dataclass(frozen=True)
+class CostAccuracyResult(Record):
+    benchmark: str = field(default="cost-accuracy", init=False)
+    model: str
+    nodes: int
+    threads: int
+    runs: int
+    single_tensor_cuts: int
+    profile_seconds: float
+    head: Agreement
+    tail: Agreement
+    environment: Environment
+    rows: tuple[CutTiming, ...]
 
 
 def cost_accuracy(
@@ -77,9 +126,9 @@ def cost_accuracy(
     runs: int = 15,
     dims: dict[str, int] | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> CostAccuracyResult:
     """Predicted vs measured head/tail time at every single-tensor cut of ``model``."""
-    from edgeoffload.split.splitter import Analysis
+    from edgeoffload.split.analysis import Analysis  # needs onnx (heavy)
 
     started = time.perf_counter()
     analysis = Analysis.of(model, dims=dims)
@@ -88,7 +137,7 @@ def cost_accuracy(
     compute = ComputeModel(profile, analysis.node_order)
     n = len(analysis.node_order)
     cuts = [c for c in analysis.cuts if 0 < c.index < n and len(c.tensors) == 1]
-    rows: list[dict[str, Any]] = []
+    rows: list[CutTiming] = []
     for i, cut in enumerate(cuts):
         if progress:
             progress(f"timing {cut.id}", i / max(1, len(cuts)))
@@ -99,7 +148,7 @@ def cost_accuracy(
         crossing = run(head, head_feed)
         crossing.update({k: analysis.inputs[k] for k in analysis.inputs})
         tail_feed = {x.name: crossing[x.name] for x in tail.get_inputs()}
-        head_ms, tail_ms = _interleaved_ms(
+        head_ms, tail_ms = interleaved_ms(
             [
                 functools.partial(run, head, head_feed),
                 functools.partial(run, tail, tail_feed),
@@ -107,44 +156,63 @@ def cost_accuracy(
             runs=runs,
         )
         rows.append(
-            {
-                "cut": cut.id,
-                "after": cut.after,
-                "predicted_head_ms": compute.head_ms(cut.index),
-                "measured_head_ms": head_ms,
-                "predicted_tail_ms": compute.tail_ms(cut.index),
-                "measured_tail_ms": tail_ms,
-            }
+            CutTiming(
+                cut=cut.id,
+                after=cut.after,
+                predicted_head_ms=compute.head_ms(cut.index),
+                measured_head_ms=head_ms,
+                predicted_tail_ms=compute.tail_ms(cut.index),
+                measured_tail_ms=tail_ms,
+            )
         )
+    return CostAccuracyResult(
+        model=analysis.source_name,
+        nodes=n,
+        threads=threads,
+        runs=runs,
+        single_tensor_cuts=len(rows),
+        profile_seconds=round(profile_s, 2),
+        head=Agreement.of([r.predicted_head_ms for r in rows], [r.measured_head_ms for r in rows]),
+        tail=Agreement.of([r.predicted_tail_ms for r in rows], [r.measured_tail_ms for r in rows]),
+        environment=environment(),
+        rows=tuple(rows),
+    )
 
-    def summary(kind: str) -> dict[str, float]:
-        predicted = [r[f"predicted_{kind}_ms"] for r in rows]
-        measured = [r[f"measured_{kind}_ms"] for r in rows]
-        rel = [abs(p - m) / m for p, m in zip(predicted, measured, strict=True) if m > 0]
-        return {
-            "spearman": round(spearman(predicted, measured), 4),
-            "median_relative_error": round(statistics.median(rel), 4) if rel else float("nan"),
-            "max_relative_error": round(max(rel), 4) if rel else float("nan"),
-        }
 
-    return {
-        "benchmark": "cost-accuracy",
-        "model": analysis.source_name,
-        "nodes": n,
-        "threads": threads,
-        "runs": runs,
-        "single_tensor_cuts": len(rows),
-        "profile_seconds": round(profile_s, 2),
-        "head": summary("head"),
-        "tail": summary("tail"),
-        "environment": environment(),
-        "rows": rows,
-    }
+# -- offload overhead ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OverheadRow(Record):
+    """One crossing size: end to end, compute, and the rest (overhead), median ms."""
+
+    crossing_bytes: int
+    requests: int
+    median_total_ms: float
+    p90_total_ms: float
+    head_ms: float
+    tail_ms: float
+    median_overhead_ms: float
+    median_encode_ms: float
+    median_network_ms: float
+    median_server_ms: float
+    median_decode_ms: float
+    raw_websocket_round_trip_ms: float
+
+
+@dataclass(frozen=True)
+class OverheadResult(Record):
+    benchmark: str = field(default="offload-overhead", init=False)
+    codec: str
+    protocol: str
+    server: str
+    environment: Environment
+    rows: tuple[OverheadRow, ...]
 
 
 def _size_model(n_floats: int) -> Any:
     """x[n] -> Relu (head) | Neg -> ReduceSum (tail): the cut carries exactly n floats."""
-    import onnx
+    import onnx  # heavy
     from onnx import TensorProto, helper
 
     nodes = [
@@ -170,7 +238,7 @@ def offload_overhead(
     requests: int = 60,
     codec: str = "none",
     protocol: str | None = None,
-) -> dict[str, Any]:
+) -> OverheadResult:
     """Per-request framework overhead on loopback: end to end minus head and tail compute.
 
     The edge server runs in its own process (``edgeoffload serve``), as in deployment, and
@@ -178,14 +246,8 @@ def offload_overhead(
     onnxruntime sessions directly, in the same run, on the same inputs; everything else
     (encode, encrypt, websocket, server scheduling, decrypt, decode, result) is overhead.
     """
-    import asyncio
-    import tempfile
-    from pathlib import Path
-
-    from edgeoffload.core.noise import DEFAULT_PROTOCOL
-    from edgeoffload.keys import encode_public, generate_identity
-    from edgeoffload.lab.demo import run_client, spawn_server
-    from edgeoffload.split.splitter import Analysis, split_model
+    from edgeoffload.split.analysis import Analysis  # needs onnx (heavy)
+    from edgeoffload.split.splitter import split_model  # needs onnx (heavy)
 
     rows = []
     for size in sizes:
@@ -200,61 +262,51 @@ def offload_overhead(
             head = make_session(bundle.head_path)
             tail = make_session(bundle.tail_path)
             crossing = run(head, inputs[0])
-            head_ms, tail_ms = _interleaved_ms(
+            head_ms, tail_ms = interleaved_ms(
                 [functools.partial(run, head, inputs[0]), functools.partial(run, tail, crossing)],
                 runs=requests,
             )
-            server_id = generate_identity(root / "server")
-            device_id = generate_identity(root / "device")
-            (root / "allow").write_text(encode_public(device_id.public) + "\n")
-            proc, port = spawn_server([bundle.path], key_dir=root / "server", allow=root / "allow")
-            try:
-                timings = asyncio.run(
-                    run_client(
+            keys = ThrowawayKeys.create(root / "keys")
+            with spawn_server([bundle.path], keys) as server:
+                measured = asyncio.run(
+                    measure_requests(
                         bundle,
                         inputs,
-                        port=port,
-                        server_public=server_id.public,
-                        device=device_id,
+                        url=server.url,
+                        keys=keys,
                         protocol=protocol or DEFAULT_PROTOCOL,
+                        warmup=3,
                     )
                 )
-            finally:
-                proc.terminate()
-                proc.wait(30)
 
         floor_ms = _raw_websocket_round_trip_ms(size, requests)
-
-        def med(component: str, ts: list[Any] = timings) -> float:
-            return round(float(statistics.median(float(getattr(t, component)) for t in ts)), 4)
-
-        totals = [t.total_ms for t in timings]
+        totals = [t.total_ms for t in measured.timings]
         rows.append(
-            {
-                "crossing_bytes": size,
-                "requests": len(totals),
-                "median_total_ms": med("total_ms"),
-                "p90_total_ms": round(float(np.percentile(totals, 90)), 4),
-                "head_ms": round(head_ms, 4),
-                "tail_ms": round(tail_ms, 4),
-                "median_overhead_ms": round(statistics.median(totals) - head_ms - tail_ms, 4),
-                "median_encode_ms": med("encode_ms"),
-                "median_network_ms": med("network_ms"),
-                "median_server_ms": med("server_ms"),
-                "median_decode_ms": med("decode_ms"),
-                "raw_websocket_round_trip_ms": round(floor_ms, 4),
-            }
+            OverheadRow(
+                crossing_bytes=size,
+                requests=len(totals),
+                median_total_ms=round(measured.median("total_ms"), 4),
+                p90_total_ms=round(percentile(totals, 90), 4),
+                head_ms=round(head_ms, 4),
+                tail_ms=round(tail_ms, 4),
+                median_overhead_ms=round(median(totals) - head_ms - tail_ms, 4),
+                median_encode_ms=round(measured.median("encode_ms"), 4),
+                median_network_ms=round(measured.median("network_ms"), 4),
+                median_server_ms=round(measured.median("server_ms"), 4),
+                median_decode_ms=round(measured.median("decode_ms"), 4),
+                raw_websocket_round_trip_ms=round(floor_ms, 4),
+            )
         )
-    return {
-        "benchmark": "offload-overhead",
-        "codec": codec,
-        "protocol": protocol or "default",
-        "server": "separate process (edgeoffload serve), 127.0.0.1",
-        "environment": environment(),
-        "rows": rows,
-    }
+    return OverheadResult(
+        codec=codec,
+        protocol=protocol or "default",
+        server="separate process (edgeoffload serve), 127.0.0.1",
+        environment=environment(),
+        rows=tuple(rows),
+    )
 
 
+# A plain websockets echo server: its first stdout line is its port number, nothing else.
 _ECHO_SERVER = """
 import asyncio, sys
 from websockets.asyncio.server import serve
@@ -273,12 +325,6 @@ asyncio.run(main())
 def _raw_websocket_round_trip_ms(size: int, requests: int) -> float:
     """Baseline: plain websockets (no crypto, no codec) sending ``size`` bytes to a server
     process on 127.0.0.1 that answers two bytes; median round trip in ms."""
-    import asyncio
-    import subprocess
-    import sys
-
-    from websockets.asyncio.client import connect
-
     proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -300,7 +346,7 @@ def _raw_websocket_round_trip_ms(size: int, requests: int) -> float:
                     await ws.recv()
                     if i >= 3:
                         times.append((time.perf_counter() - start) * 1e3)
-            return float(statistics.median(times))
+            return median(times)
 
         return asyncio.run(measure())
     finally:
@@ -308,7 +354,31 @@ def _raw_websocket_round_trip_ms(size: int, requests: int) -> float:
         proc.wait(10)
 
 
-def pipeline_throughput(size: int = 4 << 20, *, repeats: int = 20) -> dict[str, Any]:
+# -- pipeline throughput -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineRow(Record):
+    """One Noise suite and codec: each side's time for one tensor, and GB/s."""
+
+    suite: str
+    codec: str
+    tensor_bytes: int
+    device_encode_encrypt_ms: float
+    server_decrypt_decode_ms: float
+    round_trip_gb_per_s: float
+    device_gb_per_s: float
+    server_gb_per_s: float
+
+
+@dataclass(frozen=True)
+class PipelineThroughputResult(Record):
+    benchmark: str = field(default="pipeline-throughput", init=False)
+    environment: Environment
+    rows: tuple[PipelineRow, ...]
+
+
+def pipeline_throughput(size: int = 4 << 20, *, repeats: int = 20) -> PipelineThroughputResult:
     """encode + encrypt + decrypt + decode of one tensor, GB/s, per Noise suite and codec.
 
     Drives the real sans-I/O connections: ``ClientConnection.send_run`` (codec encode,
@@ -316,19 +386,6 @@ def pipeline_throughput(size: int = 4 << 20, *, repeats: int = 20) -> dict[str, 
     ``decode_checked`` (decryption, strict unpack, byte-length checks, codec decode) on the
     other — everything a request does except the socket.
     """
-    from edgeoffload.core import codec as codec_mod
-    from edgeoffload.core.noise import RUNTIME_PROTOCOLS
-    from edgeoffload.device.runtime import decode_checked
-    from edgeoffload.keys import KeyPair
-    from edgeoffload.protocol.connection import (
-        ClientConnection,
-        HostedBundle,
-        ReplayGuard,
-        RunRequest,
-    )
-    from edgeoffload.protocol.connection import ServerConnection as ProtocolServer
-    from edgeoffload.types import TensorSpec
-
     rng = np.random.default_rng(0)
     array = np.maximum(rng.standard_normal(size // 4), 0).astype(np.float32)  # ReLU-like
     spec = TensorSpec("x", "float32", (array.size,))
@@ -364,22 +421,22 @@ def pipeline_throughput(size: int = 4 << 20, *, repeats: int = 20) -> dict[str, 
                 middle = time.perf_counter()
                 (event,) = server.receive(wire)
                 assert isinstance(event, RunRequest)
-                wanted = codec.name
-                decode_checked(event.tensors, (spec,), lambda _, c=wanted: c, max_bytes=4 * size)
+                wanted = {"x": codec.name}
+                decode_checked(event.tensors, (spec,), wanted.__getitem__, max_bytes=4 * size)
                 end = time.perf_counter()
                 device_ms.append((middle - start) * 1e3)
                 server_ms.append((end - middle) * 1e3)
-            dev, srv = statistics.median(device_ms), statistics.median(server_ms)
+            dev, srv = median(device_ms), median(server_ms)
             rows.append(
-                {
-                    "suite": suite.removeprefix("Noise_IK_25519_"),
-                    "codec": codec_name,
-                    "tensor_bytes": array.nbytes,
-                    "device_encode_encrypt_ms": round(dev, 3),
-                    "server_decrypt_decode_ms": round(srv, 3),
-                    "round_trip_gb_per_s": round(array.nbytes / (dev + srv) / 1e6, 3),
-                    "device_gb_per_s": round(array.nbytes / dev / 1e6, 3),
-                    "server_gb_per_s": round(array.nbytes / srv / 1e6, 3),
-                }
+                PipelineRow(
+                    suite=suite.removeprefix("Noise_IK_25519_"),
+                    codec=codec_name,
+                    tensor_bytes=array.nbytes,
+                    device_encode_encrypt_ms=round(dev, 3),
+                    server_decrypt_decode_ms=round(srv, 3),
+                    round_trip_gb_per_s=round(array.nbytes / (dev + srv) / 1e6, 3),
+                    device_gb_per_s=round(array.nbytes / dev / 1e6, 3),
+                    server_gb_per_s=round(array.nbytes / srv / 1e6, 3),
+                )
             )
-    return {"benchmark": "pipeline-throughput", "environment": environment(), "rows": rows}
+    return PipelineThroughputResult(environment=environment(), rows=tuple(rows))

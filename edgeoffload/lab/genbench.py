@@ -9,21 +9,28 @@ reported with their spread. Optionally the link goes through the userspace link 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import platform
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeoffload._ort import make_session
 from edgeoffload.bundle import Bundle, load_bundle
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
+from edgeoffload.core.presets import parse_link
+from edgeoffload.device.client import OffloadClient
+from edgeoffload.device.tokenizer import TextTokenizer
 from edgeoffload.errors import UsageError
+from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
+from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
+from edgeoffload.lab.procfs import pin_threads, rss_kib
+from edgeoffload.lab.stats import Environment, Record, Spread, elapsed_ms, environment, median
 
 log = logging.getLogger("edgeoffload.lab.genbench")
 
@@ -49,14 +56,14 @@ def unsplit_generate(
     started = time.perf_counter()
     outputs = kv.run(session, layout.token_feed(prompt, 0), len(prompt))
     token = int(np.argmax(select_next(outputs[layout.logits])))
-    ttft = (time.perf_counter() - started) * 1e3
+    ttft = elapsed_ms(started)
     tokens = [token]
     steps = []
     for _ in range(new_tokens - 1):
         step_start = time.perf_counter()
         outputs = kv.run(session, layout.token_feed([token], kv.length), 1)
         token = int(np.argmax(select_next(outputs[layout.logits])))
-        steps.append((time.perf_counter() - step_start) * 1e3)
+        steps.append(elapsed_ms(step_start))
         tokens.append(token)
     return UnsplitRun(tokens, ttft, steps)
 
@@ -65,8 +72,6 @@ def prompt_ids(bundle: Bundle, layout: DecoderLayout, n: int) -> list[int]:
     """``n`` token ids of a fixed English text (random ids if the bundle has no tokenizer)."""
     folder = bundle.path / "tokenizer"
     if (folder / "tokenizer.json").is_file():
-        from edgeoffload.device.tokenizer import TextTokenizer
-
         tokenizer = TextTokenizer.from_dir(folder)
         ids: list[int] = []
         while len(ids) < n:
@@ -76,22 +81,78 @@ def prompt_ids(bundle: Bundle, layout: DecoderLayout, n: int) -> list[int]:
     return [int(t) for t in rng.integers(0, layout.vocab_size, n)]
 
 
-def _rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+# -- results -------------------------------------------------------------------------------------
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-    }
+@dataclass(frozen=True)
+class GenerationSpeed(Record):
+    """Time to first token and decode speed of one side, over the runs."""
+
+    ttft_ms: Spread
+    decode_tokens_per_s: Spread
+
+
+@dataclass(frozen=True)
+class GenerationMemory(Record):
+    device_split_weights_bytes: int
+    device_unsplit_weights_bytes: int
+    device_split_kv_bytes: int
+    device_unsplit_kv_bytes: int
+    server_kv_bytes_per_session: int
+    server_rss_idle_kib: int | None
+    server_rss_generating_kib: int | None
+
+
+@dataclass(frozen=True)
+class Pinning(Record):
+    server_cpus: list[int]
+    device_cpus: list[int]
+
+
+@dataclass(frozen=True)
+class GenerationResult(Record):
+    tokens_identical: bool
+    split: GenerationSpeed
+    unsplit: GenerationSpeed
+    decode_ratio: Spread  # split / unsplit decode tokens/s, per run
+    bytes_per_token: int | None  # median request bytes of one decode step
+    prefill_bytes: int
+    model: str
+    head_layers: int
+    layers: int
+    cut: str
+    crossing: list[str]
+    prompt_tokens: int
+    new_tokens: int
+    threads_per_side: int
+    runs: int
+    network: str
+    pinned: Pinning | None
+    split_seconds: float
+    memory: GenerationMemory
+    environment: Environment
+    benchmark: str = field(default="generate", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        env = self.environment
+        data["machine"] = {"cpus": env.cpus, "platform": env.platform, "python": env.python}
+        return data
+
+
+@dataclass(frozen=True)
+class _Measured:
+    tokens_identical: bool
+    split: GenerationSpeed
+    unsplit: GenerationSpeed
+    decode_ratio: Spread
+    bytes_per_token: int | None
+    prefill_bytes: int
+    server_rss_idle_kib: int | None
+    server_rss_generating_kib: int | None
+
+
+# -- the benchmark -------------------------------------------------------------------------------
 
 
 def bench_generation(
@@ -105,7 +166,7 @@ def bench_generation(
     network: str | None = None,
     work_dir: Path | None = None,
     pin: bool = True,
-) -> dict[str, Any]:
+) -> GenerationResult:
     """Split ``model`` after ``head_layers`` blocks (default: half of them) and compare
     generation with the unsplit model: TTFT, decode tokens/s, bytes per token, memory.
 
@@ -113,14 +174,13 @@ def bench_generation(
     unsplit baseline) the others, as if they were two machines; without it the scheduler
     moves both between cores, which costs the ping-ponging split more than the baseline.
     """
-    from edgeoffload._ort import make_session
-    from edgeoffload.keys import encode_public, generate_identity, load_identity
-    from edgeoffload.lab.demo import spawn_server
-    from edgeoffload.split.decoder_split import layout_of, split_decoder
-    from edgeoffload.split.splitter import Analysis
+    from edgeoffload.split.analysis import Analysis
+    from edgeoffload.split.decoder_split import layout_of, split_decoder  # needs onnx (heavy)
 
     if runs < 1 or new_tokens < 2:
         raise UsageError("runs must be >= 1 and new_tokens >= 2")
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = pin and len(cpus) >= 2
     with tempfile.TemporaryDirectory(prefix="edgeoffload-genbench-") as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
         started = time.perf_counter()
@@ -129,92 +189,84 @@ def bench_generation(
             head_layers = layout_of(analysis).num_layers // 2
         bundle = split_decoder(model, root / "bundle", head_layers=head_layers, analysis=analysis)
         split_s = time.perf_counter() - started
-        server_id = generate_identity(root / "server")
-        device_id = generate_identity(root / "device")
-        (root / "allow").write_text(f"{encode_public(device_id.public)} bench\n")
+        keys = ThrowawayKeys.create(root / "keys", devices=("bench",))
         manifest = bundle.manifest
         state = {e["input"]: e["output"] for e in manifest.state}
         layout = DecoderLayout.of(manifest.graph_inputs, manifest.graph_outputs, state)
         prompt = prompt_ids(bundle, layout, prompt_tokens)
         session = make_session(model, threads=threads)
-        proc, port = spawn_server(
+        with spawn_server(
             [bundle.path],
-            key_dir=root / "server",
-            allow=root / "allow",
-            extra=["--threads", str(threads), "--workers", "1"],
+            keys,
+            threads=threads,
+            workers=1,
+            cpus={cpus[-1]} if pinned else None,
             timeout=300.0,
-        )
-        cpus = sorted(os.sched_getaffinity(0))
-        pinned = pin and len(cpus) >= 2
-        saved_affinity = set(cpus)
-        if pinned:
-            from edgeoffload.lab.loadtest import pin_threads
-
-            pin_threads(proc.pid, {cpus[-1]})
-            pin_threads(os.getpid(), set(cpus[:-1]))
-        try:
-            result = asyncio.run(
-                _measure(
-                    load_bundle(bundle.path),
-                    session,
-                    layout,
-                    prompt,
-                    new_tokens=new_tokens,
-                    runs=runs,
-                    threads=threads,
-                    port=port,
-                    server_public=server_id.public,
-                    device=load_identity(root / "device"),
-                    network=network,
-                    server_pid=proc.pid,
-                )
-            )
-        finally:
+        ) as server:
             if pinned:
-                from edgeoffload.lab.loadtest import pin_threads
-
-                pin_threads(os.getpid(), saved_affinity)
-            proc.terminate()
+                pin_threads(os.getpid(), set(cpus[:-1]))
             try:
-                proc.wait(timeout=30)
-            except Exception:
-                proc.kill()
+                measured = asyncio.run(
+                    _measure(
+                        load_bundle(bundle.path),
+                        session,
+                        layout,
+                        prompt,
+                        new_tokens=new_tokens,
+                        runs=runs,
+                        threads=threads,
+                        port=server.port,
+                        keys=keys,
+                        network=network,
+                        server_pid=server.pid,
+                    )
+                )
+            finally:
+                if pinned:
+                    pin_threads(os.getpid(), set(cpus))
         head_bytes = (bundle.path / manifest.head.file).stat().st_size if manifest.head else 0
     kv_token = layout.kv_bytes_per_token()
     head_kv_token = layout.kv_bytes_per_token(
         [e["input"] for e in manifest.state if e["side"] == "device"]
     )
     context = prompt_tokens + new_tokens
-    result.update(
-        {
-            "model": str(model),
-            "head_layers": head_layers,
-            "layers": layout.num_layers,
-            "cut": manifest.cut_id,
-            "crossing": [t.name for t in manifest.crossing],
-            "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens,
-            "threads_per_side": threads,
-            "runs": runs,
-            "network": network or "loopback",
-            "pinned": {"server_cpus": [cpus[-1]], "device_cpus": cpus[:-1]} if pinned else None,
-            "split_seconds": round(split_s, 2),
-            "memory": {
-                "device_split_weights_bytes": head_bytes,
-                "device_unsplit_weights_bytes": model.stat().st_size,
-                "device_split_kv_bytes": head_kv_token * context,
-                "device_unsplit_kv_bytes": kv_token * context,
-                "server_kv_bytes_per_session": (kv_token - head_kv_token) * context,
-                **result.pop("memory"),
-            },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-            },
-        }
+    return GenerationResult(
+        tokens_identical=measured.tokens_identical,
+        split=measured.split,
+        unsplit=measured.unsplit,
+        decode_ratio=measured.decode_ratio,
+        bytes_per_token=measured.bytes_per_token,
+        prefill_bytes=measured.prefill_bytes,
+        model=str(model),
+        head_layers=head_layers,
+        layers=layout.num_layers,
+        cut=manifest.cut_id,
+        crossing=[t.name for t in manifest.crossing],
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        threads_per_side=threads,
+        runs=runs,
+        network=network or "loopback",
+        pinned=Pinning([cpus[-1]], cpus[:-1]) if pinned else None,
+        split_seconds=round(split_s, 2),
+        memory=GenerationMemory(
+            device_split_weights_bytes=head_bytes,
+            device_unsplit_weights_bytes=model.stat().st_size,
+            device_split_kv_bytes=head_kv_token * context,
+            device_unsplit_kv_bytes=kv_token * context,
+            server_kv_bytes_per_session=(kv_token - head_kv_token) * context,
+            server_rss_idle_kib=measured.server_rss_idle_kib,
+            server_rss_generating_kib=measured.server_rss_generating_kib,
+        ),
+        environment=environment(),
     )
-    return result
+
+
+def _rss_kib(pid: int) -> int | None:
+    """The server's RSS, or None where /proc cannot tell."""
+    with contextlib.suppress(OSError, RuntimeError):
+        return rss_kib(pid)
+    return None
 
 
 async def _measure(
@@ -227,15 +279,10 @@ async def _measure(
     runs: int,
     threads: int,
     port: int,
-    server_public: bytes,
-    device: Any,
+    keys: ThrowawayKeys,
     network: str | None,
     server_pid: int,
-) -> dict[str, Any]:
-    from edgeoffload.core.presets import parse_link
-    from edgeoffload.device.client import OffloadClient
-    from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
-
+) -> _Measured:
     emulator = None
     target = port
     if network is not None:
@@ -246,8 +293,8 @@ async def _measure(
     client = OffloadClient(
         bundle,
         server=f"ws://127.0.0.1:{target}",
-        server_key=server_public,
-        identity=device,
+        server_key=keys.server.public,
+        identity=keys.device,
         fallback="error",
         threads=threads,
         timeout=120.0,
@@ -274,14 +321,14 @@ async def _measure(
                 unsplit_ttft.append(base.ttft_ms)
                 unsplit_tps.append(1e3 * len(base.step_ms) / sum(base.step_ms))
                 tokens = []
-                async for token in client.generate(input_ids=prompt, max_new_tokens=new_tokens):
+                stream = client.generate(input_ids=prompt, max_new_tokens=new_tokens)
+                async for token in stream:
                     if token.token_id < 0:
                         continue  # text-only flush at the end, not a token
                     tokens.append(token.token_id)
                     if len(tokens) == new_tokens // 2:
                         rss_during = _rss_kib(server_pid)
-                stats = client.last_generation
-                assert stats is not None
+                stats = stream.stats
                 identical = identical and tokens == base.tokens[: len(tokens)]
                 split_ttft.append(stats.ttft_ms)
                 split_tps.append(stats.decode_tokens_per_s)
@@ -291,45 +338,35 @@ async def _measure(
         if emulator is not None:
             await emulator.close()
     ratios = [s / u for s, u in zip(split_tps, unsplit_tps, strict=True)]
-    return {
-        "tokens_identical": identical,
-        "split": {"ttft_ms": _spread(split_ttft), "decode_tokens_per_s": _spread(split_tps)},
-        "unsplit": {
-            "ttft_ms": _spread(unsplit_ttft),
-            "decode_tokens_per_s": _spread(unsplit_tps),
-        },
-        "decode_ratio": _spread(ratios),
-        "bytes_per_token": int(statistics.median(step_bytes)) if step_bytes else None,
-        "prefill_bytes": prefill_bytes,
-        "memory": {
-            "server_rss_idle_kib": rss_before,
-            "server_rss_generating_kib": rss_during,
-        },
-    }
+    return _Measured(
+        tokens_identical=identical,
+        split=GenerationSpeed(Spread.of(split_ttft), Spread.of(split_tps)),
+        unsplit=GenerationSpeed(Spread.of(unsplit_ttft), Spread.of(unsplit_tps)),
+        decode_ratio=Spread.of(ratios),
+        bytes_per_token=int(median(step_bytes)) if step_bytes else None,
+        prefill_bytes=prefill_bytes,
+        server_rss_idle_kib=rss_before,
+        server_rss_generating_kib=rss_during,
+    )
 
 
-def format_result(result: dict[str, Any]) -> list[str]:
-    s, u = result["split"], result["unsplit"]
-    mem = result["memory"]
+def format_result(result: GenerationResult) -> list[str]:
+    s, u, mem = result.split, result.unsplit, result.memory
     return [
-        f"{Path(result['model']).name}: {result['head_layers']}/{result['layers']} blocks on the "
-        f"device, {result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, "
-        f"{result['threads_per_side']} thread(s) per side, {result['network']}, "
-        f"{result['runs']} runs (median [min-max])",
-        f"decode tokens/s  split {_fmt(s['decode_tokens_per_s'])}  unsplit "
-        f"{_fmt(u['decode_tokens_per_s'])}  ratio {_fmt(result['decode_ratio'])}",
-        f"TTFT ms          split {_fmt(s['ttft_ms'])}  unsplit {_fmt(u['ttft_ms'])}",
-        f"bytes/token up   {result['bytes_per_token']} (prefill {result['prefill_bytes']} B)",
-        f"device memory    split {mem['device_split_weights_bytes'] / 2**20:.1f} MiB weights + "
-        f"{mem['device_split_kv_bytes'] / 2**20:.2f} MiB KV; unsplit "
-        f"{mem['device_unsplit_weights_bytes'] / 2**20:.1f} MiB + "
-        f"{mem['device_unsplit_kv_bytes'] / 2**20:.2f} MiB",
-        f"server           RSS {mem['server_rss_idle_kib']} KiB idle, "
-        f"{mem['server_rss_generating_kib']} KiB generating; KV "
-        f"{mem['server_kv_bytes_per_session'] / 2**20:.2f} MiB per session",
-        f"tokens identical to the unsplit model: {result['tokens_identical']}",
+        f"{Path(result.model).name}: {result.head_layers}/{result.layers} blocks on the "
+        f"device, {result.prompt_tokens}-token prompt, {result.new_tokens} new tokens, "
+        f"{result.threads_per_side} thread(s) per side, {result.network}, "
+        f"{result.runs} runs (median [min-max])",
+        f"decode tokens/s  split {s.decode_tokens_per_s}  unsplit "
+        f"{u.decode_tokens_per_s}  ratio {result.decode_ratio}",
+        f"TTFT ms          split {s.ttft_ms}  unsplit {u.ttft_ms}",
+        f"bytes/token up   {result.bytes_per_token} (prefill {result.prefill_bytes} B)",
+        f"device memory    split {mem.device_split_weights_bytes / 2**20:.1f} MiB weights + "
+        f"{mem.device_split_kv_bytes / 2**20:.2f} MiB KV; unsplit "
+        f"{mem.device_unsplit_weights_bytes / 2**20:.1f} MiB + "
+        f"{mem.device_unsplit_kv_bytes / 2**20:.2f} MiB",
+        f"server           RSS {mem.server_rss_idle_kib} KiB idle, "
+        f"{mem.server_rss_generating_kib} KiB generating; KV "
+        f"{mem.server_kv_bytes_per_session / 2**20:.2f} MiB per session",
+        f"tokens identical to the unsplit model: {result.tokens_identical}",
     ]
-
-
-def _fmt(spread: dict[str, float]) -> str:
-    return f"{spread['median']:.2f} [{spread['min']:.2f}-{spread['max']:.2f}]"

@@ -2,8 +2,8 @@
 
 One edge server (``edgeoffload serve`` in its own process, 127.0.0.1) hosts the tail of a
 model cut early, so the tail carries most of the compute. This process then plays C devices
-at once (C asyncio :class:`~edgeoffload.device.client.OffloadClient` objects, each with its own key,
-connection and head session), each sending a bounded number of sequential requests.
+at once (C asyncio :class:`~edgeoffload.device.client.OffloadClient` objects, each with its own
+key, connection and head session), each sending a bounded number of sequential requests.
 
 The baseline is the tail's onnxruntime session called directly from a thread pool as wide as
 the server's worker pool, on the same crossing tensors, in the same run and on the same cores:
@@ -22,22 +22,34 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import math
 import os
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeoffload.lab.bench import _interleaved_ms, environment
+from edgeoffload._ort import make_session, run
+from edgeoffload.device.client import OffloadClient
+from edgeoffload.errors import EdgeOffloadError, UsageError
+from edgeoffload.lab.demo import max_abs_error
+from edgeoffload.lab.harness import ServerProcess, ThrowawayKeys, spawn_server
+from edgeoffload.lab.procfs import (
+    busy_cores,
+    cpu_seconds,
+    machine_ticks,
+    pin_threads,
+    rss_kib,
+    status_kib,
+)
+from edgeoffload.lab.stats import Environment, Record, environment, interleaved_ms, percentile
 
 Progress = Callable[[str, float], None]
 
@@ -46,61 +58,169 @@ MAX_INFLIGHT = 256  # 64 devices x 1 request in flight, with room: no "overloade
 HEAD_FRACTION = 0.05  # default cut: the first single-tensor cut after ~5% of the nodes
 REQUEST_TIMEOUT_S = 30.0
 SAMPLES = 4  # distinct inputs, cycled through by every device and by the baseline
-
-
-# -- /proc readers (Linux) ---------------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of process ``pid`` in KiB (VmRSS from /proc/<pid>/status)."""
-    return _status_kib(pid, "VmRSS")
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])  # "VmRSS:   123456 kB"
-    raise RuntimeError(f"/proc/{pid}/status has no {field}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads), in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    total = sum(values[:8])  # user nice system idle iowait irq softirq steal
-    return total - values[3] - values[4], total
-
-
-def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Cores the whole machine kept busy between two :func:`machine_ticks` readings."""
-    total = after[1] - before[1]
-    return round((after[0] - before[0]) / total * (os.cpu_count() or 1), 3) if total else 0.0
-
-
-def pin_threads(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of process ``pid`` to ``cpus`` (threads started later inherit it from
-    the thread that starts them)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # thread ended
-            os.sched_setaffinity(int(task.name), cpus)
-
-
-# -- statistics --------------------------------------------------------------------------------
+BASELINE_METHOD = (
+    "tail session called directly from {workers} thread(s) on the same crossing tensors, right "
+    "before and right after each row, for as many requests as the row (the faster of the two "
+    "is the row's 'direct', which its ratio_to_direct uses); this summary is the median of the "
+    "rows' direct runs"
+)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 3) if values else float("nan")
+    return round(percentile(values, q), 3)
 
 
-def _latency(values: Sequence[float]) -> dict[str, float]:
-    return {"p50_ms": _pct(values, 50), "p99_ms": _pct(values, 99)}
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectRun(Record):
+    """The tail session called directly by a thread pool: the baseline of one row."""
+
+    requests: int
+    wall_s: float
+    req_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_request: float
+    own_cores: float
+    machine_busy_cores: float
+    capped: bool
+
+
+@dataclass(frozen=True)
+class ThroughputRow(Record):
+    """One concurrent-device count, with the direct baseline measured right before and after."""
+
+    clients: int
+    requests: int
+    wall_s: float
+    req_s: float
+    ratio_to_direct: float
+    p50_ms: float
+    p99_ms: float
+    server_p50_ms: float
+    server_p99_ms: float
+    errors: int
+    error_kinds: dict[str, int]
+    server_cpu_ms_per_request: float
+    client_cpu_ms_per_request: float
+    # What the CPU accounting predicts for a machine with no other load, once the server is
+    # saturated: direct CPU per request over the CPU the offload path spends per request,
+    # with the devices on the same cores, and with them elsewhere.
+    cpu_ratio_shared_cores: float
+    cpu_ratio_server_only: float
+    # Cores kept busy by the server + this process, and by the whole machine (the rest is
+    # other load on a shared machine, which the baseline may not have met).
+    own_cores: float
+    machine_busy_cores: float
+    server_peak_rss_kib: int
+    max_abs_error: float
+    capped: bool
+    direct_runs: tuple[DirectRun, DirectRun]  # right before, right after
+
+    @property
+    def direct(self) -> DirectRun:
+        """The faster of the two adjacent direct runs (conservative: a dip caused by other
+        load on the machine does not count)."""
+        return max(self.direct_runs, key=lambda b: b.req_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        runs = data.pop("direct_runs")
+        data["direct"] = {**self.direct.to_dict(), "runs": list(runs)}
+        return data
+
+
+@dataclass(frozen=True)
+class ConnectionMemory(Record):
+    """Server RSS growth per open connection (each completed one request)."""
+
+    connections: int
+    server_rss_before_kib: int
+    server_rss_connected_kib: int
+    kib_per_connection: float
+    errors: dict[str, int]
+    max_abs_error: float
+
+
+@dataclass(frozen=True)
+class ServerThroughputResult(Record):
+    benchmark: str = field(default="server-throughput", init=False)
+    model: str
+    nodes: int
+    cut: str
+    cut_after: str
+    crossing_bytes: int
+    codec: str
+    head_ms: float
+    tail_ms: float
+    tail_share: float | None
+    workers: int
+    threads: int
+    max_inflight: int
+    cpus: int | None
+    server_cpus: list[int] | None
+    device_cpus: list[int] | None
+    requests_per_client: int
+    server: str
+    environment: Environment
+    baseline: DirectRun | None  # the median (by req/s) of the rows' direct runs
+    rows: tuple[ThroughputRow, ...]
+    server_rss_idle_kib: int
+    memory: ConnectionMemory | None
+    duration_cap_s: float
+    elapsed_s: float
+    skipped_client_counts: tuple[int, ...]
+    server_output_tail: tuple[str, ...]
+
+    @property
+    def capped(self) -> bool:
+        return bool(self.skipped_client_counts) or any(r.capped for r in self.rows)
+
+    @property
+    def max_abs_error(self) -> float:
+        memory = self.memory.max_abs_error if self.memory else 0.0
+        return max([r.max_abs_error for r in self.rows] + [memory])
+
+    def to_dict(self) -> dict[str, Any]:
+        memory = self.memory.to_dict() if self.memory else {}
+        method = BASELINE_METHOD.format(workers=self.workers)
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "nodes": self.nodes,
+            "cut": self.cut,
+            "cut_after": self.cut_after,
+            "crossing_bytes": self.crossing_bytes,
+            "codec": self.codec,
+            "head_ms": self.head_ms,
+            "tail_ms": self.tail_ms,
+            "tail_share": self.tail_share,
+            "workers": self.workers,
+            "threads": self.threads,
+            "max_inflight": self.max_inflight,
+            "cpus": self.cpus,
+            "server_cpus": self.server_cpus,
+            "device_cpus": self.device_cpus,
+            "requests_per_client": self.requests_per_client,
+            "server": self.server,
+            "environment": self.environment.to_dict(),
+            "baseline": {
+                "method": method,
+                **(self.baseline.to_dict() if self.baseline else {}),
+            },
+            "rows": [r.to_dict() for r in self.rows],
+            "memory_per_connection_kib": memory.get("kib_per_connection"),
+            "memory_per_connection_clients": memory.get("connections"),
+            "memory": {"server_rss_idle_kib": self.server_rss_idle_kib, **memory},
+            "max_abs_error": self.max_abs_error,
+            "duration_cap_s": self.duration_cap_s,
+            "elapsed_s": self.elapsed_s,
+            "capped": self.capped,
+            "skipped_client_counts": list(self.skipped_client_counts),
+            "server_output_tail": list(self.server_output_tail),
+        }
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -111,8 +231,6 @@ def default_cut(analysis: Any, fraction: float = HEAD_FRACTION) -> Any:
     n = len(analysis.node_order)
     single = [c for c in analysis.cuts if 0 < c.index < n and len(c.tensors) == 1]
     if not single:
-        from edgeoffload.errors import UsageError
-
         raise UsageError(
             "the model has no single-tensor cut with work on both sides",
             hint="pass cut='c<N>' explicitly",
@@ -128,7 +246,7 @@ def direct_baseline(
     requests: int,
     deadline: float,
     cpus: set[int] | None = None,
-) -> dict[str, Any]:
+) -> DirectRun:
     """The tail session called directly by ``workers`` threads, ``requests`` calls in all.
 
     Each thread runs calls back to back (a closed loop as wide as the server's pool); the
@@ -166,59 +284,29 @@ def direct_baseline(
     wall = time.perf_counter() - start
     cpu, ticks1 = time.process_time() - cpu0, machine_ticks()
     done = len(latencies)
-    return {
-        "requests": done,
-        "wall_s": round(wall, 4),
-        "req_s": round(done / wall, 3) if wall > 0 else float("nan"),
-        **_latency(latencies),
-        "cpu_ms_per_request": round(cpu * 1e3 / done, 3) if done else float("nan"),
-        "own_cores": round(cpu / wall, 3) if wall > 0 else 0.0,
-        "machine_busy_cores": busy_cores(ticks0, ticks1),
-        "capped": done < requests,
-    }
-
-
-class _ServerProcess:
-    """``edgeoffload serve`` via demo.spawn_server; its output is drained so it never blocks."""
-
-    def __init__(self, bundle_dir: Path, *, key_dir: Path, allow: Path, extra: list[str]) -> None:
-        from edgeoffload.lab.demo import spawn_server
-
-        self.proc, self.port = spawn_server([bundle_dir], key_dir=key_dir, allow=allow, extra=extra)
-        self.output: collections.deque[str] = collections.deque(maxlen=50)
-        self._reader = threading.Thread(target=self._drain, daemon=True, name="server-output")
-        self._reader.start()
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line.rstrip())
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._reader.join(5)
+    return DirectRun(
+        requests=done,
+        wall_s=round(wall, 4),
+        req_s=round(done / wall, 3) if wall > 0 else float("nan"),
+        p50_ms=_pct(latencies, 50),
+        p99_ms=_pct(latencies, 99),
+        cpu_ms_per_request=round(cpu * 1e3 / done, 3) if done else float("nan"),
+        own_cores=round(cpu / wall, 3) if wall > 0 else 0.0,
+        machine_busy_cores=busy_cores(ticks0, ticks1),
+        capped=done < requests,
+    )
 
 
 async def _bounded(awaitable: Any, timeout: float) -> Any:
     return await asyncio.wait_for(awaitable, max(0.1, timeout))
 
 
-async def _close_all(clients: Sequence[Any]) -> None:
+async def _close_all(clients: Sequence[OffloadClient]) -> None:
     await asyncio.gather(*(_bounded(c.close(), 10.0) for c in clients), return_exceptions=True)
 
 
 async def _connect_and_run_once(
-    clients: Sequence[Any],
+    clients: Sequence[OffloadClient],
     inputs: Sequence[Mapping[str, np.ndarray]],
     *,
     deadline: float,
@@ -227,8 +315,6 @@ async def _connect_and_run_once(
 ) -> float:
     """Connect each client and complete one request on it, one device at a time (so that
     transient request buffers never pile up); returns the worst |output - reference|."""
-    from edgeoffload.errors import EdgeOffloadError
-
     worst = 0.0
     for i, client in enumerate(clients):
         if time.monotonic() >= deadline:
@@ -243,13 +329,13 @@ async def _connect_and_run_once(
 
 
 async def _memory_per_connection(
-    clients: Sequence[Any],
+    clients: Sequence[OffloadClient],
     inputs: Sequence[Mapping[str, np.ndarray]],
     *,
-    server: _ServerProcess,
+    server: ServerProcess,
     deadline: float,
     check: Callable[[int, Mapping[str, np.ndarray]], float],
-) -> dict[str, Any]:
+) -> ConnectionMemory:
     """Server RSS growth per connection: open ``len(clients)`` connections that complete one
     request each, on a server warmed up beforehand (ORT arenas, allocator pools)."""
     errors: collections.Counter[str] = collections.Counter()
@@ -261,31 +347,29 @@ async def _memory_per_connection(
     await asyncio.sleep(0.1)
     after = rss_kib(server.pid)
     await _close_all(clients)
-    return {
-        "connections": len(clients),
-        "server_rss_before_kib": before,
-        "server_rss_connected_kib": after,
-        "kib_per_connection": round((after - before) / len(clients), 2),
-        "errors": dict(errors),
-        "max_abs_error": worst,
-    }
+    return ConnectionMemory(
+        connections=len(clients),
+        server_rss_before_kib=before,
+        server_rss_connected_kib=after,
+        kib_per_connection=round((after - before) / len(clients), 2),
+        errors=dict(errors),
+        max_abs_error=worst,
+    )
 
 
 async def _row(
-    clients: Sequence[Any],
+    clients: Sequence[OffloadClient],
     inputs: Sequence[Mapping[str, np.ndarray]],
     *,
     requests_per_client: int,
-    server: _ServerProcess,
+    server: ServerProcess,
     deadline: float,
     check: Callable[[int, Mapping[str, np.ndarray]], float],
-    direct: Callable[[int], dict[str, Any]],
-) -> dict[str, Any]:
+    direct: Callable[[int], DirectRun],
+) -> ThroughputRow:
     """One client count: connect + one request each (untimed), the direct baseline for the
     same number of requests (right before, so that drift on a shared machine hits both
-    alike), then the timed run."""
-    from edgeoffload.errors import EdgeOffloadError
-
+    alike), then the timed run, then the direct baseline again."""
     count = len(clients)
     errors: collections.Counter[str] = collections.Counter()
     worst = await _connect_and_run_once(
@@ -329,45 +413,39 @@ async def _row(
     for task in pending:
         task.cancel()
         errors["unfinished"] += 1
-    peak_rss = _status_kib(server.pid, "VmHWM")
+    peak_rss = status_kib(server.pid, "VmHWM")
     await _close_all(clients)
-    # The direct baseline again, right after: the faster of the two adjacent runs is the
-    # reference (conservative: a dip caused by other load on the machine does not count).
     after = await asyncio.to_thread(direct, count * requests_per_client)
-    baseline = {**max(before, after, key=lambda b: b["req_s"]), "runs": [before, after]}
+    baseline = max(before, after, key=lambda b: b.req_s)
 
     done = len(totals)
     req_s = round(done / wall, 3) if wall > 0 and done else 0.0
     server_cpu_ms = server_cpu * 1e3 / done if done else math.nan
     client_cpu_ms = client_cpu * 1e3 / done if done else math.nan
-    direct_cpu_ms = baseline["cpu_ms_per_request"]
-    return {
-        "clients": count,
-        "requests": done,
-        "wall_s": round(wall, 4),
-        "req_s": req_s,
-        "ratio_to_direct": round(req_s / baseline["req_s"], 4) if baseline["req_s"] else math.nan,
-        **_latency(totals),
-        "server_p50_ms": _pct(server_ms, 50),
-        "server_p99_ms": _pct(server_ms, 99),
-        "errors": sum(errors.values()),
-        "error_kinds": dict(errors),
-        "server_cpu_ms_per_request": round(server_cpu_ms, 3),
-        "client_cpu_ms_per_request": round(client_cpu_ms, 3),
-        # What the CPU accounting predicts for a machine with no other load, once the
-        # server is saturated: direct CPU per request over the CPU the offload path spends
-        # per request, with the devices on the same cores, and with them elsewhere.
-        "cpu_ratio_shared_cores": round(direct_cpu_ms / (server_cpu_ms + client_cpu_ms), 4),
-        "cpu_ratio_server_only": round(direct_cpu_ms / server_cpu_ms, 4),
-        # Cores kept busy by the server + this process, and by the whole machine (the rest
-        # is other load on a shared machine, which the baseline may not have met).
-        "own_cores": round((server_cpu + client_cpu) / wall, 3) if wall > 0 else 0.0,
-        "machine_busy_cores": busy_cores(ticks0, ticks1),
-        "server_peak_rss_kib": peak_rss,
-        "max_abs_error": worst,
-        "capped": done < count * requests_per_client,
-        "direct": baseline,
-    }
+    direct_cpu_ms = baseline.cpu_ms_per_request
+    return ThroughputRow(
+        clients=count,
+        requests=done,
+        wall_s=round(wall, 4),
+        req_s=req_s,
+        ratio_to_direct=round(req_s / baseline.req_s, 4) if baseline.req_s else math.nan,
+        p50_ms=_pct(totals, 50),
+        p99_ms=_pct(totals, 99),
+        server_p50_ms=_pct(server_ms, 50),
+        server_p99_ms=_pct(server_ms, 99),
+        errors=sum(errors.values()),
+        error_kinds=dict(errors),
+        server_cpu_ms_per_request=round(server_cpu_ms, 3),
+        client_cpu_ms_per_request=round(client_cpu_ms, 3),
+        cpu_ratio_shared_cores=round(direct_cpu_ms / (server_cpu_ms + client_cpu_ms), 4),
+        cpu_ratio_server_only=round(direct_cpu_ms / server_cpu_ms, 4),
+        own_cores=round((server_cpu + client_cpu) / wall, 3) if wall > 0 else 0.0,
+        machine_busy_cores=busy_cores(ticks0, ticks1),
+        server_peak_rss_kib=peak_rss,
+        max_abs_error=worst,
+        capped=done < count * requests_per_client,
+        direct_runs=(before, after),
+    )
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -384,11 +462,12 @@ def server_throughput(
     duration_cap_s: float = 120.0,
     server_cpus: Sequence[int] | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> ServerThroughputResult:
     """Requests/s and latency of one edge server under 1..N concurrent devices.
 
     Args:
-        model: an ONNX ModelProto, a path, or ``zoo:NAME`` (see ``edgeoffload.split.zoo.resolve``).
+        model: an ONNX ModelProto, a path, or ``zoo:NAME`` (see
+            :func:`edgeoffload.split.models.resolve_model`).
         cut: cut id or node/tensor name; default: the first single-tensor cut after ~5% of the
             nodes, so that the tail (on the server) carries most of the compute.
         clients: concurrent device counts, one row each.
@@ -401,12 +480,9 @@ def server_throughput(
             does not compete with the server; default: no pinning, everyone shares the cores.
         progress: ``(what, fraction)`` callback.
     """
-    from edgeoffload._ort import make_session, run
-    from edgeoffload.device.client import OffloadClient
-    from edgeoffload.errors import UsageError
-    from edgeoffload.keys import KeyPair, encode_public, generate_identity
-    from edgeoffload.split.splitter import Analysis, split_model
-    from edgeoffload.split.zoo import resolve as resolve_model
+    from edgeoffload.split.analysis import Analysis  # needs onnx (heavy)
+    from edgeoffload.split.models import resolve_model
+    from edgeoffload.split.splitter import split_model  # needs onnx (heavy)
 
     if not clients or min(clients) < 1 or requests_per_client < 1:
         raise UsageError("clients must be positive counts and requests_per_client >= 1")
@@ -448,7 +524,7 @@ def server_throughput(
             crossings.append(crossing)
         references = [run(tail, c) for c in crossings]
         head_ms, tail_ms = (
-            _interleaved_ms(
+            interleaved_ms(
                 [
                     functools.partial(run, head, inputs[0]),
                     functools.partial(run, tail, crossings[0]),
@@ -460,43 +536,37 @@ def server_throughput(
         )
 
         def check(k: int, outputs: Mapping[str, np.ndarray]) -> float:
-            worst = 0.0
-            for name, ref in references[k].items():
-                diff = np.abs(outputs[name].astype(np.float64) - ref.astype(np.float64))
-                worst = max(worst, float(diff.max(initial=0.0)))
-            return worst
+            return max_abs_error(outputs, references[k])
 
-        def direct(requests: int) -> dict[str, Any]:
+        def direct(requests: int) -> DirectRun:
             return direct_baseline(
                 tail, crossings, workers=workers, requests=requests, deadline=deadline, cpus=pinned
             )
 
-        server_id = generate_identity(root / "server")
-        devices = [KeyPair.generate() for _ in range(max(clients))]
-        allow = root / "authorized_keys"
-        allow.write_text(
-            "".join(f"{encode_public(d.public)} device-{i}\n" for i, d in enumerate(devices))
+        keys = ThrowawayKeys.create(
+            root / "keys", devices=[f"device-{i}" for i in range(max(clients))]
         )
-        extra = [
-            "--workers", str(workers),
-            "--threads", str(threads),
-            "--max-inflight", str(MAX_INFLIGHT),
-        ]  # fmt: skip
         note("starting the edge server", 0.15)
-        server = _ServerProcess(bundle.path, key_dir=root / "server", allow=allow, extra=extra)
-        rows: list[dict[str, Any]] = []
-        memory: dict[str, Any] = {}
+        server = spawn_server(
+            [bundle.path],
+            keys,
+            threads=threads,
+            workers=workers,
+            cpus=pinned,
+            extra_args=["--max-inflight", str(MAX_INFLIGHT)],
+        )
+        rows: list[ThroughputRow] = []
+        memory: list[ConnectionMemory] = []
         skipped: list[int] = []
         try:
-            if pinned is not None and device_cpus is not None:
-                pin_threads(server.pid, pinned)
+            if device_cpus is not None:
                 pin_threads(os.getpid(), device_cpus)
             rss_idle = rss_kib(server.pid)
             pool = [
                 OffloadClient(
                     bundle,
-                    server=f"ws://127.0.0.1:{server.port}",
-                    server_key=server_id.public,
+                    server=server.url,
+                    server_key=keys.server.public,
                     identity=device,
                     fallback="error",
                     timeout=REQUEST_TIMEOUT_S,
@@ -504,7 +574,7 @@ def server_throughput(
                     retries=0,  # a retried request would hide an error
                     threads=threads,
                 )
-                for device in devices
+                for device in keys.devices.values()
             ]
 
             async def rows_in_loop() -> None:
@@ -521,9 +591,9 @@ def server_throughput(
                     )
                 await _close_all(pool[:1])
                 note(f"memory with {max(clients)} connections", 0.18)
-                memory.update(
+                memory.append(
                     await _memory_per_connection(
-                        pool[: max(clients)], inputs, server=server, deadline=deadline, check=check
+                        pool, inputs, server=server, deadline=deadline, check=check
                     )
                 )
                 for i, count in enumerate(clients):
@@ -549,50 +619,37 @@ def server_throughput(
             server.stop()
             if pinned is not None:
                 pin_threads(os.getpid(), available)
-        server_output = list(server.output)
+        server_output = server.output_tail(3)
 
     # The summary baseline: the median (by req/s) of the rows' direct runs, robust to a dip.
-    directs = sorted((r["direct"] for r in rows), key=lambda b: b["req_s"])
-    baseline = {k: v for k, v in directs[len(directs) // 2].items() if k != "runs"} if rows else {}
+    directs = sorted((r.direct for r in rows), key=lambda b: b.req_s)
     note("done", 1.0)
-    return {
-        "benchmark": "server-throughput",
-        "model": label or analysis.source_name,
-        "nodes": n,
-        "cut": chosen.id,
-        "cut_after": chosen.after,
-        "crossing_bytes": chosen.nbytes,
-        "codec": "none",
-        "head_ms": round(head_ms, 3),
-        "tail_ms": round(tail_ms, 3),
-        "tail_share": round(tail_ms / (head_ms + tail_ms), 4) if head_ms + tail_ms > 0 else None,
-        "workers": workers,
-        "threads": threads,
-        "max_inflight": MAX_INFLIGHT,
-        "cpus": os.cpu_count(),
-        "server_cpus": sorted(pinned) if pinned else None,
-        "device_cpus": sorted(device_cpus) if device_cpus else None,
-        "requests_per_client": requests_per_client,
-        "server": "separate process (edgeoffload serve), 127.0.0.1; devices: asyncio "
+    return ServerThroughputResult(
+        model=label or analysis.source_name,
+        nodes=n,
+        cut=chosen.id,
+        cut_after=chosen.after,
+        crossing_bytes=chosen.nbytes,
+        codec="none",
+        head_ms=round(head_ms, 3),
+        tail_ms=round(tail_ms, 3),
+        tail_share=round(tail_ms / (head_ms + tail_ms), 4) if head_ms + tail_ms > 0 else None,
+        workers=workers,
+        threads=threads,
+        max_inflight=MAX_INFLIGHT,
+        cpus=os.cpu_count(),
+        server_cpus=sorted(pinned) if pinned else None,
+        device_cpus=sorted(device_cpus) if device_cpus else None,
+        requests_per_client=requests_per_client,
+        server="separate process (edgeoffload serve), 127.0.0.1; devices: asyncio "
         "OffloadClients in one client process on the same machine",
-        "environment": environment(),
-        "baseline": {
-            "method": f"tail session called directly from {workers} thread(s) on the same "
-            "crossing tensors, right before and right after each row, for as many requests "
-            "as the row (the faster of the two is the row's 'direct', which its "
-            "ratio_to_direct uses); this summary is the median of the rows' direct runs",
-            **baseline,
-        },
-        "rows": rows,
-        "memory_per_connection_kib": memory.get("kib_per_connection"),
-        "memory_per_connection_clients": memory.get("connections"),
-        "memory": {"server_rss_idle_kib": rss_idle, **memory},
-        "max_abs_error": max(
-            [r["max_abs_error"] for r in rows] + [memory.get("max_abs_error", 0.0)]
-        ),
-        "duration_cap_s": duration_cap_s,
-        "elapsed_s": round(time.monotonic() - begun, 2),
-        "capped": bool(skipped) or any(r["capped"] for r in rows),
-        "skipped_client_counts": skipped,
-        "server_output_tail": server_output[-3:],
-    }
+        environment=environment(),
+        baseline=directs[len(directs) // 2] if directs else None,
+        rows=tuple(rows),
+        server_rss_idle_kib=rss_idle,
+        memory=memory[0] if memory else None,
+        duration_cap_s=duration_cap_s,
+        elapsed_s=round(time.monotonic() - begun, 2),
+        skipped_client_counts=tuple(skipped),
+        server_output_tail=tuple(server_output),
+    )

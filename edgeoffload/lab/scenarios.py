@@ -15,7 +15,8 @@ For one model, one device class and one link preset, a scenario
    over the better of all-local and all-remote, the predicted-vs-measured error of each
    component, and the bytes on the wire.
 
-``python -m edgeoffload.lab.scenarios worker JOB.json`` is the device side (run by the lab, not by hand).
+``python -m edgeoffload.lab.scenarios worker JOB.json`` is the device side (run by the lab, not
+by hand); the job and its answer are JSON files between the two processes.
 """
 
 from __future__ import annotations
@@ -23,15 +24,31 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgeoffload._ort import make_session, run
+from edgeoffload.core.presets import parse_link
+from edgeoffload.device.client import OffloadClient
+from edgeoffload.keys import load_identity
+from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
+from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
+from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
+from edgeoffload.lab.stats import (
+    Environment,
+    Percentiles,
+    Record,
+    environment,
+    median,
+    repeated_ms,
+)
 
 log = logging.getLogger("edgeoffload.lab.scenarios")
 
@@ -42,16 +59,89 @@ MODELS = {
 }
 LINKS = ("3g", "lte", "wifi", "ethernet")
 DEVICES = ("phone", "rpi")
+COMPONENTS = ("head_ms", "encode_ms", "network_ms", "server_ms", "decode_ms")
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CutMeasurement(Record):
+    """One cut of a scenario: its prediction and what the device measured (or why not)."""
+
+    kind: str  # "all-local", "all-remote" or "split"
+    codec: str | None = None
+    predicted: dict[str, Any] | None = None  # the cost model's Cost, as JSON
+    skipped: str | None = None  # why it was not measured
+    measured_total: Percentiles | None = None
+    measured_head_ms: float | None = None
+    measured_encode_ms: float | None = None
+    measured_network_ms: float | None = None
+    measured_server_ms: float | None = None
+    measured_decode_ms: float | None = None
+    wire_bytes: int | None = None
+
+    def measured_ms(self, component: str) -> float:
+        """The median of ``component`` (e.g. ``"head_ms"``); all-local is all head."""
+        value = getattr(self, f"measured_{component}")
+        if value is None and component == "head_ms" and self.measured_total is not None:
+            return self.measured_total.median
+        return float(value) if value is not None else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ScenarioResult(Record):
+    model: str
+    link: str
+    device: str
+    cpu_limit: str
+    chosen: str
+    chosen_codec: str
+    measured_best: str
+    chosen_ms: float
+    best_ms: float
+    all_local_ms: float
+    all_remote_ms: float
+    regret: float  # chosen / measured best
+    speedup_vs_better_extreme: float
+    predicted_total_ms: float
+    component_relative_error: dict[str, float | None]
+    chosen_wire_bytes: int
+    cuts_measured: int
+    cuts_skipped: int
+    cuts: dict[str, CutMeasurement]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["cuts"] = {k: v.to_dict() for k, v in self.cuts.items()}
+        return data
+
+
+@dataclass(frozen=True)
+class LabResult(Record):
+    benchmark: str = field(default="lab", init=False)
+    partial: bool
+    command: str
+    environment: Environment
+    seconds: float
+    median_regret: float | None
+    worst_regret: float | None
+    worst_vs_better_extreme: float | None
+    scenarios: tuple[ScenarioResult, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["scenarios"] = [s.to_dict() for s in self.scenarios]
+        return data
 
 
 # -- device worker (runs inside the CPU-limited process) --------------------------------------
 
 
 def _worker(job_path: Path) -> None:
-    from edgeoffload._ort import make_session, run
-    from edgeoffload.device.client import OffloadClient
-    from edgeoffload.keys import load_identity
-
     job = json.loads(job_path.read_text())
     with np.load(job["inputs"]) as data:
         inputs = {k: data[k] for k in data.files}
@@ -60,14 +150,9 @@ def _worker(job_path: Path) -> None:
 
     # All-local: the unsplit model on the device.
     full = make_session(job["model"], threads=1)
-    run(full, inputs)
-    local = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(full, inputs)
-        local.append((time.perf_counter() - start) * 1e3)
+    local = repeated_ms(lambda: run(full, inputs), runs=repeats)
     results["local"] = {"total_ms": local}
-    best = statistics.median(local)
+    best = median(local)
 
     identity = load_identity(job["device_key"])
     server_key = bytes.fromhex(job["server_key"])
@@ -100,21 +185,11 @@ def _worker(job_path: Path) -> None:
             continue
         measured = asyncio.run(measure(entry))
         results[entry["id"]] = measured
-        median = statistics.median(t["total_ms"] for t in measured["timings"])
-        best = min(best, median)
+        best = min(best, median([t["total_ms"] for t in measured["timings"]]))
     Path(job["output"]).write_text(json.dumps(results))
 
 
 # -- scenario (parent side) ---------------------------------------------------------------------
-
-
-def _summary(values: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median": round(statistics.median(ordered), 3),
-        "p10": round(float(np.percentile(ordered, 10)), 3),
-        "p90": round(float(np.percentile(ordered, 90)), 3),
-    }
 
 
 def run_scenario(
@@ -126,17 +201,13 @@ def run_scenario(
     device_profile: Any,
     server_profile: Any,
     workdir: Path,
-    keys: dict[str, Any],
+    keys: ThrowawayKeys,
     bundle_cache: dict[tuple[int, str], Any],
     repeats: int = 5,
     single_tensor_cuts: bool = True,
-) -> dict[str, Any]:
+) -> ScenarioResult:
     """Measure one (model, link, device) scenario; see the module docstring."""
-    from edgeoffload.core.presets import parse_link
-    from edgeoffload.lab.demo import spawn_server
-    from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
-    from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
-    from edgeoffload.split.splitter import split_model
+    from edgeoffload.split.splitter import split_model  # needs onnx (heavy)
 
     link = parse_link(link_name)
     report = analysis.plan(device=device_profile, server=server_profile, link=link)
@@ -179,25 +250,19 @@ def run_scenario(
     model_path = workdir / "model.onnx"
     if not model_path.exists():
         model_path.write_bytes(analysis.graph.model.SerializeToString())
-    server, port = spawn_server(
-        sorted({b.path for b in bundles}),
-        key_dir=keys["server_dir"],
-        allow=keys["allow"],
-        extra=("--workers", "1", "--threads", "1"),
-    )
     output = workdir / f"result-{link_name}-{device_class}.json"
-    try:
+    with spawn_server(sorted({b.path for b in bundles}), keys, threads=1, workers=1) as server:
         shape = LinkShape.from_link(link)
 
-        async def with_link() -> int:
-            async with LinkEmulator("127.0.0.1", port, shape) as emulator:
+        async def with_link() -> str:
+            async with LinkEmulator("127.0.0.1", server.port, shape) as emulator:
                 job = {
                     "model": str(model_path),
                     "inputs": str(inputs_path),
                     "repeats": repeats,
                     "server": f"ws://127.0.0.1:{emulator.port}",
-                    "server_key": keys["server_public"],
-                    "device_key": str(keys["device_dir"]),
+                    "server_key": keys.server.public.hex(),
+                    "device_key": str(keys.device_dir()),
                     "timeout": 120,
                     "bundles": entries,
                     "output": str(output),
@@ -210,25 +275,66 @@ def run_scenario(
                     method = proc.method
                 if code != 0:
                     raise RuntimeError(f"device worker failed with exit code {code}")
-                return method  # type: ignore[return-value]
+                return str(method)
 
-        method = asyncio.run(with_link())
-    finally:
-        server.terminate()
-        server.wait(30)
+        cpu_limit = asyncio.run(with_link())
     measured = json.loads(output.read_text())
-    return _scenario_report(
+    return _scenario_result(
         analysis,
         report,
         measured,
         model_name=model_name,
         link_name=link_name,
         device_class=device_class,
-        cpu_limit=str(method),
+        cpu_limit=cpu_limit,
     )
 
 
-def _scenario_report(
+def _measured_cut(plan: Any, entry: dict[str, Any]) -> CutMeasurement:
+    kind = "all-remote" if plan.cut.index == 0 else "split"
+    predicted = plan.cost.to_dict()
+    if "skipped" in entry:
+        return CutMeasurement(kind, plan.codec, predicted, skipped=entry["skipped"])
+    timings = entry["timings"]
+
+    def component(name: str) -> float:
+        return round(median([t[name] for t in timings]), 3)
+
+    return CutMeasurement(
+        kind,
+        plan.codec,
+        predicted,
+        measured_total=Percentiles.of([t["total_ms"] for t in timings]),
+        measured_head_ms=component("head_ms"),
+        measured_encode_ms=component("encode_ms"),
+        measured_network_ms=component("network_ms"),
+        measured_server_ms=component("server_ms"),
+        measured_decode_ms=component("decode_ms"),
+        wire_bytes=timings[0]["wire_bytes"],
+    )
+
+
+def _relative_errors(chosen: CutMeasurement) -> dict[str, float | None]:
+    """Predicted vs measured device, transfer and server time of the chosen cut."""
+    if chosen.kind == "all-local" or chosen.predicted is None:
+        return {}
+    predicted = chosen.predicted
+    pairs = {
+        "device": (predicted["device_ms"], chosen.measured_ms("head_ms")),
+        "transfer": (
+            predicted["encode_ms"] + predicted["network_ms"] + predicted["decode_ms"],
+            chosen.measured_ms("encode_ms")
+            + chosen.measured_ms("network_ms")
+            + chosen.measured_ms("decode_ms"),
+        ),
+        "server": (predicted["server_ms"], chosen.measured_ms("server_ms")),
+    }
+    # Relative error where the component exists in the plan (all-remote has no device
+    # compute to predict: its ~0.1 ms of input checks would read as -100%).
+    return {k: round((p - m) / m, 3) if p > 0 and m > 0 else None for k, (p, m) in pairs.items()}
+
+
+def _scenario_result(
     analysis: Any,
     report: Any,
     measured: dict[str, Any],
@@ -237,78 +343,39 @@ def _scenario_report(
     link_name: str,
     device_class: str,
     cpu_limit: str,
-) -> dict[str, Any]:
+) -> ScenarioResult:
     n = len(analysis.graph.nodes)
-    local = _summary(measured["local"]["total_ms"])
-    cuts: dict[str, Any] = {f"c{n}": {"measured_total": local, "kind": "all-local"}}
+    local = Percentiles.of(measured["local"]["total_ms"])
+    cuts = {f"c{n}": CutMeasurement("all-local", measured_total=local)}
     for plan in report.plans:
-        key = plan.cut.id
-        if key not in measured or plan.cut.index == n:
-            continue
-        entry = measured[key]
-        row: dict[str, Any] = {
-            "kind": "all-remote" if plan.cut.index == 0 else "split",
-            "codec": plan.codec,
-            "predicted": plan.cost.to_dict(),
-        }
-        if "skipped" in entry:
-            row["skipped"] = entry["skipped"]
-        else:
-            timings = entry["timings"]
-            row["measured_total"] = _summary([t["total_ms"] for t in timings])
-            for component in ("head_ms", "encode_ms", "network_ms", "server_ms", "decode_ms"):
-                row[f"measured_{component}"] = round(
-                    statistics.median(t[component] for t in timings), 3
-                )
-            row["wire_bytes"] = timings[0]["wire_bytes"]
-        cuts[key] = row
-    measured_totals = {
-        k: v["measured_total"]["median"] for k, v in cuts.items() if "measured_total" in v
-    }
-    best_id = min(measured_totals, key=measured_totals.__getitem__)
+        if plan.cut.id in measured and plan.cut.index != n:
+            cuts[plan.cut.id] = _measured_cut(plan, measured[plan.cut.id])
+    totals = {k: v.measured_total.median for k, v in cuts.items() if v.measured_total}
+    best_id = min(totals, key=totals.__getitem__)
     chosen_id = report.best.cut.id
-    chosen = measured_totals[chosen_id]
-    baseline = min(measured_totals[f"c{n}"], measured_totals["c0"])
-    chosen_row = cuts[chosen_id]
-    errors = {}
-    if chosen_row.get("kind") != "all-local" and "predicted" in chosen_row:
-        predicted = chosen_row["predicted"]
-        pairs = {
-            "device": (predicted["device_ms"], chosen_row["measured_head_ms"]),
-            "transfer": (
-                predicted["encode_ms"] + predicted["network_ms"] + predicted["decode_ms"],
-                chosen_row["measured_encode_ms"]
-                + chosen_row["measured_network_ms"]
-                + chosen_row["measured_decode_ms"],
-            ),
-            "server": (predicted["server_ms"], chosen_row["measured_server_ms"]),
-        }
-        # Relative error where the component exists in the plan (all-remote has no device
-        # compute to predict: its ~0.1 ms of input checks would read as -100%).
-        errors = {
-            k: round((p - m) / m, 3) if p > 0 and m > 0 else None for k, (p, m) in pairs.items()
-        }
-    return {
-        "model": model_name,
-        "link": link_name,
-        "device": device_class,
-        "cpu_limit": cpu_limit,
-        "chosen": chosen_id,
-        "chosen_codec": report.best.codec,
-        "measured_best": best_id,
-        "chosen_ms": round(chosen, 3),
-        "best_ms": round(measured_totals[best_id], 3),
-        "all_local_ms": round(measured_totals[f"c{n}"], 3),
-        "all_remote_ms": round(measured_totals["c0"], 3),
-        "regret": round(chosen / measured_totals[best_id], 4),
-        "speedup_vs_better_extreme": round(baseline / chosen, 4),
-        "predicted_total_ms": round(report.best.cost.total_ms, 3),
-        "component_relative_error": errors,
-        "chosen_wire_bytes": cuts[chosen_id].get("wire_bytes", 0),
-        "cuts_measured": len(measured_totals),
-        "cuts_skipped": sum(1 for v in cuts.values() if "skipped" in v),
-        "cuts": cuts,
-    }
+    chosen = totals[chosen_id]
+    baseline = min(totals[f"c{n}"], totals["c0"])
+    return ScenarioResult(
+        model=model_name,
+        link=link_name,
+        device=device_class,
+        cpu_limit=cpu_limit,
+        chosen=chosen_id,
+        chosen_codec=report.best.codec,
+        measured_best=best_id,
+        chosen_ms=round(chosen, 3),
+        best_ms=round(totals[best_id], 3),
+        all_local_ms=round(totals[f"c{n}"], 3),
+        all_remote_ms=round(totals["c0"], 3),
+        regret=round(chosen / totals[best_id], 4),
+        speedup_vs_better_extreme=round(baseline / chosen, 4),
+        predicted_total_ms=round(report.best.cost.total_ms, 3),
+        component_relative_error=_relative_errors(cuts[chosen_id]),
+        chosen_wire_bytes=cuts[chosen_id].wire_bytes or 0,
+        cuts_measured=len(totals),
+        cuts_skipped=sum(1 for v in cuts.values() if v.skipped is not None),
+        cuts=cuts,
+    )
 
 
 def run_lab(
@@ -318,28 +385,18 @@ def run_lab(
     *,
     repeats: int = 5,
     results_dir: Path | None = None,
-    progress: Any = None,
-) -> dict[str, Any]:
+    progress: Callable[[str], None] | None = None,
+) -> LabResult:
     """Every scenario of the grid; returns (and writes) the combined result."""
-    from edgeoffload.keys import encode_public, generate_identity
-    from edgeoffload.lab.deviceemu import CpuLimitedProcess, cpu_fraction
-    from edgeoffload.split.profiler import load_profile
-    from edgeoffload.split.splitter import Analysis
-    from edgeoffload.split.zoo import resolve as resolve_model
+    from edgeoffload.split.analysis import Analysis
+    from edgeoffload.split.models import resolve_model
+    from edgeoffload.split.profiler import load_profile  # needs onnx (heavy)
 
-    scenarios = []
+    scenarios: list[ScenarioResult] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgeoffload-lab-") as tmp:
         root = Path(tmp)
-        server_id = generate_identity(root / "server")
-        device_id = generate_identity(root / "device")
-        (root / "allow").write_text(encode_public(device_id.public) + "\n")
-        keys = {
-            "server_dir": root / "server",
-            "device_dir": root / "device",
-            "allow": root / "allow",
-            "server_public": server_id.public.hex(),
-        }
+        keys = ThrowawayKeys.create(root / "keys")
         for model_name in models:
             spec, dims = MODELS[model_name]
             analysis = Analysis.of(resolve_model(spec), dims=dims)
@@ -393,28 +450,23 @@ def run_lab(
     return result
 
 
-def _combine(scenarios: list[dict[str, Any]], started: float, *, partial: bool) -> dict[str, Any]:
-    from edgeoffload.lab.bench import environment
-
-    regrets = [s["regret"] for s in scenarios]
-    return {
-        "benchmark": "lab",
-        "partial": partial,
-        "command": " ".join(sys.argv),
-        "environment": environment(),
-        "seconds": round(time.perf_counter() - started, 1),
-        "median_regret": round(statistics.median(regrets), 4) if regrets else None,
-        "worst_regret": max(regrets) if regrets else None,
-        "worst_vs_better_extreme": min(
-            (s["speedup_vs_better_extreme"] for s in scenarios), default=None
-        ),
-        "scenarios": scenarios,
-    }
+def _combine(scenarios: list[ScenarioResult], started: float, *, partial: bool) -> LabResult:
+    regrets = [s.regret for s in scenarios]
+    return LabResult(
+        partial=partial,
+        command=" ".join(sys.argv),
+        environment=environment(),
+        seconds=round(time.perf_counter() - started, 1),
+        median_regret=round(median(regrets), 4) if regrets else None,
+        worst_regret=max(regrets) if regrets else None,
+        worst_vs_better_extreme=min((s.speedup_vs_better_extreme for s in scenarios), default=None),
+        scenarios=tuple(scenarios),
+    )
 
 
-def _write(results_dir: Path, result: dict[str, Any]) -> None:
+def _write(results_dir: Path, result: LabResult) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "lab.json").write_text(json.dumps(result, indent=1) + "\n")
+    (results_dir / "lab.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
 
 
 if __name__ == "__main__":  # python -m edgeoffload.lab.scenarios worker JOB.json

@@ -5,6 +5,10 @@ Connections are byte-in / events-out state machines: feed every websocket messag
 ``send_*`` methods to queue messages. No sockets, clocks or randomness live here (time and
 ephemeral keys are passed in), so tests and golden vectors drive it directly.
 
+The pieces live beside this module: strict msgpack in :mod:`~edgeoffload.protocol.wire`, the
+tensor schema in :mod:`~edgeoffload.protocol.tensors`, the events in
+:mod:`~edgeoffload.protocol.events` and the state rules in :mod:`edgeoffload.protocol._state`.
+
 One websocket binary message is the unit. The first client message is a cleartext msgpack
 envelope carrying Noise IK message 1; the server answers with message 2; every later message
 is a Noise transport ciphertext (see :class:`edgeoffload.core.noise.Transport`) of one msgpack map.
@@ -14,44 +18,55 @@ the Noise prologue, so an envelope that lies about them fails authentication.
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from edgeoffload import __version__
-from edgeoffload.core.codec import ALLOWED_DTYPES, EncodedTensor
+from edgeoffload.core.codec import EncodedTensor
 from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS, HandshakeState, Transport
 from edgeoffload.errors import (
     AuthenticationFailed,
     LocalProtocolError,
-    Overloaded,
     PayloadError,
-    ProtocolError,
     RemoteProtocolError,
-    ServerBusy,
-    SessionError,
-    SessionLost,
     VersionMismatch,
 )
 from edgeoffload.keys import KeyPair
-from edgeoffload.types import TensorSpec, match_specs
+from edgeoffload.protocol._state import Role, State, next_state
+from edgeoffload.protocol.events import (
+    Chunk,
+    CloseRequested,
+    ErrorReply,
+    Event,
+    HandshakeComplete,
+    InvalidRequest,
+    Ping,
+    Pong,
+    RunRequest,
+    RunResult,
+    SessionEnd,
+    SessionEnded,
+    SessionFeed,
+    SessionOpen,
+    SessionOpened,
+    TokenResult,
+)
+from edgeoffload.protocol.tensors import decode_tensors, encode_tensors
+from edgeoffload.protocol.wire import (
+    MAX_CHUNKS,
+    MAX_REQUEST_ID,
+    StrictMap,
+    pack,
+    pack_parts,
+    truncate_utf8,
+    unpack,
+)
 
 PROTOCOL_VERSION = 1
 DEFAULT_AGENT = f"edgeoffload/{__version__}"
 PROLOGUE_PREFIX = b"edgeoffload/1\x00"
-
-# Decoding limits (PROTOCOL.md §4). Tensor payloads are bounded by the connection's
-# max_message; everything else is small.
-MAX_STR = 4096
-MAX_ARRAY = 4096
-MAX_MAP = 64
-MAX_TENSORS = 1024
-MAX_DIMS = 32
-MAX_REQUEST_ID = 2**63 - 1
 
 # websocket close codes (PROTOCOL.md §9): 4000-4999 are for applications.
 CLOSE_AUTH = 4401  # opaque: handshake failed, unknown device key, replay, bad ciphertext
@@ -73,404 +88,9 @@ ERROR_CODES = (
     "session_lost",
 )
 SESSION_KINDS = ("prefill", "step")
-MAX_CHUNKS = 4096  # chunks in one prefill message (a replay after a lost session)
 
 
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class State(enum.Enum):
-    IDLE = "idle"  # client: nothing sent yet
-    AWAIT_HELLO = "await-hello"  # server: waiting for handshake message 1
-    HANDSHAKE_SENT = "handshake-sent"  # client: message 1 sent, waiting for message 2
-    READY = "ready"  # transport established: requests, results, pings
-    CLOSED = "closed"
-
-
-# The whole transition table (PROTOCOL.md §3). Anything not listed is a protocol error.
-TRANSITIONS: dict[tuple[Role, State, str], State] = {
-    (Role.CLIENT, State.IDLE, "send:hello"): State.HANDSHAKE_SENT,
-    (Role.CLIENT, State.HANDSHAKE_SENT, "recv:welcome"): State.READY,
-    (Role.CLIENT, State.HANDSHAKE_SENT, "recv:refused"): State.CLOSED,
-    (Role.CLIENT, State.READY, "send:run"): State.READY,
-    (Role.CLIENT, State.READY, "send:ping"): State.READY,
-    (Role.CLIENT, State.READY, "send:open"): State.READY,
-    (Role.CLIENT, State.READY, "send:prefill"): State.READY,
-    (Role.CLIENT, State.READY, "send:step"): State.READY,
-    (Role.CLIENT, State.READY, "send:end"): State.READY,
-    (Role.CLIENT, State.READY, "recv:opened"): State.READY,
-    (Role.CLIENT, State.READY, "recv:token"): State.READY,
-    (Role.CLIENT, State.READY, "recv:ended"): State.READY,
-    (Role.CLIENT, State.READY, "recv:result"): State.READY,
-    (Role.CLIENT, State.READY, "recv:error"): State.READY,
-    (Role.CLIENT, State.READY, "recv:pong"): State.READY,
-    (Role.CLIENT, State.READY, "send:close"): State.CLOSED,
-    (Role.CLIENT, State.READY, "recv:close"): State.CLOSED,
-    (Role.SERVER, State.AWAIT_HELLO, "recv:hello"): State.READY,
-    (Role.SERVER, State.AWAIT_HELLO, "send:refused"): State.CLOSED,
-    (Role.SERVER, State.READY, "recv:run"): State.READY,
-    (Role.SERVER, State.READY, "recv:ping"): State.READY,
-    (Role.SERVER, State.READY, "recv:open"): State.READY,
-    (Role.SERVER, State.READY, "recv:prefill"): State.READY,
-    (Role.SERVER, State.READY, "recv:step"): State.READY,
-    (Role.SERVER, State.READY, "recv:end"): State.READY,
-    (Role.SERVER, State.READY, "send:opened"): State.READY,
-    (Role.SERVER, State.READY, "send:token"): State.READY,
-    (Role.SERVER, State.READY, "send:ended"): State.READY,
-    (Role.SERVER, State.READY, "send:result"): State.READY,
-    (Role.SERVER, State.READY, "send:error"): State.READY,
-    (Role.SERVER, State.READY, "send:pong"): State.READY,
-    (Role.SERVER, State.READY, "send:close"): State.CLOSED,
-    (Role.SERVER, State.READY, "recv:close"): State.CLOSED,
-}
-
-
-# -- events -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Event:
-    """Base class of what ``receive`` reports."""
-
-
-@dataclass(frozen=True)
-class HandshakeComplete(Event):
-    peer_public: bytes  # the peer's static key (the server learns the device's here)
-    bundle: str  # bundle identity
-    version: str  # bundle version of the peer
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RunRequest(Event):
-    request_id: int
-    tensors: tuple[tuple[str, EncodedTensor], ...]
-
-
-@dataclass(frozen=True)
-class InvalidRequest(Event):
-    """A run request whose tensors are malformed; it gets a "payload" error reply."""
-
-    request_id: int
-    message: str
-
-
-@dataclass(frozen=True)
-class RunResult(Event):
-    request_id: int
-    tensors: tuple[tuple[str, EncodedTensor], ...]
-    server_ms: float
-
-
-@dataclass(frozen=True)
-class ErrorReply(Event):
-    request_id: int | None
-    code: str
-    message: str
-
-    def to_exception(self) -> Exception:
-        if self.code == "overloaded":
-            return Overloaded(f"edge server overloaded: {self.message}")
-        if self.code == "payload":
-            return PayloadError(f"edge server rejected the tensors: {self.message}")
-        if self.code in ("unknown_bundle", "version_mismatch"):
-            return VersionMismatch(self.message)
-        if self.code == "session_lost":
-            return SessionLost(f"edge server lost the session: {self.message}")
-        if self.code == "session":
-            return SessionError(f"edge server refused the session message: {self.message}")
-        if self.code in ("timeout", "shutting_down", "internal"):
-            # The server could not answer this time: the client may retry or fall back.
-            return ServerBusy(f"edge server could not answer ({self.code}): {self.message}")
-        return RemoteProtocolError(f"edge server error ({self.code}): {self.message}")
-
-
-@dataclass(frozen=True)
-class SessionOpen(Event):
-    """Open a generation session: tail KV cache on the server, sampling settings."""
-
-    request_id: int
-    sampling: dict[str, Any]
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """``n`` new positions and the crossing tensors the head produced for them."""
-
-    n: int
-    tensors: tuple[tuple[str, EncodedTensor], ...]
-
-
-@dataclass(frozen=True)
-class SessionFeed(Event):
-    """Prefill (one or more chunks) or one decode step at position ``pos``."""
-
-    request_id: int
-    kind: str  # "prefill" or "step"
-    session: int
-    pos: int
-    chunks: tuple[Chunk, ...]
-
-
-@dataclass(frozen=True)
-class SessionEnd(Event):
-    request_id: int
-    session: int
-
-
-@dataclass(frozen=True)
-class SessionOpened(Event):
-    request_id: int
-    session: int
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class TokenResult(Event):
-    """The token sampled after a prefill or step; ``pos`` is the session length now."""
-
-    request_id: int
-    session: int
-    pos: int
-    token: int
-    server_ms: float
-
-
-@dataclass(frozen=True)
-class SessionEnded(Event):
-    request_id: int
-    session: int
-
-
-@dataclass(frozen=True)
-class Ping(Event):
-    request_id: int
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class Pong(Event):
-    request_id: int
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class CloseRequested(Event):
-    reason: str
-
-
-# -- strict msgpack -------------------------------------------------------------------------------
-
-
-def truncate_utf8(text: str, limit: int = MAX_STR) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes (peers count bytes, not characters)."""
-    data = text.encode("utf-8")
-    if len(data) <= limit:
-        return text
-    return data[:limit].decode("utf-8", errors="ignore")
-
-
-def _pairs_no_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    result: dict[Any, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise RemoteProtocolError(f"duplicate key {key!r} in a message map")
-        result[key] = value
-    return result
-
-
-def _ext_forbidden(code: int, data: bytes) -> Any:
-    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
-
-
-def unpack(data: bytes | bytearray | memoryview, *, max_bin: int) -> dict[str, Any]:
-    """Decode one message map with strict limits; any violation is a RemoteProtocolError."""
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            object_pairs_hook=_pairs_no_duplicates,
-            ext_hook=_ext_forbidden,
-            max_bin_len=max_bin,
-            max_str_len=MAX_STR,
-            max_array_len=MAX_ARRAY,
-            max_map_len=MAX_MAP,
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
-    except (
-        ValueError,
-        TypeError,
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-        UnicodeDecodeError,
-    ) as exc:
-        raise RemoteProtocolError(f"malformed msgpack message ({type(exc).__name__})") from None
-    if not isinstance(obj, dict):
-        raise RemoteProtocolError("a message must be a msgpack map")
-    return obj
-
-
-def pack(obj: Mapping[str, Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-ZERO_COPY_BIN = 1 << 14  # bytes-like values at least this big are not copied by pack_parts
-_PACKER = msgpack.Packer(use_bin_type=True)
-
-
-def pack_parts(obj: Any) -> list[bytes | bytearray | memoryview]:
-    """The msgpack encoding of ``obj`` as a list of buffers whose concatenation equals
-    ``pack(obj)`` byte for byte; large bytes-like values are referenced, not copied.
-
-    Tensor payloads (megabytes) then go from the array's memory straight into encryption
-    (:meth:`edgeoffload.core.noise.Transport.encrypt_parts`) instead of being copied into a
-    msgpack buffer first.
-    """
-    parts: list[bytes | bytearray | memoryview] = []
-    small = bytearray()
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            small.extend(_PACKER.pack_map_header(len(value)))
-            for key, item in value.items():
-                small.extend(_PACKER.pack(key))
-                walk(item)
-        elif isinstance(value, list | tuple):
-            small.extend(_PACKER.pack_array_header(len(value)))
-            for item in value:
-                walk(item)
-        elif isinstance(value, bytes | bytearray | memoryview):
-            size = value.nbytes if isinstance(value, memoryview) else len(value)
-            if size < ZERO_COPY_BIN:
-                small.extend(_PACKER.pack(bytes(value)))
-                return
-            # bin 16 / bin 32 headers, exactly as msgpack writes them for these sizes
-            small.extend(
-                struct.pack(">BH", 0xC5, size) if size < 1 << 16 else struct.pack(">BI", 0xC6, size)
-            )
-            parts.append(bytes(small))
-            small.clear()
-            parts.append(value)
-        else:
-            small.extend(_PACKER.pack(value))
-
-    walk(obj)
-    if small or not parts:
-        parts.append(bytes(small))
-    return parts
-
-
-class _Message:
-    """Typed, strict accessors over a decoded map (unknown keys are an error)."""
-
-    def __init__(self, data: dict[str, Any], what: str) -> None:
-        self.data = data
-        self.what = what
-        self.seen: set[str] = set()
-
-    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            if optional:
-                return None
-            raise RemoteProtocolError(f"{self.what}: missing field {key!r}")
-        value = self.data[key]
-        if isinstance(value, bool) and kind is int:
-            raise RemoteProtocolError(f"{self.what}: field {key!r} must be an integer")
-        if not isinstance(value, kind):
-            raise RemoteProtocolError(f"{self.what}: field {key!r} has the wrong type")
-        return value
-
-    def request_id(self, key: str = "id") -> int:
-        value = self.get(key, int)
-        if not 0 <= value <= MAX_REQUEST_ID:
-            raise RemoteProtocolError(f"{self.what}: request id out of range")
-        return int(value)
-
-    def done(self) -> None:
-        extra = set(self.data) - self.seen
-        if extra:
-            raise RemoteProtocolError(f"{self.what}: unknown field(s) {sorted(map(str, extra))}")
-
-
-def encode_tensors(tensors: Sequence[tuple[str, EncodedTensor]]) -> list[dict[str, Any]]:
-    """Tensor maps for a message; "data" comes last so that pack_parts can stream it."""
-    items = []
-    for name, t in tensors:
-        item: dict[str, Any] = {
-            "name": name,
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "codec": t.codec,
-        }
-        if t.scales:
-            item["scales"] = t.scales
-        item["data"] = t.data
-        items.append(item)
-    return items
-
-
-def decode_tensors(raw: Any, what: str) -> tuple[tuple[str, EncodedTensor], ...]:
-    """Structural checks only; byte lengths are checked by codec.decode and the manifest."""
-    if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
-        raise RemoteProtocolError(f"{what}: 'tensors' must be a list of at most {MAX_TENSORS}")
-    out: list[tuple[str, EncodedTensor]] = []
-    names: set[str] = set()
-    for entry in raw:
-        if not isinstance(entry, dict):
-            raise RemoteProtocolError(f"{what}: each tensor must be a map")
-        m = _Message(entry, f"{what} tensor")
-        name = m.get("name", str)
-        dtype = m.get("dtype", str)
-        shape = m.get("shape", list)
-        codec = m.get("codec", str)
-        data = m.get("data", bytes)
-        scales = m.get("scales", bytes, optional=True) or b""
-        m.done()
-        if name in names:
-            raise PayloadError(f"tensor {name!r} appears twice")
-        names.add(name)
-        if dtype not in ALLOWED_DTYPES:
-            raise PayloadError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
-        if len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
-            raise PayloadError(f"tensor {name!r}: shape must be at most {MAX_DIMS} ints >= 0")
-        out.append((name, EncodedTensor(dtype, tuple(shape), codec, data, scales)))
-    return tuple(out)
-
-
-def check_against_specs(
-    tensors: Sequence[tuple[str, EncodedTensor]],
-    specs: Sequence[TensorSpec],
-    *,
-    codec_for: Callable[[str], str],
-    fixed_dims: Mapping[str, int] | None = None,
-) -> None:
-    """The tensors must be exactly the declared ones, with matching dtype, shape and codec.
-
-    Symbolic dims must agree across tensors (every ``batch`` has one value); dims named in
-    ``fixed_dims`` must equal that value. Byte lengths are then checked by ``codec.decode``.
-    """
-    match_specs(
-        [(name, t.dtype, t.shape) for name, t in tensors],
-        specs,
-        error=PayloadError,
-        fixed_dims=fixed_dims,
-    )
-    for name, t in tensors:
-        wanted = codec_for(t.dtype)
-        if t.codec != wanted:
-            raise PayloadError(f"tensor {name!r}: codec {t.codec!r}, the bundle uses {wanted!r}")
-
-
-# -- TAI64N timestamps (handshake replay protection, as WireGuard) ------------------------------
+# -- field checks ----------------------------------------------------------------------------------
 
 
 def _count(value: int) -> int:
@@ -487,7 +107,7 @@ def _decode_chunks(raw: list[Any]) -> tuple[Chunk, ...]:
     for item in raw:
         if not isinstance(item, dict):
             raise RemoteProtocolError("a prefill chunk must be a map")
-        c = _Message(item, "prefill chunk")
+        c = StrictMap(item, "prefill chunk")
         n = _count(c.get("n", int))
         if n == 0:
             raise RemoteProtocolError("a prefill chunk must carry at least one position")
@@ -501,6 +121,9 @@ def _milliseconds(value: Any) -> float:
     if isinstance(value, bool) or not 0 <= value < 1e9:
         raise RemoteProtocolError("server_ms must be a non-negative number")
     return float(value)
+
+
+# -- TAI64N timestamps (handshake replay protection, as WireGuard) ------------------------------
 
 
 def tai64n(time_ns: int) -> bytes:
@@ -544,11 +167,7 @@ class _Connection:
         self._transport: Transport | None = None
 
     def _transition(self, action: str) -> None:
-        key = (self.role, self.state, action)
-        if key not in TRANSITIONS:
-            error = LocalProtocolError if action.startswith("send:") else RemoteProtocolError
-            raise error(f"{action.split(':')[1]!r} is not allowed in state {self.state.value}")
-        self.state = TRANSITIONS[key]
+        self.state = next_state(self.role, self.state, action)
 
     def data_to_send(self) -> list[bytes | bytearray]:
         """Websocket binary messages to send, in order."""
@@ -645,7 +264,7 @@ class ClientConnection(_Connection):
             return [self._receive_welcome(data)]
         if self.state is not State.READY:
             raise LocalProtocolError(f"cannot receive in state {self.state.value}")
-        m = _Message(self._decrypt(data), "server message")
+        m = StrictMap(self._decrypt(data), "server message")
         kind = m.get("t", str)
         event: Event
         if kind == "result":
@@ -686,13 +305,13 @@ class ClientConnection(_Connection):
         return [event]
 
     def _receive_welcome(self, data: bytes | bytearray) -> Event:
-        envelope = _Message(unpack(data, max_bin=4096), "handshake reply")
+        envelope = StrictMap(unpack(data, max_bin=4096), "handshake reply")
         if envelope.get("v", int) != PROTOCOL_VERSION:
             raise RemoteProtocolError("server speaks another protocol version")
         noise_msg = envelope.get("noise", bytes)
         envelope.done()
         payload = self._hs.read_message(noise_msg)
-        reply = _Message(unpack(payload, max_bin=4096), "handshake reply payload")
+        reply = StrictMap(unpack(payload, max_bin=4096), "handshake reply payload")
         ok = reply.get("ok", bool)
         server_version = reply.get("version", str, optional=True)
         if not ok:
@@ -811,7 +430,7 @@ class ServerConnection(_Connection):
             return [self._receive_hello(data)]
         if self.state is not State.READY:
             raise LocalProtocolError(f"cannot receive in state {self.state.value}")
-        m = _Message(self._decrypt(data), "device message")
+        m = StrictMap(self._decrypt(data), "device message")
         kind = m.get("t", str)
         event: Event
         if kind == "run":
@@ -861,7 +480,7 @@ class ServerConnection(_Connection):
 
     def _accept_hello(self, data: bytes | bytearray) -> Event:
         """Every authentication failure is the same opaque error."""
-        envelope = _Message(unpack(data, max_bin=4096), "handshake")
+        envelope = StrictMap(unpack(data, max_bin=4096), "handshake")
         if envelope.get("v", int) != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"protocol version must be {PROTOCOL_VERSION}")
         protocol = envelope.get("proto", str)
@@ -883,7 +502,7 @@ class ServerConnection(_Connection):
         # even whether its payload was well-formed.
         if peer is None or not self._is_allowed(peer):
             raise AuthenticationFailed()
-        hello = _Message(unpack(payload, max_bin=64), "handshake payload")
+        hello = StrictMap(unpack(payload, max_bin=64), "handshake payload")
         timestamp = hello.get("ts", bytes)
         version = hello.get("version", str)
         hello.get("agent", str)

@@ -9,7 +9,7 @@ feeding its own KV cache back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,15 @@ from edgeoffload.bundle import Bundle
 from edgeoffload.core.costmodel import Constraints
 from edgeoffload.core.decoder import DecoderLayout, block_of
 from edgeoffload.core.gencost import (
+    GenerationPlan,
     GenerationReport,
     GenerationWorkload,
     PhaseInputs,
     plan_generation,
 )
 from edgeoffload.errors import GraphError, UsageError
-from edgeoffload.split.splitter import Analysis, split_model
+from edgeoffload.split.analysis import Analysis
+from edgeoffload.split.splitter import split_model
 from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile
 
 # Files of a Hugging Face / optimum export folder that the device needs to generate text.
@@ -139,6 +141,37 @@ class DecoderAnalysis:
             codec=codec,
             constraints=constraints,
         )
+
+
+def decoder_codec(codec: str) -> tuple[str, list[str]]:
+    """The codec a decoder is split with when ``codec`` is asked for, and notes for the user.
+
+    "auto" means "none": a lossy codec would change the generated tokens.
+    """
+    if codec == "auto":
+        return "none", []
+    if codec != "none":
+        return codec, [f"codec {codec}: tokens may differ from the unsplit model"]
+    return codec, []
+
+
+def choose_decoder_plan(
+    report: GenerationReport, head_layers: int | None
+) -> tuple[GenerationPlan, list[str]]:
+    """The plan to split at, and notes: the report's best, unless ``head_layers`` forces one
+    (the plan with that many blocks on the device, feasible or not)."""
+    if head_layers is None:
+        return report.best, []
+    check_head_layers(head_layers, [p.head_layers for p in report.plans])
+    forced = next(p for p in report.plans if p.head_layers == head_layers)
+    return forced, [f"cut forced with --head-layers {head_layers}"]
+
+
+def check_head_layers(head_layers: int | None, blocks: Iterable[int | None]) -> None:
+    """Reject a ``--head-layers`` that is not one of the decoder's block cuts."""
+    choices = sorted(b for b in blocks if b is not None)
+    if head_layers is not None and head_layers not in choices:
+        raise UsageError(f"--head-layers {head_layers}: choose one of {choices}")
 
 
 def split_decoder(

@@ -16,45 +16,57 @@ layer. Rules that keep cuts safe:
 ``onnx.utils.Extractor`` is not used for sub-models: it needs full shape inference and its
 node lookup is quadratic, which is too slow for LLM graphs with thousands of nodes; instead
 nodes are indexed by output name once (see :meth:`ModelGraph.extract`).
+
+The graph works on a ModelProto it is given; reading and checking model files is
+:mod:`edgeoffload.split.loading`. A decoder's KV-cache state pairs are found by the exporters'
+names in :mod:`edgeoffload.core.decoder`.
 """
 
 from __future__ import annotations
 
 import difflib
+import heapq
 import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-from edgeoffload.bundle import sha256_bytes
+from edgeoffload.core.decoder import state_pairs
 from edgeoffload.errors import CutError, GraphError
 from edgeoffload.types import DTYPE_SIZES, CutPoint, Dim, TensorSpec, dim_terms, resolve_dim
 
 log = logging.getLogger("edgeoffload.split.graph")
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-# Ops whose weights make a "layer" for the privacy floor (min head depth).
+# Ops whose weights make a "layer" for the privacy floor (min head depth), quantised weight
+# ops included (int4/int8 exports of LLMs replace MatMul with MatMulNBits and friends).
 PARAMETRIC_OPS = frozenset(
     {
         "Conv",
         "ConvTranspose",
+        "ConvInteger",
         "Gemm",
         "MatMul",
         "MatMulInteger",
+        "MatMulNBits",
+        "MatMulInteger16",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QGemm",
         "QLinearConv",
         "QLinearMatMul",
         "Attention",
+        "QAttention",
         "MultiHeadAttention",
+        "DynamicQuantizeLSTM",
         "LSTM",
         "GRU",
         "RNN",
     }
 )
-MIN_OPSET = 13
 # Ops whose output is a weight when all their inputs are weights (tied/aliased parameters).
 WEIGHT_VIEW_OPS = frozenset({"Identity", "Transpose", "Cast"})
 
@@ -96,8 +108,6 @@ def _spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec | None:
     if dtype is None:
         return None
     tt = vi.type.tensor_type
-    if dtype is None:
-        return None
     if not tt.HasField("shape"):
         return None  # rank unknown: the size comes from a probe run
     dims: list[Dim] = []
@@ -138,33 +148,13 @@ def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
     return graphs
 
 
-_STATE_NAMING = (
-    # (input pattern, output template): optimum / transformers exports of decoders with past.
-    (re.compile(r"past_key_values\.(\d+)\.(key|value)"), "present.{0}.{1}"),
-    (re.compile(r"past_key_values_(\d+)_(key|value)"), "present_{0}_{1}"),
-    (re.compile(r"past\.(\d+)\.(key|value)"), "present.{0}.{1}"),
-)
-
-
-def detect_state_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> dict[str, str]:
-    """KV-cache state pairs (``past_key_values.3.key`` -> ``present.3.key``) by export naming."""
-    present = set(outputs)
-    pairs: dict[str, str] = {}
-    for name in inputs:
-        for pattern, template in _STATE_NAMING:
-            match = pattern.fullmatch(name)
-            if match and template.format(*match.groups()) in present:
-                pairs[name] = template.format(*match.groups())
-                break
-    return pairs
-
-
 class ModelGraph:
     """An ONNX model prepared for cut analysis.
 
     Args:
         model: the model; it is not modified (a normalised copy is kept).
-        sha256: hash of the serialized source model (identifies it in profiles and bundles).
+        sha256: hash of the serialized source model (identifies it in profiles and bundles);
+            :func:`edgeoffload.split.loading.load_model` gives both.
         dims: values for symbolic dimensions, e.g. ``{"batch": 1, "sequence": 128}``. Dims
             whose name contains "batch" default to 1.
     """
@@ -181,7 +171,6 @@ class ModelGraph:
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
         self._serialized: bytes | None = None
-        self._check_opset()
         graph = self.model.graph
         self._name_nodes(graph)
 
@@ -218,7 +207,7 @@ class ModelGraph:
             self.inputs.append(spec)
         self.output_names = [o.name for o in graph.output]
         input_names = [spec.name for spec in self.inputs]
-        pairs = detect_state_pairs(input_names, self.output_names) if state is None else state
+        pairs = state_pairs(input_names, self.output_names) if state is None else state
         for name, out in pairs.items():
             if name not in input_names or out not in self.output_names:
                 raise GraphError(f"state pair {name!r} -> {out!r}: not a graph input/output pair")
@@ -255,64 +244,6 @@ class ModelGraph:
         self._probe: dict[str, TensorSpec] = {}
 
     # -- construction helpers -------------------------------------------------------------
-
-    @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        dims: Mapping[str, int] | None = None,
-        state: Mapping[str, str] | None = None,
-    ) -> ModelGraph:
-        """Read an ONNX file; a non-ONNX, truncated or invalid file raises GraphError."""
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise GraphError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise GraphError(
-                f"{path}: is a directory, expected an .onnx file",
-                hint="export a Hugging Face model dir first: edgeoffload export DIR -o model.onnx",
-            ) from None
-        except OSError as exc:
-            raise GraphError(f"{path}: cannot read ({exc.strerror})") from None
-        model = onnx.ModelProto()
-        try:
-            model.ParseFromString(data)
-        except Exception:
-            raise GraphError(
-                f"{path}: not an ONNX model (protobuf parse failed; truncated or another format)"
-            ) from None
-        if not model.HasField("graph") or len(model.graph.node) == 0:
-            raise GraphError(f"{path}: not an ONNX model (no graph or an empty graph)")
-        try:
-            # The file's own bytes: re-serialising a large model costs seconds.
-            onnx.checker.check_model(data if len(data) < onnx.checker.MAXIMUM_PROTOBUF else model)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GraphError(f"{path}: the ONNX checker rejects this model: {first}") from None
-        if any(t.data_location == 1 for t in model.graph.initializer):
-            onnx.load_external_data_for_model(model, str(path.parent))
-        return cls(model, sha256=sha256_bytes(data), dims=dims, state=state)
-
-    @classmethod
-    def from_model(
-        cls,
-        model: onnx.ModelProto,
-        *,
-        dims: Mapping[str, int] | None = None,
-        state: Mapping[str, str] | None = None,
-    ) -> ModelGraph:
-        return cls(model, sha256=sha256_bytes(model.SerializeToString()), dims=dims, state=state)
-
-    def _check_opset(self) -> None:
-        for opset in self.model.opset_import:
-            if opset.domain in ("", "ai.onnx") and opset.version < MIN_OPSET:
-                raise GraphError(
-                    f"the model uses ONNX opset {opset.version}; opset {MIN_OPSET}+ is required",
-                    hint="convert it with onnx.version_converter.convert_version(model, 17)",
-                )
 
     def serialized(self) -> bytes:
         """The (normalised) model as bytes, computed once: onnxruntime sessions, shape
@@ -374,8 +305,6 @@ class ModelGraph:
             waiting[i] = len(deps)
             for d in deps:
                 dependents.setdefault(d, []).append(i)
-        import heapq
-
         ready = [i for i, count in waiting.items() if count == 0]
         heapq.heapify(ready)
         order: list[int] = []

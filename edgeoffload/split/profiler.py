@@ -213,7 +213,7 @@ def channel_rates(size: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
     decryption + strict unpack (server side), for a ``size``-byte tensor payload."""
     from edgeoffload.core.noise import DEFAULT_PROTOCOL, HandshakeState
     from edgeoffload.keys import KeyPair
-    from edgeoffload.protocol.connection import pack_parts, unpack
+    from edgeoffload.protocol.wire import pack_parts, unpack
 
     server = KeyPair.generate()
     initiator = HandshakeState(

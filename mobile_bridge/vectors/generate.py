@@ -9,8 +9,9 @@ Run from the repository root::
 Everything comes from fixed inputs: static and ephemeral X25519 keys derived from fixed labels,
 a fixed clock (``TIME_NS``), a fixed bundle manifest and fixed tensors. The handshake and the
 transport messages are produced by the real sans-I/O connections
-(:class:`edgeoffload.protocol.connection.ClientConnection` / :class:`~edgeoffload.protocol.connection.ServerConnection`,
-with ``ephemeral=`` and ``time_ns=`` pinned), and every byte is cross-checked against a second,
+(:class:`edgeoffload.protocol.connection.ClientConnection` /
+:class:`~edgeoffload.protocol.connection.ServerConnection`, with ``ephemeral=`` and ``time_ns=``
+pinned), and every byte is cross-checked against a second,
 independent run of the bare Noise primitives (:mod:`edgeoffload.core.noise`) before it is written.
 The file is never edited by hand: change the code, rerun this script, review the diff.
 """
@@ -35,30 +36,32 @@ from edgeoffload.errors import VersionMismatch
 from edgeoffload.keys import KeyPair, encode_public, fingerprint
 from edgeoffload.manifest import Manifest, PartInfo
 from edgeoffload.protocol.connection import (
-    MAX_STR,
     PROLOGUE_PREFIX,
     PROTOCOL_VERSION,
-    Chunk,
     ClientConnection,
+    HostedBundle,
+    ReplayGuard,
+    ServerConnection,
+    prologue,
+    tai64n,
+)
+from edgeoffload.protocol.events import (
+    Chunk,
     CloseRequested,
     ErrorReply,
     HandshakeComplete,
-    HostedBundle,
     Ping,
     Pong,
-    ReplayGuard,
     RunRequest,
     RunResult,
-    ServerConnection,
     SessionEnd,
     SessionEnded,
     SessionFeed,
     SessionOpen,
     SessionOpened,
     TokenResult,
-    prologue,
-    tai64n,
 )
+from edgeoffload.protocol.wire import MAX_STR
 from edgeoffload.types import TensorSpec
 
 OUTPUT = Path(__file__).resolve().parent / "protocol-v1.json"

@@ -1,0 +1,119 @@
+"""``bench``: run one of the benchmarks in edgeoffload.lab and print its summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from edgeoffload.cli._analysis import resolve_model
+from edgeoffload.cli._options import CodecOpt, DimOpt, ThreadsOpt, parse_dims
+from edgeoffload.cli._render import err, out, print_bench, progress_bar
+from edgeoffload.errors import UsageError
+
+if TYPE_CHECKING:
+    from edgeoffload.lab.stats import Record
+
+BENCHMARKS = ("cost-accuracy", "overhead", "throughput", "server", "lab", "generate")
+
+
+def bench(
+    scenario: Annotated[
+        str,
+        typer.Argument(help="cost-accuracy, overhead, throughput, server, lab or generate."),
+    ],
+    model: Annotated[
+        str, typer.Option("--model", help="Model for cost-accuracy (path or zoo:NAME).")
+    ] = "zoo:mobilenetv2",
+    dim: DimOpt = None,
+    threads: ThreadsOpt = 1,
+    runs: Annotated[int, typer.Option("--runs", min=3, help="Timed runs / requests.")] = 15,
+    codec: CodecOpt = "none",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write the result JSON here.")
+    ] = None,
+    head_layers: Annotated[
+        int | None, typer.Option("--head-layers", min=0, help="generate: blocks on the device.")
+    ] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", min=1, help="generate: prompt length.")
+    ] = 128,
+    new_tokens: Annotated[
+        int, typer.Option("--new-tokens", min=2, help="generate: tokens per reply.")
+    ] = 64,
+    network: Annotated[
+        str | None,
+        typer.Option("--network", help="generate: emulate this link (default: loopback)."),
+    ] = None,
+) -> None:
+    """Run a benchmark and print its summary (JSON with -o).
+
+    cost-accuracy: predicted vs measured head/tail times over every single-tensor cut.
+    overhead: per-request framework overhead on loopback for 4 KiB, 256 KiB, 4 MiB tensors.
+    throughput: encode+encrypt+decrypt+decode GB/s of a 4 MiB tensor per Noise suite.
+    server: requests/s and p50/p99 of one edge server under 1, 8, 32, 64 devices vs direct ORT.
+    lab: every model x link x device scenario on emulated devices and links (long; see
+    benchmarks/lab.py for plots and the README table).
+    generate: split vs unsplit decoder generation (--model zoo:smollm2): decode tokens/s,
+    TTFT, bytes per token, memory; the server in its own process.
+    """
+    # The benchmarks load onnxruntime and websockets, some onnx: imported only to run one.
+    from edgeoffload.lab import bench as bench_mod
+
+    if scenario not in BENCHMARKS:
+        raise UsageError(
+            f"unknown benchmark {scenario!r}", hint=f"choose one of {', '.join(BENCHMARKS)}"
+        )
+    result: Record
+    if scenario == "cost-accuracy":
+        with progress_bar() as progress:
+            result = bench_mod.cost_accuracy(
+                resolve_model(model),
+                threads=threads,
+                runs=runs,
+                dims=parse_dims(dim),
+                progress=progress,
+            )
+    elif scenario == "overhead":
+        result = bench_mod.offload_overhead(requests=max(runs, 20), codec=codec)
+    elif scenario == "server":
+        from edgeoffload.lab.loadtest import server_throughput
+
+        result = server_throughput(resolve_model(model), threads=threads)
+    elif scenario == "generate":
+        from edgeoffload.lab.genbench import bench_generation, format_result
+
+        model_path = resolve_model(model if model != "zoo:mobilenetv2" else "zoo:smollm2")
+        if not isinstance(model_path, Path):
+            raise UsageError("generate needs a decoder model: a path or zoo:smollm2/tiny-llama")
+        result = bench_generation(
+            model_path,
+            head_layers=head_layers,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            runs=max(1, runs // 5),
+            threads=threads,
+            network=network,
+        )
+        _write_bench(result, output)
+        for line in format_result(result):
+            out.print(line)
+        return
+    elif scenario == "lab":
+        from edgeoffload.lab.scenarios import run_lab
+
+        result = run_lab(repeats=max(3, runs // 3), progress=lambda what: err.print(what))
+    else:
+        result = bench_mod.pipeline_throughput()
+    print_bench(_write_bench(result, output))
+
+
+def _write_bench(result: Record, output: Path | None) -> dict[str, Any]:
+    """The result as JSON data, written to ``output`` when one is given."""
+    data: dict[str, Any] = result.to_dict()
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(data, indent=1) + "\n")
+    return data

@@ -1,0 +1,102 @@
+"""``serve``: the edge server, serving bundle tails to allow-listed devices."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgeoffload.bundle import load_bundle
+from edgeoffload.cli._options import ThreadsOpt
+from edgeoffload.cli._render import out
+from edgeoffload.core.presets import parse_size
+from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.keys import load_identity
+
+
+def serve(
+    bundles: Annotated[list[Path], typer.Argument(help="Bundle folders whose tails to serve.")],
+    key: Annotated[Path, typer.Option("--key", help="Server key folder (keys generate).")],
+    allow: Annotated[Path, typer.Option("--allow", help="Authorized device keys: file or folder.")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port (0: any free port).")
+    ] = 8765,
+    threads: ThreadsOpt = 1,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Concurrent tail runs (0: CPUs).")
+    ] = 0,
+    max_inflight: Annotated[
+        int,
+        typer.Option("--max-inflight", min=0, help="Requests accepted at once (0: 4 x workers)."),
+    ] = 0,
+    idle_timeout: Annotated[
+        float, typer.Option("--idle-timeout", help="Seconds before a silent device is dropped.")
+    ] = 120.0,
+    kv_budget: Annotated[
+        str,
+        typer.Option("--kv-budget", help="Decoders: KV-cache memory for all sessions (LRU)."),
+    ] = "1GiB",
+    session_ttl: Annotated[
+        float, typer.Option("--session-ttl", help="Decoders: seconds an idle session is kept.")
+    ] = 600.0,
+    max_context: Annotated[
+        int, typer.Option("--max-context", min=1, help="Decoders: positions per session.")
+    ] = 4096,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option("--ready-file", help="Once listening, write host, port and pid here (JSON)."),
+    ] = None,
+) -> None:
+    """Serve bundle tails to allow-listed devices over the encrypted protocol.
+
+    Decoder bundles are served as generation sessions: the tail's KV cache of each
+    conversation stays here (bounded by --kv-budget, --session-ttl and --max-context).
+    """
+    # numpy, onnxruntime, websockets: loaded only when a server starts, not for --help.
+    from edgeoffload.edge.server import EdgeServer, ServerConfig
+
+    loaded = [load_bundle(b) for b in bundles]
+    identity = load_identity(key)
+    allow_list = AllowList(allow)
+    config = ServerConfig(
+        host=host,
+        port=port,
+        threads=threads,
+        workers=workers,
+        max_inflight=max_inflight,
+        idle_timeout=idle_timeout,
+        kv_budget=parse_size(kv_budget),
+        session_ttl=session_ttl,
+        max_context=max_context,
+    )
+
+    async def main_loop() -> None:
+        server = EdgeServer(loaded, identity=identity, allow=allow_list, config=config)
+        await server.start()
+        out.print(
+            f"serving {len(loaded)} bundle(s) on ws://{host}:{server.port} "
+            f"(key {identity.fingerprint}, {len(allow_list)} device key(s) allowed); "
+            f"GET /healthz for status; SIGTERM drains and stops"
+        )
+        if ready_file is not None:  # for scripts: the port, without parsing the line above
+            ready = {"host": host, "port": server.port, "pid": os.getpid()}
+            partial = ready_file.with_name(ready_file.name + ".partial")
+            partial.write_text(json.dumps(ready))
+            os.replace(partial, ready_file)  # atomic: a reader never sees half a file
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, allow_list.try_reload)
+        await stop.wait()
+        out.print("draining in-flight requests…")
+        await server.shutdown()
+        out.print(f"stopped: {server.stats.results} results, errors {server.stats.errors}")
+
+    asyncio.run(main_loop())

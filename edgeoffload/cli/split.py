@@ -1,0 +1,383 @@
+"""Commands on the splitting side: ``cuts``, ``profile``, ``split``, ``inspect``, ``export``.
+
+The split machinery (edgeoffload.split, edgeoffload.lab.plots, the converters) imports onnx,
+matplotlib or torch, so each command imports it inside: `edgeoffload --help` stays fast and a
+missing extra becomes MissingExtra (see _extras.py), not an import error at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgeoffload.bundle import load_bundle
+from edgeoffload.cli._analysis import analysis_of, profiles_for, resolve_model
+from edgeoffload.cli._options import (
+    CodecOpt,
+    DeviceClassOpt,
+    DeviceProfileOpt,
+    DimOpt,
+    InputOpt,
+    ModelArg,
+    NetworkOpt,
+    ServerProfileOpt,
+    ThreadsOpt,
+)
+from edgeoffload.cli._render import (
+    cut_table,
+    decision_lines,
+    decoder_summary_lines,
+    decoder_table,
+    err,
+    manifest_lines,
+    out,
+    print_notes,
+    progress_bar,
+    verification_line,
+)
+from edgeoffload.core.costmodel import Constraints
+from edgeoffload.core.presets import device_slowdown, parse_link, parse_size
+from edgeoffload.errors import UsageError
+from edgeoffload.types import LinkProfile
+
+
+def cuts(
+    model: ModelArg,
+    dim: DimOpt = None,
+    input_path: InputOpt = None,
+    network: NetworkOpt = "wifi",
+    device_profile: DeviceProfileOpt = None,
+    server_profile: ServerProfileOpt = None,
+    device: DeviceClassOpt = "phone",
+    codec: CodecOpt = "auto",
+    threads: ThreadsOpt = 1,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List every cut, not only layer boundaries.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the places MODEL can be cut, with bytes and predicted costs."""
+    analysis = analysis_of(model, dim, input_path)
+    dev, srv, notes = profiles_for(
+        analysis,
+        device_profile=device_profile,
+        server_profile=server_profile,
+        device_class=device,
+        threads=threads,
+    )
+    report = analysis.plan(device=dev, server=srv, link=parse_link(network), codec=codec)
+    if as_json:
+        payload = {
+            "model": analysis.source_name,
+            "sha256": analysis.graph.sha256,
+            "layer_structure": analysis.graph.has_layer_structure,
+            "report": report.to_dict(),
+            "cuts": [{**p.cut.to_dict(), "plan": p.to_dict()} for p in report.plans],
+        }
+        out.print_json(json.dumps(payload))
+        return
+    print_notes(notes)
+    if not show_all and not analysis.graph.has_layer_structure:
+        show_all = True
+        err.print("node names carry no layer structure: listing every cut")
+    out.print(cut_table(report, analysis, show_all))
+    if not show_all:
+        shown = sum(1 for p in report.plans if p.cut.boundary)
+        out.print(f"{shown} layer-boundary cuts of {len(report.plans)}; --all lists every cut")
+    for line in decision_lines(report):
+        out.print(line)
+
+
+def profile(
+    model: ModelArg,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")
+    ],
+    dim: DimOpt = None,
+    input_path: InputOpt = None,
+    threads: ThreadsOpt = 1,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per measurement.")] = 10,
+    name: Annotated[
+        str, typer.Option("--name", help="Name recorded in the profile.")
+    ] = "this-machine",
+) -> None:
+    """Measure MODEL's per-node and calibrated head times on this machine."""
+    from edgeoffload.split.profiler import save_profile  # imports onnx
+
+    analysis = analysis_of(model, dim, input_path)
+    with progress_bar() as progress:
+        started = time.perf_counter()
+        prof = analysis.profile(threads=threads, runs=runs, name=name, progress=progress)
+    save_profile(prof, output)
+    full = prof.calibration[-1].measured_ms if prof.calibration else float("nan")
+    out.print(
+        f"profile of {analysis.source_name} on {prof.machine}: full model {full:.2f} ms with "
+        f"{threads} thread(s), {len(prof.node_ms)} nodes, measured in "
+        f"{time.perf_counter() - started:.1f} s -> {output}"
+    )
+
+
+def split(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle folder to write.")],
+    dim: DimOpt = None,
+    input_path: InputOpt = None,
+    network: NetworkOpt = "wifi",
+    device_profile: DeviceProfileOpt = None,
+    server_profile: ServerProfileOpt = None,
+    device: DeviceClassOpt = "phone",
+    objective: Annotated[str, typer.Option("--objective", help="latency or energy.")] = "latency",
+    max_device_memory: Annotated[
+        str | None,
+        typer.Option("--max-device-memory", help="e.g. 64MiB: head weights + peak activations."),
+    ] = None,
+    min_head_depth: Annotated[
+        int,
+        typer.Option(
+            "--min-head-depth", min=0, help="Parametric layers that must stay on the device."
+        ),
+    ] = 0,
+    codec: CodecOpt = "auto",
+    cut: Annotated[
+        str | None, typer.Option("--cut", help="Force a cut: id (c42), node or tensor name.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write predicted costs per cut as PNG.")
+    ] = None,
+    threads: ThreadsOpt = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as JSON.")] = False,
+    head_layers: Annotated[
+        int | None,
+        typer.Option(
+            "--head-layers", min=0, help="Decoders: force this many blocks on the device."
+        ),
+    ] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", min=1, help="Decoders: typical prompt length.")
+    ] = 128,
+    new_tokens: Annotated[
+        int, typer.Option("--new-tokens", min=1, help="Decoders: typical reply length.")
+    ] = 64,
+) -> None:
+    """Choose a cut for MODEL, split it, verify the halves and write a bundle.
+
+    MODEL is an ONNX file, zoo:NAME, or a folder (an export with model.onnx, or a Hugging Face
+    decoder folder, exported with past key values first). Decoder LLMs are cut between blocks
+    and priced for a reply (--prompt-tokens, --new-tokens); each side keeps its KV cache.
+    """
+    from edgeoffload.split.splitter import split_model  # imports onnx
+
+    started = time.perf_counter()
+    constraints = Constraints(
+        max_device_memory=parse_size(max_device_memory) if max_device_memory else None,
+        min_head_depth=min_head_depth,
+    )
+    link = parse_link(network)
+    resolved = resolve_model(model)
+    if _is_decoder(resolved):
+        _split_decoder(
+            resolved,
+            output,
+            link=link,
+            device_class=device,
+            threads=threads,
+            constraints=constraints,
+            codec=codec,
+            head_layers=head_layers,
+            cut=cut,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            as_json=as_json,
+            started=started,
+        )
+        return
+    if head_layers is not None:
+        raise UsageError("--head-layers is for decoder LLMs; use --cut for other models")
+    analysis = analysis_of(model, dim, input_path)
+    chosen_cut = analysis.graph.find_cut(cut, analysis.cuts) if cut else None
+    dev, srv, notes = profiles_for(
+        analysis,
+        device_profile=device_profile,
+        server_profile=server_profile,
+        device_class=device,
+        threads=threads,
+    )
+    report = analysis.plan(
+        device=dev, server=srv, link=link, codec=codec, objective=objective, constraints=constraints
+    )
+    plan = report.best
+    if chosen_cut is not None:
+        plan = next(p for p in report.plans if p.cut.index == chosen_cut.index)
+        notes.append(f"cut forced with --cut {cut}")
+        if not plan.feasible:
+            raise UsageError(f"--cut {cut}: {plan.why_infeasible}")
+        report = replace(report, best=plan)
+    with progress_bar() as progress:
+        if progress:
+            progress(f"splitting at {plan.cut.id} and verifying", 0.5)
+        bundle = split_model(analysis, plan.cut, output, codec=plan.codec, report=report)
+    elapsed = time.perf_counter() - started
+    if plot is not None:
+        from edgeoffload.lab.plots import plot_costs  # imports matplotlib
+
+        plot_costs(report, plot, title=f"{analysis.source_name}: predicted latency per cut")
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "bundle": str(output),
+                    "seconds": round(elapsed, 3),
+                    "report": report.to_dict(),
+                    "verification": bundle.manifest.verification,
+                }
+            )
+        )
+        return
+    print_notes(notes)
+    for line in decision_lines(report, bundle.path):
+        out.print(line)
+    out.print(f"{verification_line(bundle.manifest.verification)}; split took {elapsed:.1f} s")
+    if plot is not None:
+        out.print(f"plot: {plot}")
+
+
+def _is_decoder(model: Any) -> bool:
+    """An ONNX file whose inputs include a KV cache (read without loading the weights)."""
+    if not isinstance(model, Path) or model.suffix != ".onnx" or not model.is_file():
+        return False
+    import onnx  # the split extra; only a file on disk is read here
+
+    from edgeoffload.core.decoder import state_pairs
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return False  # not ONNX: the one-shot path reports it properly
+    inputs = [i.name for i in proto.graph.input]
+    return bool(state_pairs(inputs, [o.name for o in proto.graph.output]))
+
+
+def _split_decoder(
+    model: Path,
+    output: Path,
+    *,
+    link: LinkProfile,
+    device_class: str,
+    threads: int,
+    constraints: Constraints,
+    codec: str,
+    head_layers: int | None,
+    cut: str | None,
+    prompt_tokens: int,
+    new_tokens: int,
+    as_json: bool,
+    started: float,
+) -> None:
+    """`split` for a decoder LLM: cut between blocks, priced for a reply."""
+    from edgeoffload.core.gencost import GenerationWorkload
+    from edgeoffload.split.decoder_split import (  # imports onnx
+        DecoderAnalysis,
+        check_head_layers,
+        choose_decoder_plan,
+        decoder_codec,
+        split_decoder,
+    )
+
+    if cut is not None:
+        raise UsageError("decoders are cut between blocks: use --head-layers N, not --cut")
+    codec, notes = decoder_codec(codec)
+    with progress_bar() as progress:
+        if progress:
+            progress("analysing the decoder (prefill and decode step)", 0.1)
+        analysis = DecoderAnalysis.of(model, workload=GenerationWorkload(prompt_tokens, new_tokens))
+        check_head_layers(head_layers, analysis.blocks)
+        slowdown = device_slowdown(device_class)
+
+        def profiles(phase: Any) -> tuple[Any, Any]:
+            if progress:
+                progress("profiling this machine", 0.4)
+            measured = phase.profile(threads=threads)
+            device = measured.with_slowdown(slowdown, name=f"{device_class} ({slowdown:g}x)")
+            return device, measured
+
+        report = analysis.plan(profiles=profiles, link=link, codec=codec, constraints=constraints)
+        chosen, forced = choose_decoder_plan(report, head_layers)
+        notes += forced
+        if progress:
+            progress(f"splitting ({chosen.label}) and verifying generation", 0.7)
+        bundle = split_decoder(
+            model,
+            output,
+            head_layers=chosen.head_layers,
+            codec=codec,
+            report=report,
+            analysis=analysis.step,
+        )
+    elapsed = time.perf_counter() - started
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "bundle": str(output),
+                    "seconds": round(elapsed, 3),
+                    "report": report.to_dict(),
+                    "chosen": chosen.to_dict(),
+                    "verification": bundle.manifest.verification,
+                }
+            )
+        )
+        return
+    print_notes(notes)
+    title = (
+        f"{model.name}: {analysis.layout.num_layers} blocks, {prompt_tokens}-token prompt, "
+        f"{new_tokens} new tokens, link {link.name}"
+    )
+    out.print(decoder_table(report, chosen, title=title))
+    for line in decoder_summary_lines(chosen, bundle, elapsed):
+        out.print(line)
+
+
+def inspect(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder written by split.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Verify a bundle's hashes and show its manifest."""
+    bundle = load_bundle(bundle_dir)
+    if as_json:
+        out.print_json(json.dumps(bundle.manifest.to_dict()))
+        return
+    for line in manifest_lines(bundle):
+        out.print(line)
+
+
+def export(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Hugging Face model dir, or 'minilm' for the packaged all-MiniLM-L6-v2."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="optimum task (auto, feature-extraction, text-generation-with-past, ...).",
+        ),
+    ] = "auto",
+) -> None:
+    """Export a Hugging Face model to ONNX (needs the 'convert' extra)."""
+    if source == "minilm":
+        from edgeoffload.converters.minilm import export_minilm  # torch, optimum: heavy
+
+        path = export_minilm(output)
+    else:
+        from edgeoffload.converters.hf_export import export_hf  # torch, optimum: heavy
+
+        path = export_hf(Path(source), output, task=task)
+    out.print(f"exported and validated: {path}")

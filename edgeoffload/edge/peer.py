@@ -1,0 +1,105 @@
+"""One device connection on the edge server: its websocket, protocol state and tasks.
+
+A :class:`Peer` owns the websocket, the sans-I/O :class:`ServerConnection`, the lock that keeps
+each queued message and its bytes together on the socket, and the tasks serving the device's
+requests. Every message goes out through :meth:`Peer.send`, e.g.
+``await peer.send(ServerConnection.send_pong, request_id, pad)``, so requests answered
+concurrently never interleave their frames. The server decides what to answer; the peer only
+carries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec
+
+from websockets.asyncio.server import ServerConnection as WebSocket
+from websockets.exceptions import ConnectionClosed
+
+from edgeoffload.protocol.connection import CLOSE_PROTOCOL, ServerConnection
+from edgeoffload.protocol.events import Event
+
+Args = ParamSpec("Args")
+
+
+class Peer:
+    """The websocket and protocol connection of one device.
+
+    Args:
+        ws: the accepted websocket.
+        connection: the protocol state machine for it.
+        count_error: called with the code of every error reply (the server's statistics).
+    """
+
+    def __init__(
+        self, ws: WebSocket, connection: ServerConnection, count_error: Callable[[str], None]
+    ) -> None:
+        self.ws = ws
+        self.connection = connection
+        self._count_error = count_error
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def public_key(self) -> bytes:
+        """The device's static key (empty before the handshake)."""
+        return self.connection.peer_public or b""
+
+    async def handshake(self, timeout: float) -> Event | None:
+        """Read handshake message 1 and send the connection's answer to it.
+
+        The event is HandshakeComplete, or ErrorReply for a bundle this server does not host;
+        None when the device sent text (the websocket is then closed).
+        """
+        events = await self.receive(timeout)
+        if events is None:
+            return None
+        async with self._send_lock:
+            await self._flush()  # message 2, or the refusal
+        return events[0]
+
+    async def receive(self, timeout: float) -> list[Event] | None:
+        """The events of the device's next message; None when it sent text (then closed)."""
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        if not isinstance(data, bytes):
+            await self.ws.close(CLOSE_PROTOCOL, "binary messages only")
+            return None
+        return self.connection.receive(data)
+
+    async def send(
+        self,
+        queue: Callable[Concatenate[ServerConnection, Args], None],
+        *args: Args.args,
+        **kwargs: Args.kwargs,
+    ) -> None:
+        """Queue a message with ``queue(connection, *args)`` (a ``ServerConnection.send_*``
+        method) and send its bytes, all before any other message's."""
+        async with self._send_lock:
+            queue(self.connection, *args, **kwargs)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        for out in self.connection.data_to_send():
+            await self.ws.send(out)
+
+    async def reply_error(self, request_id: int, code: str, message: str) -> None:
+        """Answer one request with an error; a device that already left gets nothing."""
+        self._count_error(code)
+        with contextlib.suppress(ConnectionClosed):
+            await self.send(ServerConnection.send_error, request_id, code, message)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.ws.close(code, reason)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` concurrently with reading; :meth:`finish` waits for it."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def finish(self) -> None:
+        """Wait for every request still being served (their failures are theirs)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
