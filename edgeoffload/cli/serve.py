@@ -82,7 +82,7 @@ def serve(
         out.print(
             f"serving {len(loaded)} bundle(s) on ws://{host}:{server.port} "
             f"(key {identity.fingerprint}, {len(allow_list)} device key(s) allowed); "
-            f"GET /healthz for status; SIGTERM drains and stops"
+            f"GET /healthz, /readyz, /metrics for status; SIGTERM drains and stops"
         )
         if ready_file is not None:  # for scripts: the port, without parsing the line above
             ready = {"host": host, "port": server.port, "pid": os.getpid()}

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -34,6 +34,7 @@ from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
 from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.edge.metrics import LiveState, ServerStats
 from edgeoffload.edge.peer import Peer
 from edgeoffload.edge.sessions import Session, SessionStore
 from edgeoffload.errors import (
@@ -127,17 +128,30 @@ class _Hosted:
         return self.decoder.kv_bytes_per_token([i for i, _ in self.tail_state])
 
 
-@dataclass
-class ServerStats:
-    connections: int = 0
-    handshakes_ok: int = 0
-    handshakes_rejected: int = 0
-    requests: int = 0
-    results: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+def _respond(
+    connection: ServerConnection, status: HTTPStatus, body: str, content_type: str
+) -> Response:
+    response = connection.respond(status, body)
+    del response.headers["Content-Type"]  # respond() set text/plain; replace, not add
+    response.headers["Content-Type"] = content_type
+    return response
 
-    def error(self, code: str) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
+
+def _request_kind(event: Event) -> str | None:
+    """The kind a device message is counted as (None: not a request, e.g. a close)."""
+    if isinstance(event, RunRequest):
+        return "run"
+    if isinstance(event, SessionOpen):
+        return "open"
+    if isinstance(event, SessionFeed):
+        return event.kind  # prefill or step
+    if isinstance(event, SessionEnd):
+        return "end"
+    if isinstance(event, Ping):
+        return "ping"
+    if isinstance(event, InvalidRequest):
+        return "invalid"
+    return None
 
 
 def _declared_bytes(bundle: Bundle) -> int:
@@ -189,6 +203,16 @@ class EdgeServer:
             ttl=self.config.session_ttl, budget_bytes=self.config.kv_budget
         )
         self.clock: Callable[[], float] = time.monotonic
+        self.stats.watch(
+            LiveState(
+                inflight=lambda: self._inflight,
+                max_inflight=lambda: self.max_inflight,
+                connections_open=lambda: len(self._server.connections) if self._server else 0,
+                sessions=lambda: len(self.sessions),
+                kv_bytes=lambda: self.sessions.nbytes,
+                draining=lambda: int(self._closing),
+            )
+        )
 
     def add_bundle(self, bundle: Bundle) -> None:
         manifest = bundle.manifest
@@ -247,15 +271,19 @@ class EdgeServer:
         return int(sock.getsockname()[1])
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), then close everyone."""
+        """Drain: refuse new work, let in-flight requests finish (bounded), then close everyone.
+
+        The socket keeps listening while draining, so that /readyz and /healthz can say so
+        (new websocket upgrades get 503, new requests on open connections ``shutting_down``).
+        """
         if self._server is None:
             return
         self._closing = True
-        self._server.close(close_connections=False)
         try:
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
         except asyncio.TimeoutError:
             log.warning("drain timeout: %d request(s) still running", self._inflight)
+        self._server.close(close_connections=False)
         for conn in list(self._server.connections):
             await conn.close(CLOSE_SHUTDOWN, "server shutting down")
         await self._server.wait_closed()
@@ -268,23 +296,39 @@ class EdgeServer:
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Plain-HTTP endpoints beside the websocket: /healthz (alive, with load), /readyz
+        (503 while draining, so a load balancer stops sending devices), /metrics
+        (Prometheus). A websocket upgrade while draining is refused with 503."""
         if request.path == "/healthz":
-            body = {
-                "status": "draining" if self._closing else "ok",
-                "bundles": sorted(h.version for h in self.bundles.values()),
-                "inflight": self._inflight,
-                "max_inflight": self.max_inflight,
-            }
-            response = connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
-            del response.headers["Content-Type"]  # respond() set text/plain; replace, not add
-            response.headers["Content-Type"] = "application/json"
-            return response
+            return _respond(
+                connection,
+                HTTPStatus.OK,
+                json.dumps(
+                    {
+                        "status": "draining" if self._closing else "ok",
+                        "bundles": sorted(h.version for h in self.bundles.values()),
+                        "inflight": self._inflight,
+                        "max_inflight": self.max_inflight,
+                    }
+                )
+                + "\n",
+                "application/json",
+            )
+        if request.path == "/readyz":
+            status = HTTPStatus.SERVICE_UNAVAILABLE if self._closing else HTTPStatus.OK
+            body = {"ready": not self._closing, "status": "draining" if self._closing else "ok"}
+            return _respond(connection, status, json.dumps(body) + "\n", "application/json")
+        if request.path == "/metrics":
+            data, content_type = self.stats.exposition()
+            return _respond(connection, HTTPStatus.OK, data.decode(), content_type)
+        if self._closing:
+            return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", "text/plain")
         return None
 
     # -- one device ------------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        self.stats.connections += 1
+        self.stats.connection()
         peer = Peer(
             ws,
             ProtocolConnection(
@@ -301,11 +345,11 @@ class EdgeServer:
             if greeting is None:
                 return
             if isinstance(greeting, ErrorReply):
-                self.stats.handshakes_rejected += 1
+                self.stats.handshake("version")
                 await peer.close(CLOSE_VERSION, greeting.code)
                 return
             assert isinstance(greeting, HandshakeComplete)
-            self.stats.handshakes_ok += 1
+            self.stats.handshake("ok")
             hosted = self._hosted[greeting.version]
             del greeting  # an idle connection should not keep its handshake alive
             while True:
@@ -315,7 +359,7 @@ class EdgeServer:
                 del events  # nor its last request's plaintext (measured: ~0.6 MiB per connection)
         except AuthenticationFailed:
             if peer.connection.transport is None:
-                self.stats.handshakes_rejected += 1
+                self.stats.handshake("auth")
             self.stats.error("auth")
             await peer.close(CLOSE_AUTH, "authentication failed")
         except ProtocolError as exc:
@@ -333,6 +377,9 @@ class EdgeServer:
     async def _dispatch(self, peer: Peer, hosted: _Hosted, events: list[Event]) -> bool:
         """Handle the events of one transport message; False when the device closed."""
         for event in events:
+            kind = _request_kind(event)
+            if kind is not None:
+                self.stats.request(hosted.info.version, kind)
             if isinstance(event, RunRequest) and hosted.decoder is not None:
                 await peer.reply_error(
                     event.request_id,
@@ -354,7 +401,7 @@ class EdgeServer:
 
     async def _admit(self, peer: Peer, request_id: int) -> bool:
         """Count a request in, or answer ``shutting_down`` / ``overloaded`` (never queue it)."""
-        self.stats.requests += 1
+        self.stats.admission()
         if self._closing:
             await peer.reply_error(request_id, "shutting_down", "server is shutting down")
             return False
@@ -378,10 +425,10 @@ class EdgeServer:
             started = time.perf_counter()
             if hosted.tail_ms < INLINE_TAIL_MS and self._inflight == 1:
                 # A tail this short costs less than the hop to a worker thread and back.
-                outputs = self._run_tail(hosted, request)
+                outputs, tail_s = self._run_tail(hosted, request)
             else:
                 loop = asyncio.get_running_loop()
-                outputs = await asyncio.wait_for(
+                outputs, tail_s = await asyncio.wait_for(
                     loop.run_in_executor(self._executor, self._run_tail, hosted, request),
                     self.config.request_timeout,
                 )
@@ -392,7 +439,9 @@ class EdgeServer:
                 (name, codec_mod.encode(a, codec_mod.CodecSpec())) for name, a in outputs.items()
             ]
             await peer.send(ProtocolConnection.send_result, rid, encoded, server_ms)
-            self.stats.results += 1
+            self.stats.result(
+                hosted.info.version, tail_s=tail_s, total_s=time.perf_counter() - started
+            )
         except PayloadError as exc:
             await peer.reply_error(rid, "payload", exc.message)
         except asyncio.TimeoutError:
@@ -464,7 +513,7 @@ class EdgeServer:
         try:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            token, saved = await asyncio.wait_for(
+            token, saved, tail_s = await asyncio.wait_for(
                 loop.run_in_executor(self._executor, self._run_feed, hosted, session, event),
                 self.config.request_timeout,
             )
@@ -482,7 +531,9 @@ class EdgeServer:
                 token,
                 server_ms,
             )
-            self.stats.results += 1
+            self.stats.result(
+                hosted.info.version, tail_s=tail_s, total_s=time.perf_counter() - started
+            )
         except asyncio.TimeoutError:
             # The worker may still finish and grow the cache: the session is not trustworthy.
             self.sessions.drop(session.session_id)
@@ -500,9 +551,13 @@ class EdgeServer:
             session.last_used = self.clock()
             self._release()
 
-    def _run_feed(self, hosted: _Hosted, session: Session, event: SessionFeed) -> tuple[int, Any]:
-        """Run the tail over every chunk (all or nothing), then sample the next token."""
+    def _run_feed(
+        self, hosted: _Hosted, session: Session, event: SessionFeed
+    ) -> tuple[int, Any, float]:
+        """Run the tail over every chunk (all or nothing), then sample the next token; also
+        the seconds it took."""
         assert hosted.decoder is not None
+        started = time.perf_counter()
         kv = session.kv
         saved = (dict(kv.arrays), kv.length)
         try:
@@ -511,13 +566,19 @@ class EdgeServer:
                 feed = self._decode(hosted, chunk.tensors)
                 outputs = kv.run(hosted.session, feed, chunk.n)
             logits = select_next(outputs[hosted.decoder.logits])
-            return sample_token(logits, session.sampling, kv.length), saved
+            token = sample_token(logits, session.sampling, kv.length)
+            return token, saved, time.perf_counter() - started
         except BaseException:
             kv.arrays, kv.length = saved  # a failed feed leaves the session as it was
             raise
 
-    def _run_tail(self, hosted: _Hosted, request: RunRequest) -> dict[str, np.ndarray]:
-        return run(hosted.session, self._decode(hosted, request.tensors))
+    def _run_tail(
+        self, hosted: _Hosted, request: RunRequest
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Decode the request's tensors and run the tail; also the seconds it took."""
+        started = time.perf_counter()
+        outputs = run(hosted.session, self._decode(hosted, request.tensors))
+        return outputs, time.perf_counter() - started
 
     def _decode(
         self, hosted: _Hosted, tensors: Sequence[tuple[str, codec_mod.EncodedTensor]]
