@@ -64,6 +64,18 @@ def _client(bundle: Any, server: EdgeServer, keys: ThrowawayKeys, **options: Any
     )
 
 
+async def _start_server(bundle: Any, keys: ThrowawayKeys) -> EdgeServer:
+    """An edge server on 127.0.0.1 with one worker, so that requests queue behind it."""
+    server = EdgeServer(
+        [bundle],
+        identity=keys.server,
+        allow=AllowList(keys.allow_file),
+        config=ServerConfig(port=0, workers=1),
+    )
+    await server.start()
+    return server
+
+
 def _get(port: int, path: str) -> tuple[int, str, str]:
     """Status, content type and body of a plain GET (errors included)."""
     try:
@@ -87,13 +99,7 @@ def test_metrics_count_what_the_devices_sent(bundle: Any, keys: ThrowawayKeys, t
     version = bundle.manifest.version
 
     async def scenario() -> tuple[str, str, int]:
-        server = EdgeServer(
-            [bundle],
-            identity=keys.server,
-            allow=AllowList(keys.allow_file),
-            config=ServerConfig(port=0, workers=1),
-        )
-        await server.start()
+        server = await _start_server(bundle, keys)
         try:
             async with _client(bundle, server, keys) as client:
                 for seed in range(3):
@@ -138,13 +144,7 @@ def test_metrics_count_what_the_devices_sent(bundle: Any, keys: ThrowawayKeys, t
 
 def test_readyz_turns_false_while_draining(bundle: Any, keys: ThrowawayKeys) -> None:
     async def scenario() -> dict[str, Any]:
-        server = EdgeServer(
-            [bundle],
-            identity=keys.server,
-            allow=AllowList(keys.allow_file),
-            config=ServerConfig(port=0, workers=1),
-        )
-        await server.start()
+        server = await _start_server(bundle, keys)
         seen: dict[str, Any] = {
             "ready_before": await asyncio.to_thread(_get, server.port, "/readyz")
         }
