@@ -227,16 +227,7 @@ def split(
 
         plot_costs(report, plot, title=f"{analysis.source_name}: predicted latency per cut")
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "bundle": str(output),
-                    "seconds": round(elapsed, 3),
-                    "report": report.to_dict(),
-                    "verification": bundle.manifest.verification,
-                }
-            )
-        )
+        _print_split_json(output, elapsed, report, bundle)
         return
     print_notes(notes)
     for line in decision_lines(report, bundle.path):
@@ -244,6 +235,12 @@ def split(
     out.print(f"{verification_line(bundle.manifest.verification)}; split took {elapsed:.1f} s")
     if plot is not None:
         out.print(f"plot: {plot}")
+
+
+def _print_split_json(output: Path, elapsed: float, report: Any, bundle: Any, **extra: Any) -> None:
+    """The --json answer of ``split``: the bundle, the time, the plan and its verification."""
+    data = {"bundle": str(output), "seconds": round(elapsed, 3), "report": report.to_dict()}
+    out.print_json(json.dumps({**data, **extra, "verification": bundle.manifest.verification}))
 
 
 def _is_decoder(model: Any) -> bool:
@@ -320,17 +317,7 @@ def _split_decoder(
         )
     elapsed = time.perf_counter() - started
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "bundle": str(output),
-                    "seconds": round(elapsed, 3),
-                    "report": report.to_dict(),
-                    "chosen": chosen.to_dict(),
-                    "verification": bundle.manifest.verification,
-                }
-            )
-        )
+        _print_split_json(output, elapsed, report, bundle, chosen=chosen.to_dict())
         return
     print_notes(notes)
     title = (
