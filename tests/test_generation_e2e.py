@@ -617,6 +617,8 @@ def test_hostile_session_messages_get_typed_errors(tiny_llama_bundle, reference,
             victim = make_client(tiny_llama_bundle, server.port, keys)
             attacker = make_client(tiny_llama_bundle, server.port, keys, identity=keys.other)
             async with honest, victim, attacker:
+                # Raw links: these calls name the server's own session ids.
+                victim_link, attacker_link = victim.links[0], attacker.links[0]
                 # Honest generation, running during the whole attack; it starts slowly.
                 slow = asyncio.Event()
 
@@ -632,13 +634,13 @@ def test_hostile_session_messages_get_typed_errors(tiny_llama_bundle, reference,
                 async def expect(error: type[Exception], call: Awaitable[Any]) -> Exception:
                     with pytest.raises(error) as info:
                         await asyncio.wait_for(call, STEP)
-                    assert attacker.connected, f"{error.__name__}: the connection was dropped"
+                    assert attacker_link.connected, f"{error.__name__}: the connection was dropped"
                     return info.value
 
                 # The victim: another device's session, mid-conversation.
                 v_device = DecoderDevice(victim.runtime)
-                v_session, _ = await victim.open_session({}, 64)
-                token, _, _ = await victim.feed_session(
+                v_session, _ = await victim_link.open_session({}, 64)
+                token, _, _ = await victim_link.feed_session(
                     "prefill", v_session, 0, [v_device.head(prompt)]
                 )
                 assert token.token == first_token[0] and token.pos == len(prompt)
@@ -647,57 +649,61 @@ def test_hostile_session_messages_get_typed_errors(tiny_llama_bundle, reference,
                 step = device.head([first_token[0]])  # a well-formed one-token chunk
 
                 # Sessions that are not the attacker's: lost, exactly like unknown ones.
-                await expect(SessionLost, attacker.feed_session("step", 12345, 3, [step]))
-                await expect(SessionLost, attacker.feed_session("step", v_session, 3, [step]))
-                await expect(SessionLost, attacker.end_session(v_session))
+                await expect(SessionLost, attacker_link.feed_session("step", 12345, 3, [step]))
+                await expect(SessionLost, attacker_link.feed_session("step", v_session, 3, [step]))
+                await expect(SessionLost, attacker_link.end_session(v_session))
 
                 # Bad opens.
                 for sampling in ({"temperature": -1.0}, {"top_p": 0.0}, {"bogus": 1}):
-                    exc = await expect(SessionError, attacker.open_session(sampling, 64))
+                    exc = await expect(SessionError, attacker_link.open_session(sampling, 64))
                     assert type(exc) is SessionError
-                await expect(SessionError, attacker.open_session({}, 0))
-                _, granted = await attacker.open_session({}, 10**9)
+                await expect(SessionError, attacker_link.open_session({}, 0))
+                _, granted = await attacker_link.open_session({}, 10**9)
                 assert granted == 256  # capped at the server's max_context
 
-                session, granted = await attacker.open_session({}, 64)
+                session, granted = await attacker_link.open_session({}, 64)
                 assert granted == 64
                 fresh = DecoderDevice(attacker.runtime)
                 chunk = fresh.head(prompt)
-                exc = await expect(SessionError, attacker.feed_session("step", session, 0, [step]))
+                exc = await expect(
+                    SessionError, attacker_link.feed_session("step", session, 0, [step])
+                )
                 assert type(exc) is SessionError and "before any prefill" in str(exc)
                 exc = await expect(
-                    SessionError, attacker.feed_session("prefill", session, 2, [chunk])
+                    SessionError, attacker_link.feed_session("prefill", session, 2, [chunk])
                 )
                 assert type(exc) is SessionError and "position" in str(exc)
                 # A chunk whose n does not match its tensors; the session stays as it was.
                 for n in (len(prompt) + 1, len(prompt) - 1):
                     exc = await expect(
                         SessionError,
-                        attacker.feed_session("prefill", session, 0, [Chunk(n, chunk.tensors)]),
+                        attacker_link.feed_session(
+                            "prefill", session, 0, [Chunk(n, chunk.tensors)]
+                        ),
                     )
                     assert type(exc) is SessionError
                 # Tensors that do not match the crossing specs.
                 for label, tensors in _lying_steps(chunk).items():
                     lie = Chunk(len(prompt), tuple(tensors))
                     exc = await expect(
-                        PayloadError, attacker.feed_session("prefill", session, 0, [lie])
+                        PayloadError, attacker_link.feed_session("prefill", session, 0, [lie])
                     )
                     assert label and exc
                 # Now the honest prefill on the same session and connection.
-                token, _, _ = await attacker.feed_session("prefill", session, 0, [chunk])
+                token, _, _ = await attacker_link.feed_session("prefill", session, 0, [chunk])
                 assert (token.pos, token.token) == (len(prompt), first_token[0])
                 # Position jumps, backwards and forwards; a step that repeats a position.
                 nxt = fresh.head([first_token[0]])
                 for pos in (0, len(prompt) - 1, len(prompt) + 1, 1000):
                     exc = await expect(
-                        SessionError, attacker.feed_session("step", session, pos, [nxt])
+                        SessionError, attacker_link.feed_session("step", session, pos, [nxt])
                     )
                     assert type(exc) is SessionError
                 # Two steps at once on one session: one of them is refused.
                 both = await asyncio.wait_for(
                     asyncio.gather(
-                        attacker.feed_session("step", session, len(prompt), [nxt]),
-                        attacker.feed_session("step", session, len(prompt), [nxt]),
+                        attacker_link.feed_session("step", session, len(prompt), [nxt]),
+                        attacker_link.feed_session("step", session, len(prompt), [nxt]),
                         return_exceptions=True,
                     ),
                     STEP,
@@ -709,25 +715,25 @@ def test_hostile_session_messages_get_typed_errors(tiny_llama_bundle, reference,
                 # Past the session's own max_tokens, and past the server's KV budget.
                 exc = await expect(
                     SessionError,
-                    attacker.feed_session(
+                    attacker_link.feed_session(
                         "prefill", session, len(prompt) + 1, [fresh.head(list(range(3, 64)))]
                     ),
                 )
                 assert type(exc) is SessionError and "budget" in str(exc)
-                big, granted = await attacker.open_session({}, 256)
+                big, granted = await attacker_link.open_session({}, 256)
                 long_prompt = [int(t) for t in np.arange(210) % 300 + 3]
                 exc = await expect(
                     SessionError,
-                    attacker.feed_session(
+                    attacker_link.feed_session(
                         "prefill", big, 0, [DecoderDevice(attacker.runtime).head(long_prompt)]
                     ),
                 )
                 assert type(exc) is SessionError and "budget" in str(exc)
                 # Ended sessions are gone.
-                await attacker.end_session(session)
-                await expect(SessionLost, attacker.end_session(session))
+                await attacker_link.end_session(session)
+                await expect(SessionLost, attacker_link.end_session(session))
                 await expect(
-                    SessionLost, attacker.feed_session("step", session, len(prompt) + 1, [nxt])
+                    SessionLost, attacker_link.feed_session("step", session, len(prompt) + 1, [nxt])
                 )
 
                 # The attacker's connection still works for honest work.
@@ -735,11 +741,11 @@ def test_hostile_session_messages_get_typed_errors(tiny_llama_bundle, reference,
                 mine = await collect(attacker.generate(input_ids=prompt, max_new_tokens=8))
                 assert ids(mine) == reference["llama"].generate(prompt, 8)
                 # The victim's session was not touched by any of it.
-                token, _, _ = await victim.feed_session(
+                token, _, _ = await victim_link.feed_session(
                     "step", v_session, len(prompt), [v_device.head([first_token[0]])]
                 )
                 assert token.token == first_token[1]
-                await victim.end_session(v_session)
+                await victim_link.end_session(v_session)
 
                 slow.set()
                 items = await asyncio.wait_for(honest_task, 30)

@@ -304,13 +304,15 @@ def _open(state: CipherState, ciphertext: bytes) -> bytes:
     return b"".join(state.decrypt_with_ad(b"", ciphertext[i : i + MAX_MESSAGE]) for i in starts)
 
 
-def _replay_transport(suite: dict[str, Any], entries: list[dict[str, Any]]) -> list[Any]:
+def _replay_transport(
+    suite: dict[str, Any], entries: list[dict[str, Any]], handshake: dict[str, Any] | None = None
+) -> list[Any]:
     """Check recorded transport messages with bare cipher states; the decoded messages.
 
-    The messages follow a handshake byte-identical to the suite's ``handshake``; the two
+    The messages follow ``handshake`` (default: the suite's ``handshake``); the two
     directions count their nonces from 0.
     """
-    initiator, responder = _handshake(suite, suite["handshake"])
+    initiator, responder = _handshake(suite, handshake or suite["handshake"])
     # Bare cipher states from Split(), used as a port would: c1 device -> server, c2 back.
     send_c1, send_c2 = initiator.split()
     recv_c1, recv_c2 = responder.split()
@@ -619,3 +621,44 @@ def test_error_code_table_matches_the_code() -> None:
 
     codes = re.findall(r"^\| `([a-z_]+)` \|", _section("9").split("### §9.2")[0], flags=re.M)
     assert tuple(codes) == ERROR_CODES
+
+
+LOAD_FIELDS = ["inflight", "queued", "workers", "kv_free", "draining"]
+
+
+def _check_load(load: dict[str, Any]) -> None:
+    """PROTOCOL.md §14.2: the fields in order, tail_ms last and optional."""
+    assert list(load)[:5] == LOAD_FIELDS and set(load) <= {*LOAD_FIELDS, "tail_ms"}
+    assert all(isinstance(load[k], int) and load[k] >= 0 for k in LOAD_FIELDS[:4])
+    assert isinstance(load["draining"], bool)
+    assert load["queued"] <= load["inflight"] and load["workers"] >= 1
+    if "tail_ms" in load:
+        assert isinstance(load["tail_ms"], float) and load["tail_ms"] >= 0
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_load_report_vectors(suite: dict[str, Any]) -> None:
+    section = suite["load"]
+    _handshake(suite, section)
+    hello = _strict_unpack(bytes.fromhex(section["message1"]["payload_hex"]))
+    assert list(hello) == ["ts", "version", "agent", "features"]
+    assert hello["features"] == ["load", "x-unknown"]
+    welcome = _strict_unpack(bytes.fromhex(section["message2"]["payload_hex"]))
+    assert list(welcome) == ["ok", "version", "max_message", "agent", "features"]
+    assert welcome["features"] == ["load"]  # the unknown feature is dropped, not an error
+
+    messages = _replay_transport(suite, section["messages"], section)
+    assert [m["t"] for m in messages] == ["run", "result", "status", "status"]
+    run, result, status, answer = messages
+    assert result["id"] == run["id"] and answer["id"] == status["id"]
+    assert list(result) == ["t", "id", "tensors", "server_ms", "load"]
+    _check_load(result["load"])
+    assert list(status) == ["t", "id"]
+    assert list(answer) == ["t", "id", "load", "bundles"]
+    _check_load(answer["load"])
+    (bundle,) = answer["bundles"]
+    assert bundle == {
+        "identity": VECTORS["bundle"]["identity"],
+        "version": VECTORS["bundle"]["version"],
+        "inflight": 0,
+    }

@@ -54,6 +54,7 @@ from edgeoffload.protocol.events import (
     RunRequest,
     RunResult,
 )
+from edgeoffload.protocol.load import ServerLoad
 from edgeoffload.protocol.tensors import check_against_specs, decode_checked, decode_tensors
 from edgeoffload.protocol.wire import (
     MAX_ARRAY,
@@ -91,6 +92,7 @@ def make_client(
     server_public: bytes = SERVER_STATIC.public,
     protocol: str = DEFAULT_PROTOCOL,
     ephemeral: KeyPair | None = CLIENT_EPHEMERAL,
+    features: tuple[str, ...] = (),
 ) -> ClientConnection:
     return ClientConnection(
         static=static,
@@ -100,6 +102,7 @@ def make_client(
         time_ns=time_ns,
         protocol=protocol,
         ephemeral=ephemeral,
+        features=features,
     )
 
 
@@ -348,6 +351,7 @@ def test_pipelined_requests_keep_order():
 
 # -- the transition table ------------------------------------------------------------------------
 
+LOAD = ServerLoad(inflight=2, queued=1, workers=1, kv_free=1 << 20, draining=False, tail_ms=3.5)
 RUN_TENSORS = [("x", codec_mod.encode(np.zeros((1, 2), dtype=np.float32), _spec("none")))]
 
 CLIENT_SENDS = {
@@ -359,6 +363,7 @@ CLIENT_SENDS = {
     "send:prefill": lambda c: c.send_feed(1, "prefill", 7, 0, [Chunk(2, RUN_TENSORS)]),
     "send:step": lambda c: c.send_feed(1, "step", 7, 2, [Chunk(1, RUN_TENSORS)]),
     "send:end": lambda c: c.send_end(1, 7),
+    "send:status": lambda c: c.send_status(1),
 }
 SERVER_SENDS = {
     "send:result": lambda s: s.send_result(1, RUN_TENSORS, 1.0),
@@ -368,6 +373,7 @@ SERVER_SENDS = {
     "send:opened": lambda s: s.send_opened(1, 7, 64),
     "send:token": lambda s: s.send_token(1, 7, 3, 42, 1.0),
     "send:ended": lambda s: s.send_ended(1, 7),
+    "send:status": lambda s: s.send_status(1, LOAD, []),
 }
 # One valid plaintext of every transport message type, from either side.
 TRANSPORT_MESSAGES = {
@@ -390,12 +396,15 @@ TRANSPORT_MESSAGES = {
     "opened": {"t": "opened", "id": 1, "session": 7, "max_tokens": 64},
     "token": {"t": "token", "id": 1, "session": 7, "pos": 3, "token": 42, "server_ms": 1.0},
     "ended": {"t": "ended", "id": 1, "session": 7},
+    "status": {"t": "status", "id": 1},
 }
+# The server's answer to "status" has the same type name and more fields.
+SERVER_STATUS = {"t": "status", "id": 1, "load": LOAD.to_wire(), "bundles": []}
 
 
 def client_in(state: State) -> tuple[ClientConnection, ServerConnection]:
-    """A client in ``state`` and the server it talks to."""
-    client, server = make_client(), make_server()
+    """A client in ``state`` and the server it talks to (with the §14 features)."""
+    client, server = make_client(features=("load",)), make_server()
     if state is State.IDLE:
         return client, server
     client.start()
@@ -412,8 +421,8 @@ def client_in(state: State) -> tuple[ClientConnection, ServerConnection]:
 
 
 def server_in(state: State) -> tuple[ServerConnection, ClientConnection]:
-    """A server in ``state`` and the client it talks to."""
-    client, server = make_client(), make_server()
+    """A server in ``state`` and the client it talks to (with the §14 features)."""
+    client, server = make_client(features=("load",)), make_server()
     if state is State.AWAIT_HELLO:
         return server, client
     client.start()
@@ -453,7 +462,10 @@ def _try_receive(conn, sender, kind: str, observed: dict) -> None:
         with pytest.raises(LocalProtocolError):
             conn.receive(b"\x00" * 64)
         return
-    data = forge(sender, TRANSPORT_MESSAGES[kind])
+    plain = TRANSPORT_MESSAGES[kind]
+    if kind == "status" and role is Role.CLIENT:
+        plain = SERVER_STATUS
+    data = forge(sender, plain)
     if key in TRANSITIONS:
         events = conn.receive(data)
         assert len(events) == 1, key

@@ -101,3 +101,49 @@ def test_servers_must_be_given_once() -> None:
     for urls in ([], [A, A]):
         with pytest.raises(UsageError, match="at least one server, each once"):
             Router(urls, rng=random.Random(0))
+
+
+def _load(inflight: int, workers: int = 1, *, draining: bool = False, tail_ms=None):
+    from edgeoffload.protocol.load import ServerLoad
+
+    return ServerLoad(
+        inflight=inflight,
+        queued=max(0, inflight - workers),
+        workers=workers,
+        kv_free=0,
+        draining=draining,
+        tail_ms=tail_ms,
+    )
+
+
+def test_a_reported_queue_counts_and_own_requests_are_not_counted_twice() -> None:
+    router = _measured({A: 10.0, B: 20.0})
+    router.reported(A, _load(inflight=6, workers=2))  # 5 waiting ahead over 2 workers
+    assert router.servers[A].predicted_ms(1000) == pytest.approx(5 + 5 / 2 * 10 + 10)
+    for _ in range(3):
+        router.started(A)  # this device's 3 are part of the server's 6
+    assert router.servers[A].predicted_ms(1000) == pytest.approx(5 + 5 / 2 * 10 + 10)
+    assert router.choose(1000, now=0.0) == B  # 25 ms predicted against 40
+
+
+def test_a_draining_server_is_not_chosen_and_the_servers_own_tail_estimate_is_used() -> None:
+    router = Router([A, B], rng=random.Random(0))
+    router.reported(A, _load(0, draining=True, tail_ms=1.0))
+    router.reported(B, _load(0, tail_ms=50.0))
+    assert [s.url for s in router.available(now=0.0)] == [B]
+    router.started(B)
+    router.succeeded(B, network_ms=5.0, server_ms=30.0)
+    assert router.servers[B].expected_tail_ms == 30.0  # our own measurement wins
+    router.reported(A, _load(0, tail_ms=1.0))  # no longer draining
+    router.servers[A].network_ms = 5.0
+    assert router.servers[A].expected_tail_ms == 1.0 and router.choose(1000, now=0.0) == A
+
+
+def test_when_all_are_backed_off_a_quick_refusal_is_tried_and_a_hang_is_not() -> None:
+    router = _measured({A: 10.0, B: 10.0})
+    router.started(A)
+    router.failed(A, now=0.0, fast=True)  # answered overloaded at once
+    router.started(B)
+    router.failed(B, now=0.0, fast=False)  # timed out
+    assert router.choose(1000, now=0.1) == A
+    assert router.choose(1000, now=0.1, exclude=[A]) is None

@@ -52,6 +52,14 @@ def serve(
         Path | None,
         typer.Option("--ready-file", help="Once listening, write host, port and pid here (JSON)."),
     ] = None,
+    advertise: Annotated[
+        bool,
+        typer.Option(
+            "--advertise/--no-advertise",
+            help="Announce the server over mDNS/DNS-SD (_edgeoffload._tcp) on the interfaces "
+            "it binds; devices still trust only keys they pinned.",
+        ),
+    ] = False,
 ) -> None:
     """Serve bundle tails to allow-listed devices over the encrypted protocol.
 
@@ -59,9 +67,12 @@ def serve(
     conversation stays here (bounded by --kv-budget, --session-ttl and --max-context).
     """
     # numpy, onnxruntime, websockets: loaded only when a server starts, not for --help.
+    from edgeoffload.edge.advertise import Advertiser, advertised_addresses
     from edgeoffload.edge.server import EdgeServer, ServerConfig
 
     loaded = [load_bundle(b) for b in bundles]
+    if advertise:
+        advertised_addresses(host)  # a --host that cannot be announced fails before serving
     identity = load_identity(key)
     allow_list = AllowList(allow)
     config = ServerConfig(
@@ -84,6 +95,13 @@ def serve(
             f"(key {identity.fingerprint}, {len(allow_list)} device key(s) allowed); "
             f"GET /healthz, /readyz, /metrics for status; SIGTERM drains and stops"
         )
+        advertiser = None
+        if advertise:  # before the ready file, so a script that waits for it can browse
+            advertiser = Advertiser(
+                host=host, port=server.port, public_key=identity.public, bundles=server.bundles
+            )
+            await advertiser.start()
+            out.print(f"announced as {advertiser.name} on mDNS ({', '.join(advertiser.addresses)})")
         if ready_file is not None:  # for scripts: the port, without parsing the line above
             ready = {"host": host, "port": server.port, "pid": os.getpid()}
             partial = ready_file.with_name(ready_file.name + ".partial")
@@ -95,6 +113,8 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, allow_list.try_reload)
         await stop.wait()
+        if advertiser is not None:  # goodbye first: devices stop finding a draining server
+            await advertiser.stop()
         out.print("draining in-flight requests…")
         await server.shutdown()
         out.print(f"stopped: {server.stats.results} results, errors {server.stats.errors}")

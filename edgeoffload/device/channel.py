@@ -43,12 +43,12 @@ class SessionChannel(Protocol):
 
     async def connect(self) -> None: ...
 
-    async def reset_connection(self) -> None:
-        """Drop the connection; the next request opens a fresh one."""
-        ...
-
     async def open_session(self, sampling: Mapping[str, Any], max_tokens: int) -> tuple[int, int]:
-        """Open a session: (session id, positions granted)."""
+        """Open a session on a server that answers: (session handle, positions granted).
+
+        A failed session call drops its connection and backs its server off, so the next
+        open (the generation rebuilding its session) goes to another server, or to the same
+        one once it answers again."""
         ...
 
     async def feed_session(

@@ -1,68 +1,46 @@
 """The device side: run the head, send the crossing tensors encrypted, get the tail's answer.
 
 ``OffloadClient`` is asyncio (:class:`~edgeoffload.device.blocking.BlockingOffloadClient`
-wraps it for apps without an event loop). It keeps one connection open and reuses it, times
-out every step, retry a failed request once on a fresh connection with the same request
-id (tails are deterministic functions of their inputs, so a retried request that the server
-already ran gives the same answer), and then apply the fallback policy:
+wraps it for apps without an event loop). It keeps a warm authenticated connection to each of
+its edge servers (:mod:`edgeoffload.device.link`), sends every request to the one predicted to
+answer first and fails over to another with the same request id (:mod:`edgeoffload.device.pool`;
+tails are deterministic functions of their inputs, so a retried request that a server already
+ran gives the same answer), times out every step, and then applies the fallback policy:
 
 * ``fallback="local"`` (default): the device runs the tail itself (the bundle carries it) when
-  the server is unreachable, too slow, overloaded or shutting down.
+  no server is reachable, fast enough, or free (overloaded, shutting down).
 * ``fallback="error"``: raise :class:`~edgeoffload.errors.OffloadUnavailable`.
 
-Authentication failures and version mismatches are never hidden behind a fallback: they mean
-the deployment is wrong (or under attack) and raise their typed errors.
+Authentication failures and version mismatches are never hidden behind a fallback: when every
+server refuses this device's key or bundle, the deployment is wrong (or under attack) and the
+typed error is raised. (With several servers, one that fails authentication is backed off and
+the others serve; its error is in ``client.links[i].last_error``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
-import statistics
+import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection as WsConnection
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edgeoffload.bundle import Bundle
-from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.noise import DEFAULT_PROTOCOL
 from edgeoffload.core.sampling import SamplingParams
 from edgeoffload.device.generate import Generation
+from edgeoffload.device.link import ServerLink
+from edgeoffload.device.pool import EdgeEndpoint, EdgePool, NoServerAnswered
 from edgeoffload.device.runtime import DeviceRuntime
-from edgeoffload.errors import (
-    AuthenticationFailed,
-    EdgeOffloadError,
-    OffloadUnavailable,
-    Overloaded,
-    PayloadError,
-    ProtocolError,
-    ServerBusy,
-    UsageError,
-    VersionMismatch,
-)
+from edgeoffload.errors import OffloadUnavailable, UsageError
 from edgeoffload.keys import KeyPair
-from edgeoffload.protocol.connection import CLOSE_AUTH, CLOSE_VERSION, ClientConnection
-from edgeoffload.protocol.events import (
-    Chunk,
-    CloseRequested,
-    ErrorReply,
-    HandshakeComplete,
-    Pong,
-    RunResult,
-    SessionEnded,
-    SessionOpened,
-    TokenResult,
-)
-from edgeoffload.protocol.tensors import decode_checked
+from edgeoffload.protocol.events import Chunk, TokenResult
 from edgeoffload.types import LinkProfile
 
 log = logging.getLogger("edgeoffload.device.client")
@@ -70,13 +48,7 @@ log = logging.getLogger("edgeoffload.device.client")
 # Heads faster than this run on the event loop instead of a worker thread (the hop costs
 # ~0.1-0.3 ms; blocking the loop for less than that is harmless).
 INLINE_HEAD_MS = 0.5
-# websockets' send() waits for its write buffer to drain below this; the 32 KiB default
-# adds waits to every large request (measured: 256 KiB round trip 0.87 -> 0.57 ms).
-WRITE_LIMIT = 1 << 22
-
 FALLBACKS = ("local", "error")
-# Events that answer one pending request by its id.
-REPLIES = (RunResult, Pong, SessionOpened, TokenResult, SessionEnded)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +71,8 @@ class RequestTiming:
     wire_bytes: int  # request bytes sent (ciphertext) by the request that was answered
     offloaded: bool
     fallback_reason: str = ""  # why the tail ran on the device
-    attempts: int = 1  # requests sent to the server, retries included
+    attempts: int = 1  # servers the request was sent to, failovers included
+    server: str = ""  # the server that answered ("" when the tail ran here)
 
     @property
     def tail_ms(self) -> float:
@@ -114,32 +87,24 @@ class RequestTiming:
         }
 
 
-class _Link:
-    """Live link measurements on the current connection."""
-
-    def __init__(self) -> None:
-        self.rtts: list[float] = []
-        self.up_bps: float | None = None
-        self.down_bps: float | None = None
-
-    def add_rtt(self, ms: float) -> None:
-        self.rtts = [*self.rtts[-31:], ms]
-
-    @property
-    def rtt_ms(self) -> float | None:
-        return statistics.median(self.rtts) if self.rtts else None
-
-
 class OffloadClient:
-    """Offload a bundle's tail to an edge server (asyncio)."""
+    """Offload a bundle's tail to one edge server, or to the best of several (asyncio).
+
+    Give one server with ``server`` and ``server_key``, or several with ``servers`` (each an
+    :class:`~edgeoffload.device.pool.EdgeEndpoint`: URL and pinned public key). Every request
+    goes to the server predicted to answer first (:mod:`edgeoffload.device.routing`) and fails
+    over to another one (same request id, never twice to one server) before the fallback
+    policy applies.
+    """
 
     def __init__(
         self,
         bundle: Bundle | str | Path,
         *,
-        server: str,
-        server_key: bytes,
         identity: KeyPair,
+        server: str | None = None,
+        server_key: bytes | None = None,
+        servers: Sequence[EdgeEndpoint] = (),
         fallback: str = "local",
         timeout: float = 10.0,
         connect_timeout: float = 3.0,
@@ -147,37 +112,37 @@ class OffloadClient:
         protocol: str = DEFAULT_PROTOCOL,
         threads: int = 1,
         clock: Callable[[], int] = time.time_ns,
+        rng: random.Random | None = None,
     ) -> None:
         if fallback not in FALLBACKS:
             raise UsageError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-        if not server.startswith(("ws://", "wss://")):
-            raise UsageError(f"server must be a ws:// or wss:// URL, got {server!r}")
-        if len(server_key) != 32:
-            raise UsageError("server_key must be a 32-byte X25519 public key")
+        if (server is None) != (server_key is None):
+            raise UsageError("give server and server_key together")
+        endpoints = list(servers)
+        if server is not None and server_key is not None:
+            if endpoints:
+                raise UsageError("give either server/server_key or servers, not both")
+            endpoints = [EdgeEndpoint(server, server_key)]
+        if not endpoints:
+            raise UsageError("give an edge server (server and server_key) or several (servers)")
         self.runtime = DeviceRuntime(bundle, threads=threads)
         self.manifest = self.runtime.manifest
-        self.server = server
-        self.server_key = server_key
-        self.static = identity
         self.fallback = fallback
         self.timeout = timeout
-        self.connect_timeout = connect_timeout
         self.retries = max(0, retries)
-        self.protocol = protocol
-        self.clock = clock
-        self.link = _Link()
         self.last_timing: RequestTiming | None = None
-        self._ids = itertools.count(1)
-        self._ws: WsConnection | None = None
-        self._conn: ClientConnection | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._send_lock = asyncio.Lock()
-        self._connect_lock = asyncio.Lock()
-        self.server_version: str | None = None
         self._head_ms = float("inf")  # last head time: short heads run on the event loop
         outputs = sum(s.nbytes(self.manifest.dims) or 0 for s in self.manifest.graph_outputs)
-        self._max_message = max(1 << 20, 4 * outputs + 65536)
+        self.pool = EdgePool(
+            endpoints,
+            identity=identity,
+            manifest=self.manifest,
+            max_message=max(1 << 20, 4 * outputs + 65536),
+            connect_timeout=connect_timeout,
+            protocol=protocol,
+            clock=clock,
+            rng=rng,
+        )
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -188,213 +153,53 @@ class OffloadClient:
         await self.close()
 
     @property
+    def links(self) -> list[ServerLink]:
+        """One per edge server, in the order given."""
+        return list(self.pool.links.values())
+
+    @property
     def connected(self) -> bool:
-        return self._ws is not None and self._conn is not None
+        return self.pool.connected
+
+    @property
+    def server_version(self) -> str | None:
+        """The bundle version the (first connected) server hosts."""
+        return next((link.server_version for link in self.links if link.connected), None)
 
     async def connect(self) -> None:
-        """Open the connection and run the handshake (no-op when already connected)."""
-        async with self._connect_lock:
-            if self.connected:
-                return
-            await self._open()
-
-    async def _open(self) -> None:
-        try:
-            ws = await asyncio.wait_for(
-                connect(
-                    self.server,
-                    compression=None,
-                    max_size=self._max_message,
-                    open_timeout=self.connect_timeout,
-                    proxy=None,
-                    ping_interval=20,
-                    ping_timeout=20,
-                    close_timeout=2,
-                    write_limit=WRITE_LIMIT,
-                ),
-                self.connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
-            raise OffloadUnavailable(
-                f"cannot reach {self.server}: {exc or type(exc).__name__}"
-            ) from None
-        except InvalidURI as exc:
-            raise UsageError(f"bad server URL {self.server!r}: {exc}") from None
-        conn = ClientConnection(
-            static=self.static,
-            server_public=self.server_key,
-            bundle=self.manifest.identity,
-            version=self.manifest.version,
-            time_ns=self.clock(),
-            protocol=self.protocol,
-            max_message=self._max_message,
-        )
-        conn.start()
-        try:
-            for data in conn.data_to_send():
-                await ws.send(data)
-            reply = await asyncio.wait_for(ws.recv(), self.connect_timeout)
-            if not isinstance(reply, bytes):
-                raise ProtocolError("server sent a text message")
-            events = conn.receive(reply)
-        except ConnectionClosed as exc:
-            await ws.close()
-            code = exc.rcvd.code if exc.rcvd else None
-            if code == CLOSE_AUTH:
-                raise AuthenticationFailed(
-                    "the edge server rejected the handshake",
-                    hint="check that this device's key is in the server's allow-list and that "
-                    "--server-key is the server's public key",
-                ) from None
-            raise OffloadUnavailable(f"connection closed during the handshake ({code})") from None
-        except asyncio.TimeoutError:
-            await ws.close()
-            raise OffloadUnavailable(
-                "the edge server did not answer the handshake in time"
-            ) from None
-        except AuthenticationFailed:
-            await ws.close()
-            raise AuthenticationFailed(
-                "the edge server's handshake reply failed authentication",
-                hint="--server-key must be the public key of the server you connect to",
-            ) from None
-        except EdgeOffloadError:
-            await ws.close(CLOSE_VERSION)
-            raise
-        event = events[0]
-        assert isinstance(event, HandshakeComplete)
-        self.server_version = event.version
-        self._ws, self._conn = ws, conn
-        self._reader = asyncio.create_task(self._read_loop(ws, conn))
-
-    async def _read_loop(self, ws: WsConnection, conn: ClientConnection) -> None:
-        error: Exception = OffloadUnavailable("connection to the edge server lost")
-        try:
-            async for data in ws:
-                if not isinstance(data, bytes):
-                    raise ProtocolError("server sent a text message")
-                received = time.perf_counter()
-                for event in conn.receive(data):
-                    decrypt_ms = (time.perf_counter() - received) * 1e3
-                    if isinstance(
-                        event, RunResult | Pong | SessionOpened | TokenResult | SessionEnded
-                    ):
-                        future = self._pending.pop(event.request_id, None)
-                        if future is not None and not future.done():
-                            future.set_result((event, received, decrypt_ms))
-                    elif isinstance(event, ErrorReply):
-                        future = self._pending.pop(event.request_id or -1, None)
-                        if future is not None and not future.done():
-                            future.set_exception(event.to_exception())
-                    elif isinstance(event, CloseRequested):
-                        return
-        except ConnectionClosed:
-            pass
-        except (ProtocolError, AuthenticationFailed) as exc:
-            log.warning("closing connection: %s", exc)
-            error = exc
-        finally:
-            if self._ws is ws:
-                self._ws = self._conn = None
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(error)
-            self._pending.clear()
-            await ws.close()
-
-    async def _drop(self) -> None:
-        """Forget the current connection without waiting on a peer that may be dead."""
-        ws, self._ws, self._conn = self._ws, None, None
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        if ws is not None:
-            try:
-                await asyncio.wait_for(ws.close(), 0.5)
-            except (asyncio.TimeoutError, ConnectionClosed, OSError):
-                ws.transport.abort()  # a stopped peer would hold a graceful close for long
+        """Connect to every server (fails only if none can be reached)."""
+        await self.pool.connect()
 
     async def reset_connection(self) -> None:
-        """Drop the connection; the next request opens a fresh one."""
-        await self._drop()
+        """Drop every connection; the next request opens fresh ones."""
+        await self.pool.reset()
 
     async def close(self) -> None:
-        if self._ws is not None and self._conn is not None:
-            try:
-                async with self._send_lock:
-                    self._conn.send_close()
-                    for data in self._conn.data_to_send():
-                        await self._ws.send(data)
-            except (ConnectionClosed, ProtocolError):
-                pass
-        await self._drop()
+        await self.pool.close()
 
-    # -- requests ------------------------------------------------------------------------------
-
-    async def _send(
-        self, build: Callable[[ClientConnection], None], request_id: int
-    ) -> tuple[asyncio.Future[Any], float, int, float]:
-        """Queue a message, send it; returns (reply future, encrypt ms, bytes sent, send time)."""
-        await self.connect()
-        assert self._ws is not None and self._conn is not None
-        ws, conn = self._ws, self._conn
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        try:
-            async with self._send_lock:
-                started = time.perf_counter()
-                build(conn)
-                messages = conn.data_to_send()
-                encrypt_ms = (time.perf_counter() - started) * 1e3
-                sent_at = time.perf_counter()
-                for data in messages:
-                    await ws.send(data)
-        except (ConnectionClosed, OSError) as exc:
-            self._pending.pop(request_id, None)
-            future.cancel()
-            raise OffloadUnavailable(
-                f"connection to the edge server lost while sending ({exc})"
-            ) from None
-        except BaseException:  # refused before sending (PayloadError, LocalProtocolError)
-            self._pending.pop(request_id, None)
-            future.cancel()
-            raise
-        return future, encrypt_ms, sum(len(m) for m in messages), sent_at
+    def _link(self) -> ServerLink:
+        """The only server (link measurement and ping need one)."""
+        if len(self.pool.links) != 1:
+            raise UsageError("this client has several servers: measure each link (client.links[i])")
+        return self.links[0]
 
     async def ping(self, pad: int = 0) -> float:
         """Round-trip time in ms of an encrypted ping carrying ``pad`` bytes each way."""
-        request_id = next(self._ids)
-        payload = bytes(pad)
-        future, _, _, sent_at = await self._send(
-            lambda c: c.send_ping(request_id, payload), request_id
-        )
-        try:
-            _, received, _ = await asyncio.wait_for(future, self.timeout)
-        finally:
-            self._pending.pop(request_id, None)
-        ms: float = (received - sent_at) * 1e3
-        if pad == 0:
-            self.link.add_rtt(ms)
-        return ms
+        return await self._link().ping(pad, timeout=self.timeout)
 
     async def measure_link(self, *, probe_bytes: int = 256 * 1024, rounds: int = 3) -> LinkProfile:
-        """RTT from empty pings, throughput from pings that carry ``probe_bytes`` each way."""
-        rtts = [await self.ping() for _ in range(rounds)]
-        loaded = [await self.ping(probe_bytes) for _ in range(rounds)]
-        rtt = statistics.median(rtts)
-        extra_s = max(statistics.median(loaded) - rtt, 1e-3) / 1e3
-        bps = 2 * probe_bytes * 8 / extra_s  # both directions carried the pad
-        self.link.up_bps = self.link.down_bps = bps
-        return self.link_profile()
+        """RTT from empty pings, throughput from pings that carry ``probe_bytes`` each way;
+        with several servers, every link is measured and the first one returned."""
+        profiles = []
+        for link in self.links:
+            profile = await link.measure(probe_bytes=probe_bytes, rounds=rounds)
+            self.pool.router.measured_link(link.url, profile)
+            profiles.append(profile)
+        return profiles[0]
 
     def link_profile(self) -> LinkProfile:
         """The link as measured on the live connection (for the cost model)."""
-        rtt = self.link.rtt_ms
-        if rtt is None:
-            raise UsageError("no measurement yet: call ping() or measure_link() first")
-        up = self.link.up_bps or 1e9
-        down = self.link.down_bps or up
-        return LinkProfile("measured", up, down, rtt, f"measured on {self.server}")
+        return self._link().profile()
 
     async def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The model's outputs for ``inputs``: head here, tail on the server (or the fallback)."""
@@ -429,123 +234,50 @@ class OffloadClient:
         encode_start = time.perf_counter()
         encoded = self.runtime.encode(crossing)
         codec_ms = (time.perf_counter() - encode_start) * 1e3
-        request_id = next(self._ids)
-        deadline = time.monotonic() + self.timeout
-        reason = ""
-        attempts = 0
-        for attempt in range(1 + self.retries):
-            attempts = attempt + 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                reason = "timeout"
-                break
-            try:
-                outputs, timing = await asyncio.wait_for(
-                    self._offload(request_id, encoded), remaining
-                )
-            except (AuthenticationFailed, VersionMismatch, PayloadError):
-                raise
-            except Overloaded as exc:
-                reason = f"overloaded: {exc}"
-                break  # retrying an overloaded server makes it worse
-            except ServerBusy as exc:
-                reason = str(exc)
-                continue  # the connection is fine (other requests may be in flight on it)
-            except OffloadUnavailable as exc:
-                reason = str(exc)
-                await self._drop()
-                continue
-            except asyncio.TimeoutError:
-                reason = f"no answer within {self.timeout:g} s"
-                await self._drop()
-                break
-            except ProtocolError as exc:
-                reason = f"protocol error: {exc}"
-                await self._drop()
-                continue
-            encrypt_ms, wire, network_ms, server_ms, decode_ms = timing
-            total = (time.perf_counter() - started) * 1e3
-            self.last_timing = RequestTiming(
-                head_ms=head_ms,
-                encode_ms=codec_ms + encrypt_ms,
-                network_ms=network_ms,
-                server_ms=server_ms,
-                decode_ms=decode_ms,
-                local_tail_ms=0.0,
-                total_ms=total,
-                wire_bytes=wire,
-                offloaded=True,
-                attempts=attempts,
-            )
-            return outputs
-        return await self._fall_back(crossing, head_ms, codec_ms, started, reason, attempts)
-
-    async def _offload(
-        self, request_id: int, encoded: list[tuple[str, codec_mod.EncodedTensor]]
-    ) -> tuple[dict[str, np.ndarray], tuple[float, int, float, float, float]]:
-        future, encrypt_ms, wire, sent_at = await self._send(
-            lambda c: c.send_run(request_id, encoded), request_id
-        )
         try:
-            event, received, decrypt_ms = await future
-        finally:
-            self._pending.pop(request_id, None)  # also when cancelled by the request timeout
-        assert isinstance(event, RunResult)
-        decode_start = time.perf_counter()
-        outputs = decode_checked(
-            event.tensors,
-            self.manifest.graph_outputs,
-            lambda dtype: "none",
-            max_bytes=self._max_message,
+            done = await self.pool.run(
+                encoded,
+                deadline=time.monotonic() + self.timeout,
+                max_attempts=1 + self.retries,
+            )
+        except NoServerAnswered as exc:
+            return await self._fall_back(
+                crossing, head_ms, codec_ms, started, str(exc), exc.attempts
+            )
+        self.last_timing = RequestTiming(
+            head_ms=head_ms,
+            encode_ms=codec_ms + done.encrypt_ms,
+            network_ms=done.network_ms,
+            server_ms=done.server_ms,
+            decode_ms=done.decode_ms,
+            local_tail_ms=0.0,
+            total_ms=(time.perf_counter() - started) * 1e3,
+            wire_bytes=done.wire_bytes,
+            offloaded=True,
+            attempts=done.attempts,
+            server=done.server,
         )
-        decode_ms = decrypt_ms + (time.perf_counter() - decode_start) * 1e3
-        network_ms = max(0.0, (received - sent_at) * 1e3 - event.server_ms)
-        return outputs, (encrypt_ms, wire, network_ms, event.server_ms, decode_ms)
+        return done.outputs
 
     # -- generation sessions (decoder bundles) -------------------------------------------------
 
-    async def _session_call(
-        self, build: Callable[[ClientConnection], None], request_id: int
-    ) -> tuple[Any, int, float]:
-        """Send one session message, await its reply: (event, bytes sent, round trip ms)."""
-        future, _, wire, sent_at = await self._send(build, request_id)
-        try:
-            event, received, _ = await asyncio.wait_for(future, self.timeout)
-        except asyncio.TimeoutError:
-            await self._drop()  # the reply may still come: never mix it up with a later one
-            raise OffloadUnavailable(f"no answer within {self.timeout:g} s") from None
-        finally:
-            self._pending.pop(request_id, None)
-        return event, wire, (received - sent_at) * 1e3
-
     async def open_session(self, sampling: Mapping[str, Any], max_tokens: int) -> tuple[int, int]:
-        """Open a generation session on the server: (session id, positions granted)."""
-        request_id = next(self._ids)
-        event, _, _ = await self._session_call(
-            lambda c: c.send_open(request_id, sampling, max_tokens), request_id
-        )
-        assert isinstance(event, SessionOpened)
-        return event.session, event.max_tokens
+        """Open a generation session on the best server: (session handle, positions granted)."""
+        return await self.pool.open_session(sampling, max_tokens, timeout=self.timeout)
 
     async def feed_session(
         self, kind: str, session: int, pos: int, chunks: list[Chunk]
     ) -> tuple[TokenResult, int, float]:
         """A prefill or step: (the sampled token, request bytes, round trip ms)."""
-        request_id = next(self._ids)
-        event, wire, rtt_ms = await self._session_call(
-            lambda c: c.send_feed(request_id, kind, session, pos, chunks), request_id
-        )
-        assert isinstance(event, TokenResult)
-        return event, wire, rtt_ms
+        return await self.pool.feed_session(session, kind, pos, chunks, timeout=self.timeout)
 
     async def end_session(self, session: int) -> None:
-        request_id = next(self._ids)
-        await self._session_call(lambda c: c.send_end(request_id, session), request_id)
+        await self.pool.end_session(session, timeout=self.timeout)
 
     @property
     def max_request_bytes(self) -> int | None:
-        """What the server said it accepts in one message (known once connected)."""
-        return self._conn.peer_max_message if self._conn is not None else None
+        """What the servers accept in one message (the smallest; known once connected)."""
+        return self.pool.max_request_bytes
 
     def generate(
         self,
@@ -593,8 +325,7 @@ class OffloadClient:
     ) -> dict[str, np.ndarray]:
         if self.fallback == "error":
             raise OffloadUnavailable(
-                f"the edge server could not answer ({reason})",
-                hint="use fallback='local' to run the tail on the device instead",
+                reason, hint="use fallback='local' to run the tail on the device instead"
             )
         log.info("falling back to local execution: %s", reason)
         tail_start = time.perf_counter()

@@ -41,7 +41,6 @@ from edgeoffload.device.tokenizer import StreamDecoder, TextTokenizer
 from edgeoffload.errors import (
     AuthenticationFailed,
     OffloadUnavailable,
-    Overloaded,
     PayloadError,
     ProtocolError,
     SessionError,
@@ -443,9 +442,8 @@ class Generation:
             except SessionError:
                 raise
             except (OffloadUnavailable, ProtocolError) as exc:  # Overloaded is one of these
-                reason = str(exc)
-                if not isinstance(exc, Overloaded):
-                    await self.channel.reset_connection()
+                reason = str(exc)  # the channel backed that server off: the next open goes
+                # to another server, or to this one once it answers again
             delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
             attempt += 1
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))

@@ -5,11 +5,16 @@ for a device that knows several servers. For every server it keeps what this dev
 
 * the link: RTT and uplink rate from :meth:`OffloadClient.measure_link` (a ``LinkProfile``),
   else a moving average of the network time of its own requests;
-* the server's tail time, a moving average of the ``server_ms`` its results report;
-* the requests this device has in flight there (its share of the server's queue).
+* the server's tail time, a moving average of the ``server_ms`` its results report (before
+  the first, the server's own estimate from its load report);
+* the requests this device has in flight there, and the last load report the server sent
+  (PROTOCOL.md §14: requests in flight over all devices, workers, draining).
 
 The predicted completion time of a request that sends ``nbytes`` is
-``network + (in flight here) x tail + tail``. :meth:`Router.choose` draws two distinct
+``network + wait + tail``, where ``wait = max(0, ahead - workers + 1) / workers x tail`` and
+``ahead`` is the larger of this device's requests in flight there and the server's reported
+in-flight count (the report includes this device's own requests; taking the larger counts
+them once). A draining server is not chosen. :meth:`Router.choose` draws two distinct
 available servers at random and takes the one predicted to finish first ("power of two
 choices": many devices do not all stampede the one server that looks best); a server never
 measured is tried before measured ones, so every server gets measured. A server that fails,
@@ -30,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from edgeoffload.errors import UsageError
+from edgeoffload.protocol.load import ServerLoad
 from edgeoffload.types import LinkProfile
 
 EWMA_WEIGHT = 0.3  # weight of the newest measurement in the moving averages
@@ -46,24 +52,38 @@ class ServerEstimate:
     network_ms: float | None = None  # moving average over this device's requests
     tail_ms: float | None = None  # moving average of the server-reported tail time
     in_flight: int = 0
+    load: ServerLoad | None = None  # the server's last load report
     failures: int = 0  # consecutive
     backoff_until: float = 0.0
+    failed_fast: bool = False  # the last failure was a quick refusal, not a hang
+
+    @property
+    def expected_tail_ms(self) -> float | None:
+        """This device's measurement, else what the server reported of itself."""
+        if self.tail_ms is not None:
+            return self.tail_ms
+        return self.load.tail_ms if self.load is not None else None
 
     @property
     def measured(self) -> bool:
-        return self.tail_ms is not None and (self.link is not None or self.network_ms is not None)
+        network_known = self.link is not None or self.network_ms is not None
+        return self.expected_tail_ms is not None and network_known
 
     def predicted_ms(self, nbytes: int) -> float:
         """Predicted completion of a request sending ``nbytes`` (inf when never measured)."""
-        if not self.measured:
+        tail = self.expected_tail_ms
+        if tail is None or not self.measured:
             return math.inf
-        assert self.tail_ms is not None
         if self.link is not None:
             network = self.link.rtt_ms + nbytes * 8 / self.link.up_bps * 1e3
         else:
             assert self.network_ms is not None
             network = self.network_ms
-        return network + self.in_flight * self.tail_ms + self.tail_ms
+        ahead, workers = self.in_flight, 1
+        if self.load is not None:
+            ahead, workers = max(ahead, self.load.inflight), self.load.workers
+        wait = max(0, ahead - workers + 1) / workers * tail
+        return network + wait + tail
 
 
 def _average(old: float | None, new: float) -> float:
@@ -82,13 +102,26 @@ class Router:
     def available(self, *, now: float, exclude: Iterable[str] = ()) -> list[ServerEstimate]:
         """Servers not backed off at ``now`` and not in ``exclude``, in the given order."""
         skip = set(exclude)
-        return [s for s in self.servers.values() if s.url not in skip and s.backoff_until <= now]
+        return [
+            s
+            for s in self.servers.values()
+            if s.url not in skip
+            and s.backoff_until <= now
+            and not (s.load is not None and s.load.draining)
+        ]
 
     def choose(self, nbytes: int, *, now: float, exclude: Iterable[str] = ()) -> str | None:
-        """The server for a request sending ``nbytes``; None when none is available."""
+        """The server for a request sending ``nbytes``; None when none can take it.
+
+        When every server not in ``exclude`` is backed off, the one whose backoff ends first
+        is chosen anyway if its last failure was quick (a refusal such as ``overloaded``, or
+        a refused connection: trying again costs a round trip); a server that hung is not.
+        So one server alone behaves as one server should — every request tries it — and the
+        caller's fallback applies only when no server can answer in time.
+        """
         candidates = self.available(now=now, exclude=exclude)
         if not candidates:
-            return None
+            return self._last_resort(exclude)
         unmeasured = [s for s in candidates if not s.measured]
         if unmeasured:
             return self._rng.choice(unmeasured).url
@@ -96,6 +129,15 @@ class Router:
             return candidates[0].url
         first, second = self._rng.sample(candidates, 2)
         return min((first, second), key=lambda s: s.predicted_ms(nbytes)).url
+
+    def _last_resort(self, exclude: Iterable[str]) -> str | None:
+        skip = set(exclude)
+        quick = [
+            s
+            for s in self.servers.values()
+            if s.url not in skip and s.failed_fast and not (s.load is not None and s.load.draining)
+        ]
+        return min(quick, key=lambda s: s.backoff_until).url if quick else None
 
     def started(self, url: str) -> None:
         self.servers[url].in_flight += 1
@@ -108,14 +150,38 @@ class Router:
         server.tail_ms = _average(server.tail_ms, server_ms)
         server.failures = 0
         server.backoff_until = 0.0
+        server.failed_fast = False
 
-    def failed(self, url: str, *, now: float) -> None:
-        """A request to ``url`` failed, timed out or was refused as overloaded: back off."""
+    def cancelled(self, url: str) -> None:
+        """A request to ``url`` ended without saying anything about the server."""
         server = self.servers[url]
+        server.in_flight = max(0, server.in_flight - 1)
+
+    def recovered(self, url: str) -> None:
+        """A probe reached ``url`` again: it is back in rotation."""
+        server = self.servers[url]
+        server.failures = 0
+        server.backoff_until = 0.0
+        server.failed_fast = False
+
+    def backed_off(self, *, now: float) -> list[str]:
+        """Servers that are backed off at ``now`` (candidates for a probe)."""
+        return [s.url for s in self.servers.values() if s.backoff_until > now]
+
+    def reported(self, url: str, load: ServerLoad) -> None:
+        """The load report that came with a reply of ``url`` (or its status answer)."""
+        self.servers[url].load = load
+
+    def failed(self, url: str, *, now: float, fast: bool = False) -> None:
+        """A request to ``url`` failed, timed out or was refused as overloaded: back off.
+        ``fast``: it failed quickly (see :meth:`choose`)."""
+        server = self.servers[url]
+        server.failed_fast = fast
         server.in_flight = max(0, server.in_flight - 1)
         server.failures += 1
         delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (server.failures - 1))
         server.backoff_until = now + delay
+        server.load = None  # from before the failure: a restarted server starts afresh
 
     def measured_link(self, url: str, link: LinkProfile) -> None:
         """RTT and rates measured to ``url`` (``OffloadClient.measure_link``)."""

@@ -70,7 +70,9 @@ from edgeoffload.protocol.events import (
     SessionEnd,
     SessionFeed,
     SessionOpen,
+    StatusRequest,
 )
+from edgeoffload.protocol.load import BundleLoad, ServerLoad
 from edgeoffload.protocol.tensors import decode_checked
 from edgeoffload.protocol.wire import truncate_utf8
 
@@ -80,7 +82,7 @@ MIN_MAX_MESSAGE = 1 << 20
 # Tails that take less than this run on the event loop itself when nothing else is in flight:
 # a round trip through the worker pool costs ~0.1-0.3 ms, more than such a tail.
 INLINE_TAIL_MS = 0.5
-WRITE_LIMIT = 1 << 22  # see client.WRITE_LIMIT
+WRITE_LIMIT = 1 << 22  # see device.link.WRITE_LIMIT
 CHUNK_OVERHEAD = 16 / 65535
 # Decoder bundles are split at one decode step; their messages may carry a whole prompt or a
 # replay of a lost session: room for this many positions' crossing tensors.
@@ -114,6 +116,7 @@ class _Hosted:
     max_tensor_bytes: int
     tail_ms: float = float("inf")  # moving average of decode + tail time
     runs: int = 0
+    inflight: int = 0  # this bundle's requests admitted and not answered
     decoder: DecoderLayout | None = None  # set for decoder bundles (served as sessions)
     tail_state: tuple[tuple[str, str], ...] = ()  # the tail's KV pairs
 
@@ -394,12 +397,38 @@ class EdgeServer:
                 await peer.reply_error(event.request_id, "payload", event.message)
             elif isinstance(event, Ping):
                 await peer.send(ProtocolConnection.send_pong, event.request_id, event.payload)
+            elif isinstance(event, StatusRequest):
+                await peer.send(
+                    ProtocolConnection.send_status,
+                    event.request_id,
+                    self.load(hosted),
+                    self.bundle_loads(),
+                )
             elif isinstance(event, CloseRequested):
                 await peer.close()
                 return False
         return True
 
-    async def _admit(self, peer: Peer, request_id: int) -> bool:
+    def load(self, hosted: _Hosted, *, answering: int = 0) -> ServerLoad:
+        """This server's load report (PROTOCOL.md §14.2) for a reply on ``hosted``'s
+        connection; ``answering`` requests (the one the reply answers) are not counted."""
+        inflight = max(0, self._inflight - answering)
+        return ServerLoad(
+            inflight=inflight,
+            queued=max(0, inflight - self.workers),
+            workers=self.workers,
+            kv_free=max(0, self.sessions.budget_bytes - self.sessions.nbytes),
+            draining=self._closing,
+            tail_ms=hosted.tail_ms if hosted.runs else None,
+        )
+
+    def bundle_loads(self) -> list[BundleLoad]:
+        return [
+            BundleLoad(h.info.identity, h.info.version, h.inflight, h.tail_ms if h.runs else None)
+            for h in self._hosted.values()
+        ]
+
+    async def _admit(self, peer: Peer, hosted: _Hosted, request_id: int) -> bool:
         """Count a request in, or answer ``shutting_down`` / ``overloaded`` (never queue it)."""
         self.stats.admission()
         if self._closing:
@@ -409,17 +438,19 @@ class EdgeServer:
             await peer.reply_error(request_id, "overloaded", f"{self._inflight} requests in flight")
             return False
         self._inflight += 1
+        hosted.inflight += 1
         self._idle.clear()
         return True
 
-    def _release(self) -> None:
+    def _release(self, hosted: _Hosted) -> None:
         self._inflight -= 1
+        hosted.inflight -= 1
         if self._inflight == 0:
             self._idle.set()
 
     async def _serve_request(self, peer: Peer, hosted: _Hosted, request: RunRequest) -> None:
         rid = request.request_id
-        if not await self._admit(peer, rid):
+        if not await self._admit(peer, hosted, rid):
             return
         try:
             started = time.perf_counter()
@@ -438,7 +469,13 @@ class EdgeServer:
             encoded = [
                 (name, codec_mod.encode(a, codec_mod.CodecSpec())) for name, a in outputs.items()
             ]
-            await peer.send(ProtocolConnection.send_result, rid, encoded, server_ms)
+            await peer.send(
+                ProtocolConnection.send_result,
+                rid,
+                encoded,
+                server_ms,
+                self.load(hosted, answering=1),
+            )
             self.stats.result(
                 hosted.info.version, tail_s=tail_s, total_s=time.perf_counter() - started
             )
@@ -454,7 +491,7 @@ class EdgeServer:
             log.exception("tail failed for request %d", rid)
             await peer.reply_error(rid, "internal", "the tail failed on the server")
         finally:
-            self._release()
+            self._release(hosted)
 
     # -- generation sessions ---------------------------------------------------------------------
 
@@ -507,7 +544,7 @@ class EdgeServer:
         growth = new_tokens * hosted.kv_bytes_per_token
         if session.kv.nbytes + growth > self.sessions.budget_bytes:
             self.sessions.make_room(session, growth)  # raises: alone over the budget
-        if not await self._admit(peer, rid):
+        if not await self._admit(peer, hosted, rid):
             return
         session.busy = True
         try:
@@ -530,6 +567,7 @@ class EdgeServer:
                 session.length,
                 token,
                 server_ms,
+                self.load(hosted, answering=1),
             )
             self.stats.result(
                 hosted.info.version, tail_s=tail_s, total_s=time.perf_counter() - started
@@ -549,7 +587,7 @@ class EdgeServer:
         finally:
             session.busy = False
             session.last_used = self.clock()
-            self._release()
+            self._release(hosted)
 
     def _run_feed(
         self, hosted: _Hosted, session: Session, event: SessionFeed

@@ -34,6 +34,7 @@ class ThrowawayKeys:
     server: KeyPair
     devices: Mapping[str, KeyPair]  # label -> key, in allow-list order
     allow_file: Path
+    server_folder: str = SERVER_DIR  # the server key's folder under root
 
     @classmethod
     def create(cls, root: Path, devices: Sequence[str] = ("device",)) -> ThrowawayKeys:
@@ -51,7 +52,15 @@ class ThrowawayKeys:
 
     @property
     def server_dir(self) -> Path:
-        return self.root / SERVER_DIR
+        return self.root / self.server_folder
+
+    def another_server(self, label: str) -> ThrowawayKeys:
+        """The same devices and allow-list with a new server key in ``root/label/`` (one of
+        several servers of a fleet, each with its own identity)."""
+        if label == SERVER_DIR or label in self.devices:
+            raise ValueError(f"server label {label!r} is taken")
+        server = generate_identity(self.root / label)
+        return ThrowawayKeys(self.root, server, self.devices, self.allow_file, label)
 
     @property
     def device(self) -> KeyPair:
@@ -115,13 +124,15 @@ def spawn_server(
     cpus: set[int] | None = None,
     extra_args: Sequence[str] = (),
     timeout: float = 30.0,
+    port: int = 0,
 ) -> ServerProcess:
     """``edgeoffload serve BUNDLES`` on 127.0.0.1 and a free port, with ``keys``' server key and
     allow-list; returns once it listens.
 
     ``workers``: concurrent tail runs (default: the server's own default, one per CPU).
     ``cpus``: pin every thread of the server to these CPUs once it listens (its onnxruntime
-    thread pools exist by then). ``extra_args``: further ``serve`` options.
+    thread pools exist by then). ``extra_args``: further ``serve`` options. ``port``: 0 for a
+    free one, or a given one (a server restarted where it was).
     """
     folder = Path(tempfile.mkdtemp(prefix="serve-", dir=keys.root))
     ready_file, log = folder / "ready.json", folder / "output.log"
@@ -130,7 +141,7 @@ def spawn_server(
         "--key", str(keys.server_dir),
         "--allow", str(keys.allow_file),
         "--host", "127.0.0.1",
-        "--port", "0",
+        "--port", str(port),
         "--threads", str(threads),
         *(["--workers", str(workers)] if workers is not None else []),
         "--ready-file", str(ready_file),

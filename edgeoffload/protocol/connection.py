@@ -51,7 +51,17 @@ from edgeoffload.protocol.events import (
     SessionFeed,
     SessionOpen,
     SessionOpened,
+    StatusReply,
+    StatusRequest,
     TokenResult,
+)
+from edgeoffload.protocol.load import (
+    FEATURE_LOAD,
+    KNOWN_FEATURES,
+    BundleLoad,
+    ServerLoad,
+    bundles_from_wire,
+    check_features,
 )
 from edgeoffload.protocol.tensors import decode_tensors, encode_tensors
 from edgeoffload.protocol.wire import (
@@ -165,6 +175,15 @@ class _Connection:
         self.max_message = max_message
         self._outgoing: list[bytes | bytearray] = []
         self._transport: Transport | None = None
+        # Features both sides agreed on in the handshake (§14.1); empty for a plain v1 peer.
+        self.features: tuple[str, ...] = ()
+
+    def _require(self, feature: str, kind: str, *, received: bool) -> None:
+        """``kind`` exists only on connections that negotiated ``feature``: sending it
+        otherwise is our mistake, receiving it the peer's."""
+        if feature not in self.features:
+            error = RemoteProtocolError if received else LocalProtocolError
+            raise error(f"{kind!r} needs the {feature!r} feature, not negotiated (§14.1)")
 
     def _transition(self, action: str) -> None:
         self.state = next_state(self.role, self.state, action)
@@ -224,6 +243,7 @@ class ClientConnection(_Connection):
         ephemeral: KeyPair | None = None,
         agent: str = DEFAULT_AGENT,
         max_message: int = 1 << 26,
+        features: Sequence[str] = (),
     ) -> None:
         if protocol not in RUNTIME_PROTOCOLS:
             raise LocalProtocolError(f"unsupported Noise protocol {protocol!r}")
@@ -231,6 +251,8 @@ class ClientConnection(_Connection):
         self.bundle = bundle
         self.version = version
         self.protocol = protocol
+        # Asked for in the hello; ``features`` becomes what the server granted (§14.1).
+        self.requested_features = check_features(list(features), "features")
         self._hs = HandshakeState(
             protocol,
             initiator=True,
@@ -244,13 +266,14 @@ class ClientConnection(_Connection):
     def start(self) -> None:
         """Queue handshake message 1."""
         self._transition("send:hello")
-        payload = pack(
-            {
-                "ts": tai64n(self._time_ns),
-                "version": self.version,
-                "agent": self.agent,
-            }
-        )
+        hello: dict[str, Any] = {
+            "ts": tai64n(self._time_ns),
+            "version": self.version,
+            "agent": self.agent,
+        }
+        if self.requested_features:  # a v1 peer without §14 never sees the field
+            hello["features"] = list(self.requested_features)
+        payload = pack(hello)
         envelope = {
             "v": PROTOCOL_VERSION,
             "proto": self.protocol,
@@ -272,6 +295,7 @@ class ClientConnection(_Connection):
                 m.request_id(),
                 decode_tensors(m.get("tensors", list), "result"),
                 _milliseconds(m.get("server_ms", (int, float))),
+                self._load(m),
             )
         elif kind == "error":
             rid = m.request_id() if "id" in m.data else None
@@ -292,6 +316,14 @@ class ClientConnection(_Connection):
                 _count(m.get("pos", int)),
                 _count(m.get("token", int)),
                 _milliseconds(m.get("server_ms", (int, float))),
+                self._load(m),
+            )
+        elif kind == "status":
+            self._require(FEATURE_LOAD, kind, received=True)
+            event = StatusReply(
+                m.request_id(),
+                ServerLoad.from_wire(m.get("load", dict)),
+                bundles_from_wire(m.get("bundles", list)),
             )
         elif kind == "ended":
             event = SessionEnded(m.request_id(), m.request_id("session"))
@@ -328,7 +360,13 @@ class ClientConnection(_Connection):
             raise RemoteProtocolError(f"server refused the session ({code}): {message}")
         max_message = reply.get("max_message", int)
         agent = reply.get("agent", str)
+        granted = reply.get("features", list, optional=True)
         reply.done()
+        if granted is not None:
+            features = check_features(granted, "welcome")
+            if not set(features) <= set(self.requested_features):
+                raise RemoteProtocolError("server granted a feature this device did not ask for")
+            self.features = features
         self._transition("recv:welcome")
         self._transport = self._hs.transport()
         # What the server accepts; our own receive limit stays ours (results can be larger
@@ -388,6 +426,19 @@ class ClientConnection(_Connection):
 
     def send_end(self, request_id: int, session: int) -> None:
         self._send_encrypted("send:end", {"t": "end", "id": request_id, "session": session})
+
+    def send_status(self, request_id: int) -> None:
+        """Ask for the server's load (§14.3): needs the "load" feature."""
+        self._require(FEATURE_LOAD, "status", received=False)
+        self._send_encrypted("send:status", {"t": "status", "id": request_id})
+
+    def _load(self, m: StrictMap) -> ServerLoad | None:
+        """A reply's optional load report; only a server that granted "load" may send one."""
+        raw = m.get("load", dict, optional=True)
+        if raw is None:
+            return None
+        self._require(FEATURE_LOAD, "load", received=True)
+        return ServerLoad.from_wire(raw)
 
 
 @dataclass(frozen=True)
@@ -462,6 +513,9 @@ class ServerConnection(_Connection):
                 event = InvalidRequest(rid, exc.message)
         elif kind == "end":
             event = SessionEnd(m.request_id(), m.request_id("session"))
+        elif kind == "status":
+            self._require(FEATURE_LOAD, kind, received=True)
+            event = StatusRequest(m.request_id())
         elif kind == "close":
             event = CloseRequested(m.get("reason", str))
         else:
@@ -506,7 +560,9 @@ class ServerConnection(_Connection):
         timestamp = hello.get("ts", bytes)
         version = hello.get("version", str)
         hello.get("agent", str)
+        asked = hello.get("features", list, optional=True)
         hello.done()
+        asked_features = None if asked is None else check_features(asked, "hello")
         if len(timestamp) != 12 or not self._replay.accept(peer, timestamp):
             raise AuthenticationFailed()
         self.peer_public = peer
@@ -540,6 +596,9 @@ class ServerConnection(_Connection):
             "max_message": self.max_message,
             "agent": self.agent,
         }
+        if asked_features is not None:  # answer in kind: a device that did not ask gets v1
+            self.features = tuple(f for f in asked_features if f in KNOWN_FEATURES)
+            reply["features"] = list(self.features)
         self._outgoing.append(pack({"v": PROTOCOL_VERSION, "noise": hs.write_message(pack(reply))}))
         self._transition("recv:hello")
         self._transport = hs.transport()
@@ -547,15 +606,35 @@ class ServerConnection(_Connection):
         return HandshakeComplete(peer, bundle, version)
 
     def send_result(
-        self, request_id: int, tensors: Sequence[tuple[str, EncodedTensor]], server_ms: float
+        self,
+        request_id: int,
+        tensors: Sequence[tuple[str, EncodedTensor]],
+        server_ms: float,
+        load: ServerLoad | None = None,
     ) -> None:
+        """Queue a result; ``load`` goes out only if the device negotiated "load" (§14)."""
+        body = {
+            "t": "result",
+            "id": request_id,
+            "tensors": encode_tensors(tensors),
+            "server_ms": float(server_ms),
+        }
+        self._send_encrypted("send:result", self._with_load(body, load))
+
+    def _with_load(self, body: dict[str, Any], load: ServerLoad | None) -> dict[str, Any]:
+        if load is not None and FEATURE_LOAD in self.features:
+            body["load"] = load.to_wire()
+        return body
+
+    def send_status(self, request_id: int, load: ServerLoad, bundles: Sequence[BundleLoad]) -> None:
+        """Answer a ``status`` request (§14.3)."""
         self._send_encrypted(
-            "send:result",
+            "send:status",
             {
-                "t": "result",
+                "t": "status",
                 "id": request_id,
-                "tensors": encode_tensors(tensors),
-                "server_ms": float(server_ms),
+                "load": load.to_wire(),
+                "bundles": [b.to_wire() for b in bundles],
             },
         )
 
@@ -577,19 +656,23 @@ class ServerConnection(_Connection):
         )
 
     def send_token(
-        self, request_id: int, session: int, pos: int, token: int, server_ms: float
+        self,
+        request_id: int,
+        session: int,
+        pos: int,
+        token: int,
+        server_ms: float,
+        load: ServerLoad | None = None,
     ) -> None:
-        self._send_encrypted(
-            "send:token",
-            {
-                "t": "token",
-                "id": request_id,
-                "session": session,
-                "pos": pos,
-                "token": token,
-                "server_ms": float(server_ms),
-            },
-        )
+        body = {
+            "t": "token",
+            "id": request_id,
+            "session": session,
+            "pos": pos,
+            "token": token,
+            "server_ms": float(server_ms),
+        }
+        self._send_encrypted("send:token", self._with_load(body, load))
 
     def send_ended(self, request_id: int, session: int) -> None:
         self._send_encrypted("send:ended", {"t": "ended", "id": request_id, "session": session})

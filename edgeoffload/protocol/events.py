@@ -19,6 +19,7 @@ from edgeoffload.errors import (
     SessionLost,
     VersionMismatch,
 )
+from edgeoffload.protocol.load import BundleLoad, ServerLoad
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class RunResult(Event):
     request_id: int
     tensors: tuple[tuple[str, EncodedTensor], ...]
     server_ms: float
+    load: ServerLoad | None = None  # on connections that negotiated "load" (§14)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class TokenResult(Event):
     pos: int
     token: int
     server_ms: float
+    load: ServerLoad | None = None  # on connections that negotiated "load" (§14)
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,20 @@ class Ping(Event):
 class Pong(Event):
     request_id: int
     payload: bytes
+
+
+@dataclass(frozen=True)
+class StatusRequest(Event):
+    """A device asks for the server's load (§14.3; "load" feature only)."""
+
+    request_id: int
+
+
+@dataclass(frozen=True)
+class StatusReply(Event):
+    request_id: int
+    load: ServerLoad
+    bundles: tuple[BundleLoad, ...]
 
 
 @dataclass(frozen=True)

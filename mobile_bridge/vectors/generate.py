@@ -59,8 +59,11 @@ from edgeoffload.protocol.events import (
     SessionFeed,
     SessionOpen,
     SessionOpened,
+    StatusReply,
+    StatusRequest,
     TokenResult,
 )
+from edgeoffload.protocol.load import BundleLoad, ServerLoad
 from edgeoffload.protocol.wire import MAX_STR
 from edgeoffload.types import TensorSpec
 
@@ -79,6 +82,12 @@ CHUNKED_PAD = 70_000  # > 65519: a ping/pong that needs two transport chunks
 # machines with several cores, parallel AEAD) must give the same bytes as the simple ones.
 LARGE_COUNT = 150_000
 LARGE_ARRAY = np.arange(LARGE_COUNT, dtype="<f4").reshape(1, LARGE_COUNT)
+# §14: the hello asks for a feature the server knows and one it does not.
+FEATURES_ASKED = ("load", "x-unknown")
+RESULT_LOAD = ServerLoad(
+    inflight=3, queued=1, workers=2, kv_free=1 << 30, draining=False, tail_ms=12.25
+)
+STATUS_LOAD = ServerLoad(inflight=0, queued=0, workers=2, kv_free=1 << 30, draining=True)
 REKEY_MESSAGES = 2  # the rekey vector lowers the limit (the wire default is 2**16)
 
 
@@ -359,7 +368,7 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             agent=AGENT,
         )
 
-    def new_client(bundle_version: str) -> ClientConnection:
+    def new_client(bundle_version: str, features: tuple[str, ...] = ()) -> ClientConnection:
         return ClientConnection(
             static=CLIENT_STATIC,
             server_public=SERVER_STATIC.public,
@@ -370,6 +379,7 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             ephemeral=CLIENT_EPHEMERAL,
             max_message=CLIENT_MAX_MESSAGE,
             agent=AGENT,
+            features=features,
         )
 
     # Accepted handshake.
@@ -452,6 +462,11 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
     # Generation session messages on a second connection with the same handshake.
     sessions = session_vectors(new_client(version), new_server(), protocol, identity, message1)
 
+    # Load reports (§14) on a third connection whose hello asks for features.
+    loads = load_vectors(
+        new_client(version, FEATURES_ASKED), new_server(), protocol, identity, version
+    )
+
     # Refused handshake: the device asks for a version the server does not host.
     refused_client, refused_server = new_client(UNHOSTED_VERSION), new_server()
     refused_client.start()
@@ -506,6 +521,7 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             "session_id_hex": f"{SESSION_ID:016x}",
             "messages": sessions,
         },
+        "load": loads,
         "refused_handshake": {
             "note": f"the device offers bundle version {UNHOSTED_VERSION}, which the server "
             "does not host; the server answers message 2 with ok=false and closes (4409)",
@@ -602,6 +618,60 @@ def session_vectors(
         note="session_lost: the device rebuilds the session by replay (or gives up)",
     )
     return rec.messages
+
+
+def load_vectors(
+    client: ClientConnection,
+    server: ServerConnection,
+    protocol: str,
+    identity: str,
+    version: str,
+) -> dict[str, Any]:
+    """A hello asking for features, the welcome granting "load", a result carrying a load
+    report, and status / status (§14)."""
+    client.start()
+    (message1,) = client.data_to_send()
+    (server_event,) = server.receive(message1)
+    if not isinstance(server_event, HandshakeComplete):
+        raise AssertionError(f"server did not accept the handshake: {server_event!r}")
+    (message2,) = server.data_to_send()
+    client.receive(message2)
+    if client.features != ("load",) or server.features != ("load",):
+        raise AssertionError(f"features not negotiated: {client.features} / {server.features}")
+    init, resp, hello, welcome = _mirror_handshake(
+        protocol, identity, bytes(message1), bytes(message2)
+    )
+    rec = _Recorder(client, server, init.transport(), resp.transport())
+    none = codec_mod.CodecSpec()
+    rec.send(
+        "client->server",
+        lambda: client.send_run(1, [("x", codec_mod.encode(RUN_ARRAY, none))]),
+        RunRequest,
+        note="run, as in 'transport'",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_result(
+            1, [("y", codec_mod.encode(RESULT_ARRAY, none))], 1.5, RESULT_LOAD
+        ),
+        RunResult,
+        note="result with a load report: 3 other requests in flight, 1 waiting for a worker",
+    )
+    rec.send("client->server", lambda: client.send_status(2), StatusRequest, note="status")
+    rec.send(
+        "server->client",
+        lambda: server.send_status(2, STATUS_LOAD, [BundleLoad(identity, version, 0)]),
+        StatusReply,
+        note="status: the load and every hosted bundle (tail_ms absent: never run)",
+    )
+    return {
+        "note": "a third connection: same keys and clock as 'handshake', but the hello payload "
+        f"asks for features {list(FEATURES_ASKED)}; the server grants the ones it knows "
+        "(['load']), so its results carry 'load' and it answers 'status'",
+        "message1": _handshake_message(message1, hello),
+        "message2": _handshake_message(message2, welcome),
+        "messages": rec.messages,
+    }
 
 
 def _f64(value: float) -> dict[str, Any]:
