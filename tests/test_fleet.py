@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -23,6 +26,7 @@ from edgeoffload.device.runtime import DeviceRuntime
 from edgeoffload.edge.allowlist import AllowList
 from edgeoffload.edge.server import EdgeServer, ServerConfig
 from edgeoffload.errors import AuthenticationFailed, OffloadUnavailable
+from edgeoffload.keys import encode_public
 from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
 from edgeoffload.protocol.events import RunRequest
 from edgeoffload.protocol.load import ServerLoad
@@ -338,3 +342,74 @@ def test_a_generation_survives_the_death_of_its_server(tiny_llama_bundle, fleet_
     assert len(expected) == new_tokens
     assert got == expected
     assert killed is not None and stats.recoveries >= 1 and stats.fallback_reason == ""
+
+
+def test_cli_run_and_fleet_status_with_several_servers(bundle, fleet_keys, samples, tmp_path):
+
+    a = spawn_server([bundle.path], fleet_keys[0])
+    b = spawn_server([bundle.path], fleet_keys[1])
+    try:
+        _kill(b)  # a known server that is down
+        fleet = tmp_path / "fleet.txt"
+        fleet.write_text(
+            "# two servers\n"
+            f"{a.url} {encode_public(fleet_keys[0].server.public)}\n"
+            f"{b.url} {fleet_keys[1].server_dir}\n"
+        )
+        base = [sys.executable, "-m", "edgeoffload.cli"]
+        key = ["--key", str(fleet_keys[0].device_dir())]
+        status = subprocess.run(
+            [*base, "fleet", "status", str(bundle.path), *key, "--fleet", str(fleet), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        rows = {row["url"]: row for row in _json_objects(status.stdout)}
+        assert rows[a.url]["state"] == "ok" and rows[a.url]["workers"] >= 1
+        assert rows[a.url]["bundles"] == [bundle.manifest.version]
+        assert rows[b.url]["state"].startswith("error: cannot reach")
+
+        inputs, expected = samples[0]
+        np.savez(tmp_path / "in.npz", **inputs)
+        servers = [
+            "--server",
+            f"{b.url}={fleet_keys[1].server_dir}",
+            "--server",
+            f"{a.url}={fleet_keys[0].server_dir}",
+        ]
+        run = subprocess.run(
+            [*base, "run", str(bundle.path), *key, *servers, "--fallback", "error",
+             "--input", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        got = dict(np.load(tmp_path / "out.npz"))
+        assert_same(got, expected)
+        lone = subprocess.run(
+            [*base, "run", str(bundle.path), *key, "--server", a.url, "--server", b.url,
+             "--server-key", str(fleet_keys[0].server_dir),
+             "--input", str(tmp_path / "in.npz"), "-o", str(tmp_path / "x.npz")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert lone.returncode == 2 and "URL=KEY" in lone.stderr
+    finally:
+        _kill(a)
+        _kill(b)
+
+
+def _json_objects(text: str):
+    """The JSON objects printed one after another (rich pretty-prints each)."""
+    decoder = json.JSONDecoder()
+    index = 0
+    text = text.strip()
+    while index < len(text):
+        obj, end = decoder.raw_decode(text, index)
+        yield obj
+        index = end
+        while index < len(text) and text[index].isspace():
+            index += 1

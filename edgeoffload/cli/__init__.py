@@ -23,6 +23,7 @@ from edgeoffload import __version__
 from edgeoffload.cli import bench, device, serve, split
 from edgeoffload.cli._extras import missing_extra
 from edgeoffload.cli._render import err, out
+from edgeoffload.cli.fleet import fleet_app
 from edgeoffload.cli.keys import keys_app
 from edgeoffload.errors import EdgeOffloadError
 
@@ -47,6 +48,7 @@ app.command("run")(device.run_cmd)
 app.command()(split.inspect)
 app.command()(bench.bench)
 app.add_typer(keys_app, name="keys")
+app.add_typer(fleet_app, name="fleet")
 
 
 @app.callback(invoke_without_command=True)

@@ -52,9 +52,32 @@ ThreadsOpt = Annotated[
 ]
 
 # The device side of the protocol (`run`, `chat`).
-ServerUrlOpt = Annotated[str, typer.Option("--server", help="Edge server URL, ws://HOST:PORT.")]
+ServerUrlOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--server",
+        help="Edge server ws://HOST:PORT, or URL=KEY (KEY: public key text, file or folder); "
+        "repeat for a fleet.",
+    ),
+]
 ServerKeyOpt = Annotated[
-    str, typer.Option("--server-key", help="Server public key, or its key file/folder.")
+    list[str] | None,
+    typer.Option(
+        "--server-key",
+        help="Server public key, or its key file/folder: the key of a lone --server, and the "
+        "keys --discover trusts (repeatable).",
+    ),
+]
+FleetFileOpt = Annotated[
+    Path | None,
+    typer.Option("--fleet", help="File of edge servers, one 'URL KEY' per line ('#' comments)."),
+]
+DiscoverOpt = Annotated[
+    bool,
+    typer.Option(
+        "--discover",
+        help="Also use servers found on the local network (mDNS) whose key is given here.",
+    ),
 ]
 DeviceKeyOpt = Annotated[Path, typer.Option("--key", help="This device's key folder.")]
 FallbackOpt = Annotated[str, typer.Option("--fallback", help="local or error.")]

@@ -11,16 +11,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from edgeoffload.cli._analysis import analysis_of, profiles_for
+from edgeoffload.cli._fleet import endpoints
 from edgeoffload.cli._options import (
     DeviceClassOpt,
     DeviceKeyOpt,
+    DiscoverOpt,
     FallbackOpt,
+    FleetFileOpt,
     NetworkOpt,
     ServerKeyOpt,
     ServerUrlOpt,
@@ -38,7 +42,7 @@ from edgeoffload.cli._render import (
     verification_line,
 )
 from edgeoffload.core.presets import parse_link
-from edgeoffload.keys import load_identity, load_public
+from edgeoffload.keys import load_identity
 
 if TYPE_CHECKING:
     from edgeoffload.device.blocking import BlockingOffloadClient
@@ -46,8 +50,6 @@ if TYPE_CHECKING:
 
 def run_cmd(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder (the device's copy).")],
-    server: ServerUrlOpt,
-    server_key: ServerKeyOpt,
     key: DeviceKeyOpt,
     input_path: Annotated[
         Path, typer.Option("--input", help="Inputs (.npz, one array per model input).")
@@ -55,16 +57,21 @@ def run_cmd(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Where to write the outputs (.npz).")
     ],
+    server: ServerUrlOpt = None,
+    server_key: ServerKeyOpt = None,
+    fleet: FleetFileOpt = None,
+    discover: DiscoverOpt = False,
     fallback: FallbackOpt = "local",
     timeout: TimeoutOpt = 10.0,
     threads: ThreadsOpt = 1,
 ) -> None:
-    """Run a bundle: head here, tail on the edge server (or locally as fallback)."""
+    """Run a bundle: head here, tail on the best edge server (or locally as fallback)."""
     import numpy as np  # not loaded for --help
 
     inputs = load_inputs(input_path)
     assert inputs is not None
-    client_args = (bundle_dir, server, server_key, key, fallback, timeout, threads)
+    servers = Servers(server, server_key, fleet, discover)
+    client_args = (bundle_dir, servers, key, fallback, timeout, threads)
     with _blocking_client(*client_args) as client:
         outputs = client.run(inputs)
         timing = client.last_timing
@@ -75,9 +82,11 @@ def run_cmd(
 
 def chat(
     bundle_dir: Annotated[Path, typer.Argument(help="Decoder bundle folder (the device's copy).")],
-    server: ServerUrlOpt,
-    server_key: ServerKeyOpt,
     key: DeviceKeyOpt,
+    server: ServerUrlOpt = None,
+    server_key: ServerKeyOpt = None,
+    fleet: FleetFileOpt = None,
+    discover: DiscoverOpt = False,
     prompt: Annotated[
         str | None, typer.Option("--prompt", "-p", help="One message; omit to chat on stdin.")
     ] = None,
@@ -96,7 +105,8 @@ def chat(
 ) -> None:
     """Chat with a split decoder: its first blocks here, the rest on the edge server."""
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    client_args = (bundle_dir, server, server_key, key, fallback, timeout, threads)
+    servers = Servers(server, server_key, fleet, discover)
+    client_args = (bundle_dir, servers, key, fallback, timeout, threads)
     with _blocking_client(*client_args) as client:
         turns = [prompt] if prompt is not None else _stdin_turns()
         for text in turns:
@@ -122,10 +132,19 @@ def chat(
                 err.print(generation_stats_line(stream.stats))
 
 
+@dataclass(frozen=True)
+class Servers:
+    """The server options `run` and `chat` share (see cli/_fleet.py)."""
+
+    server: list[str] | None
+    server_key: list[str] | None
+    fleet: Path | None
+    discover: bool
+
+
 def _blocking_client(
     bundle_dir: Path,
-    server: str,
-    server_key: str,
+    servers: Servers,
     key: Path,
     fallback: str,
     timeout: float,
@@ -133,12 +152,20 @@ def _blocking_client(
 ) -> BlockingOffloadClient:
     """The device client that `run` and `chat` use, from their shared options."""
     # numpy, onnxruntime, websockets: loaded only when a command talks to a server.
+    from edgeoffload.bundle import load_bundle
     from edgeoffload.device.blocking import BlockingOffloadClient
 
+    bundle = load_bundle(bundle_dir)
+    found = endpoints(
+        servers.server,
+        servers.server_key,
+        servers.fleet,
+        discover=servers.discover,
+        bundle_version=bundle.manifest.version,
+    )
     return BlockingOffloadClient(
-        bundle_dir,
-        server=server,
-        server_key=load_public(server_key),
+        bundle,
+        servers=found,
         identity=load_identity(key),
         fallback=fallback,
         timeout=timeout,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from edgeoffload.bundle import Bundle
 from edgeoffload.core.noise import DEFAULT_PROTOCOL
 from edgeoffload.device.client import OffloadClient, RequestTiming
 from edgeoffload.device.generate import GeneratedToken, Generation, GenerationStats
+from edgeoffload.device.pool import EdgeEndpoint
 from edgeoffload.keys import KeyPair
 from edgeoffload.types import LinkProfile
 
@@ -33,9 +34,10 @@ class BlockingOffloadClient:
         self,
         bundle: Bundle | str | Path,
         *,
-        server: str,
-        server_key: bytes,
         identity: KeyPair,
+        server: str | None = None,
+        server_key: bytes | None = None,
+        servers: Sequence[EdgeEndpoint] = (),
         fallback: str = "local",
         timeout: float = 10.0,
         connect_timeout: float = 3.0,
@@ -55,6 +57,7 @@ class BlockingOffloadClient:
                 bundle,
                 server=server,
                 server_key=server_key,
+                servers=servers,
                 identity=identity,
                 fallback=fallback,
                 timeout=timeout,
