@@ -16,13 +16,13 @@ from edgeoffload.errors import UsageError
 if TYPE_CHECKING:
     from edgeoffload.lab.stats import Record
 
-BENCHMARKS = ("cost-accuracy", "overhead", "throughput", "server", "lab", "generate")
+BENCHMARKS = ("cost-accuracy", "overhead", "throughput", "server", "lab", "generate", "fleet")
 
 
 def bench(
     scenario: Annotated[
         str,
-        typer.Argument(help="cost-accuracy, overhead, throughput, server, lab or generate."),
+        typer.Argument(help="cost-accuracy, overhead, throughput, server, lab, generate or fleet."),
     ],
     model: Annotated[
         str, typer.Option("--model", help="Model for cost-accuracy (path or zoo:NAME).")
@@ -47,6 +47,22 @@ def bench(
         str | None,
         typer.Option("--network", help="generate: emulate this link (default: loopback)."),
     ] = None,
+    duration: Annotated[
+        float, typer.Option("--duration", min=1.0, help="fleet: measured seconds per policy.")
+    ] = 36.0,
+    devices: Annotated[
+        int, typer.Option("--devices", min=1, help="fleet: concurrent devices.")
+    ] = 32,
+    policies: Annotated[
+        str,
+        typer.Option(
+            "--policies",
+            help="fleet: comma list of round-robin, least-outstanding, two-choice, ours.",
+        ),
+    ] = "round-robin,least-outstanding,two-choice,ours",
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="fleet: write the plot (PNG) here.")
+    ] = None,
 ) -> None:
     """Run a benchmark and print its summary (JSON with -o).
 
@@ -58,6 +74,9 @@ def bench(
     benchmarks/lab.py for plots and the README table).
     generate: split vs unsplit decoder generation (--model zoo:smollm2): decode tokens/s,
     TTFT, bytes per token, memory; the server in its own process.
+    fleet: three servers of different speed (one SIGKILLed half way and restarted), --devices
+    devices, per routing policy: throughput, p50/p99, errors, wrong answers (~3-4 min on 2
+    CPUs; --plot for the latency-over-time plot).
     """
     # The benchmarks load onnxruntime and websockets, some onnx: imported only to run one.
     from edgeoffload.lab import bench as bench_mod
@@ -99,6 +118,25 @@ def bench(
         )
         _write_bench(result, output)
         for line in format_result(result):
+            out.print(line)
+        return
+    elif scenario == "fleet":
+        from edgeoffload.lab import fleetbench
+
+        chosen = fleetbench.parse_policies(policies)
+        result = fleetbench.fleet_benchmark(
+            model,
+            devices=devices,
+            policies=chosen,
+            duration_s=duration,
+            progress=lambda what: err.print(what),
+        )
+        data = _write_bench(result, output)
+        if plot is not None:
+            from edgeoffload.lab.plots import plot_fleet
+
+            plot_fleet(data, plot)
+        for line in fleetbench.format_result(data):
             out.print(line)
         return
     elif scenario == "lab":
