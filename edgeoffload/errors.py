@@ -151,7 +151,17 @@ class ServerBusy(OffloadUnavailable):
 
 
 class Overloaded(ServerBusy):
-    """The edge server refused the request because it is at its concurrency limit."""
+    """The edge server refused the request because it is at its concurrency limit.
+
+    ``retry_after`` is the server's hint (seconds) of when a retry may be admitted, if it sent
+    one; the client retries after it (with jitter) while its timeout allows.
+    """
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 # --- generation (sampling/tokenizer) ---

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -61,6 +62,11 @@ FINGERPRINT_DOMAIN = b"edgeoffload-key-v1"
 
 # Key files are a line of text; anything much larger is not a key file.
 _MAX_KEY_FILE_BYTES = 4096
+# What os.open(..., O_NOFOLLOW) raises on a symlink: ELOOP (Linux, macOS), EMLINK (FreeBSD),
+# EFTYPE (NetBSD; absent from Python's errno elsewhere).
+_SYMLINK_ERRNOS = frozenset(
+    e for e in (errno.ELOOP, errno.EMLINK, getattr(errno, "EFTYPE", None)) if e is not None
+)
 _KEYGEN_HINT = "create one with: edgeoffload keys generate {directory}"
 _PUBLIC_FORM_HINT = (
     "expected 'x25519:' followed by 43 base64url characters (the contents of a public.key "
@@ -352,15 +358,85 @@ def _read_key_file(path: Path) -> str:
         os.close(fd)
 
 
+def _open_private_key(path: Path, hint: str) -> int:
+    """Open ``path`` for reading without following a final symlink and without blocking."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever (it is
+    # refused by the fstat check right after); it changes nothing for a regular file.
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise UsageError(f"{path.parent} has no {PRIVATE_FILE}", hint=hint) from None
+    except OSError as exc:
+        # O_NOFOLLOW on a symlink: ELOOP (Linux, macOS), EMLINK (FreeBSD), EFTYPE (NetBSD).
+        if exc.errno in _SYMLINK_ERRNOS and os.path.islink(path):
+            raise UsageError(
+                f"{path} is a symbolic link; a private key must be a regular file",
+                hint=f"put the key file itself at {path} (move the file the link points to "
+                "there), or pass the directory that holds the real file",
+            ) from None
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _check_private_key_fd(path: Path, fd: int) -> None:
+    """Refuse an open private key that is not a regular file of ours that only we can use."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(
+            f"{path} is not a regular file ({_file_kind(st.st_mode)})",
+            hint=f"{PRIVATE_FILE} must be the key file written by 'edgeoffload keys generate'",
+        )
+    getuid = getattr(os, "getuid", None)
+    if os.name != "nt" and getuid is not None and st.st_uid != getuid():
+        uid = getuid()
+        raise UsageError(
+            f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid}): "
+            "a private key must belong to the user that uses it",
+            hint=f"chown {uid} {path} (or run as the key's owner)",
+        )
+    if os.name != "nt" and st.st_mode & 0o077:
+        raise UsageError(
+            f"permissions {stat.S_IMODE(st.st_mode):04o} for {path} are too open: "
+            "a private key must not be accessible by others",
+            hint=f"chmod 600 {path}",
+        )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
 def load_identity(directory: str | Path) -> KeyPair:
     """Load the key pair stored in ``directory`` by :func:`generate_identity`.
 
-    Like ssh, refuses a ``private.key`` that group or others can read. When ``public.key`` is
-    present it must match the private key.
+    ``private.key`` is accepted only when it is, at the moment it is read:
+
+    - a regular file: not a symlink, even to a good file (opened with ``O_NOFOLLOW``, where the
+      OS has it: not on Windows; the directory itself may be a symlink), nor a directory, FIFO,
+      socket or device;
+    - owned by the user running this process (``os.getuid()``; not checked on Windows or where
+      ``os.getuid`` does not exist);
+    - neither readable nor writable nor executable by group or others (mode ``0600`` or
+      stricter, like ssh; not checked on Windows).
+
+    The checks ``fstat`` the descriptor the key is then read from, so they and the read see the
+    same file (no check-then-open race). When ``public.key`` is present it must match the
+    private key.
 
     Raises:
-        UsageError: the directory or ``private.key`` is missing, ``private.key`` is readable by
-            others, malformed, or ``public.key`` does not match it.
+        UsageError: the directory or ``private.key`` is missing, ``private.key`` is a symlink,
+            not a regular file, owned by another user, accessible by group or others, or
+            malformed, or ``public.key`` does not match it. The hint says what to fix.
     """
     d = Path(directory)
     hint = _KEYGEN_HINT.format(directory=d)
@@ -369,23 +445,9 @@ def load_identity(directory: str | Path) -> KeyPair:
     if not d.is_dir():
         raise UsageError(f"{d} is not a key directory", hint=hint)
     private_path = d / PRIVATE_FILE
+    fd = _open_private_key(private_path, hint)
     try:
-        fd = os.open(private_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise UsageError(f"{d} has no {PRIVATE_FILE}", hint=hint) from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {private_path}: {exc.strerror or exc}") from exc
-    try:
-        # fstat the descriptor we read from, so the check and the read see the same file.
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{private_path} is not a regular file")
-        if os.name != "nt" and st.st_mode & 0o077:
-            raise UsageError(
-                f"permissions {stat.S_IMODE(st.st_mode):04o} for {private_path} are too open: "
-                "a private key must not be accessible by others",
-                hint=f"chmod 600 {private_path}",
-            )
+        _check_private_key_fd(private_path, fd)
         text = read_small_text(private_path, fd)
     finally:
         os.close(fd)

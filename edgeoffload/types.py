@@ -111,9 +111,10 @@ class _Fields:
         return value
 
     def done(self) -> None:
-        extra = sorted(set(self._data) - self._seen)
+        # repr before sorting: a peer's map may mix key types (str and bytes do not compare)
+        extra = sorted(repr(k) for k in set(self._data) - self._seen)
         if extra:
-            raise self._error(f"{self._what}: unknown field(s) {', '.join(map(repr, extra))}")
+            raise self._error(f"{self._what}: unknown field(s) {', '.join(extra)}")
 
 
 def fields(data: object, what: str, error: type[EdgeOffloadError]) -> _Fields:

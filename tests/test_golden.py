@@ -123,6 +123,15 @@ def _prologue(protocol: str, identity: str) -> bytes:
     return b"edgeoffload/1\x00" + protocol.encode("ascii") + b"\x00" + identity.encode("utf-8")
 
 
+# PROTOCOL.md §5.3, written out: the label as the spec prints it, the two BLAKE2s calls.
+MAC1_LABEL = b"edgeoffload mac1"
+
+
+def _mac1(server_public: bytes, prologue: bytes, noise: bytes) -> bytes:
+    key = hashlib.blake2s(MAC1_LABEL + server_public, digest_size=32).digest()
+    return hashlib.blake2s(prologue + noise, digest_size=16, key=key).digest()
+
+
 def _handshake(suite: dict[str, Any], hs: dict[str, Any]) -> tuple[HandshakeState, HandshakeState]:
     """Run one recorded handshake with bare Noise states and check every recorded byte."""
     keys = _keys(suite)
@@ -133,12 +142,15 @@ def _handshake(suite: dict[str, Any], hs: dict[str, Any]) -> tuple[HandshakeStat
 
     m1, m2 = hs["message1"], hs["message2"]
     envelope1 = _strict_unpack(bytes.fromhex(m1["envelope_hex"]))
-    assert set(envelope1) == {"v", "proto", "bundle", "noise"}
+    assert list(envelope1) == ["v", "proto", "bundle", "noise", "mac1"]
     assert envelope1["v"] == 1
     assert envelope1["proto"] == protocol
     assert envelope1["bundle"] == identity
     noise1 = envelope1["noise"]
     assert noise1.hex() == m1["noise_hex"]
+    # The cheap pre-check the server does before any DH: keyed by the pinned server key.
+    assert envelope1["mac1"] == _mac1(keys["server_static"].public, prologue, noise1)
+    assert len(bytes.fromhex(m1["envelope_hex"])) <= VECTORS["max_hello_bytes"]
 
     # The responder (server) side: it knows only its own keys and learns the device's.
     responder = HandshakeState(
@@ -372,10 +384,54 @@ def _transport_class_agrees(suite: dict[str, Any], entries: list[dict[str, Any]]
 
 @pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
 def test_transport_messages(suite: dict[str, Any]) -> None:
-    _replay_transport(suite, suite["transport"])
+    messages = _replay_transport(suite, suite["transport"])
     assert [e["type"] for e in suite["transport"]] == [
         "run", "run", "result", "error", "ping", "pong", "ping", "pong", "run", "result", "close"
     ]  # fmt: skip
+    # The overloaded error carries retry_ms (PROTOCOL.md §7): an int in 0..60000, last.
+    error = messages[3]
+    assert list(error) == ["t", "code", "message", "id", "retry_ms"]
+    assert error["code"] == "overloaded" and error["id"] == messages[1]["id"]
+    retry_ms = error["retry_ms"]
+    assert type(retry_ms) is int and 0 <= retry_ms <= VECTORS["max_retry_ms"] == 60_000
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])
+def test_mac1_vectors(suite: dict[str, Any]) -> None:
+    """PROTOCOL.md §5.3 mac1, recomputed with hashlib; the listed rejections differ in mac1 only."""
+    vector = suite["mac1"]
+    server_public = bytes.fromhex(suite["keys"]["server_static"]["public"])
+    assert bytes.fromhex(vector["label_hex"]) == MAC1_LABEL
+    key = hashlib.blake2s(MAC1_LABEL + server_public).digest()
+    assert key.hex() == vector["key_hex"]
+    envelope = _strict_unpack(bytes.fromhex(suite["handshake"]["message1"]["envelope_hex"]))
+    prologue = _prologue(suite["protocol_name"], VECTORS["bundle"]["identity"])
+    assert vector["input_hex"] == (prologue + envelope["noise"]).hex()
+    tag = hashlib.blake2s(bytes.fromhex(vector["input_hex"]), digest_size=16, key=key).digest()
+    assert tag.hex() == vector["mac1_hex"] == envelope["mac1"].hex()
+
+    others = {k: v for k, v in envelope.items() if k != "mac1"}
+    assert len(vector["rejected"]) == 3
+    for case in vector["rejected"]:
+        forged = _strict_unpack(bytes.fromhex(case["envelope_hex"]))
+        assert {k: v for k, v in forged.items() if k != "mac1"} == others, case["note"]
+        assert forged.get("mac1") != tag and case["close_code"] == 4401
+    flipped, other_key, absent = (
+        _strict_unpack(bytes.fromhex(c["envelope_hex"])) for c in vector["rejected"]
+    )
+    assert bytes(a ^ b for a, b in zip(flipped["mac1"], tag, strict=True)) == bytes(15) + b"\x01"
+    other_public = bytes.fromhex(
+        re.search(r"public key ([0-9a-f]{64})", vector["rejected"][1]["note"])[1]
+    )
+    assert other_key["mac1"] == _mac1(other_public, prologue, envelope["noise"])
+    assert "mac1" not in absent
+
+
+def test_spec_states_the_mac1_label_and_limits() -> None:
+    section = _section("5")
+    assert 'b"edgeoffload mac1"' in section and MAC1_LABEL.hex() in section
+    assert "| `mac1` | bin (16 bytes) |" in section
+    assert f"`MAX_HELLO_BYTES` = {VECTORS['max_hello_bytes']}" in PROTOCOL_MD
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=lambda s: s["protocol_name"])

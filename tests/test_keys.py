@@ -442,7 +442,7 @@ def test_allowlist_folder_reload_picks_up_new_and_removed_files(tmp_path: Path) 
     assert len(allow) == 1
 
 
-def test_allowlist_malformed_edit_keeps_old_list(
+def test_allowlist_malformed_edit_fails_closed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     f = tmp_path / "authorized_keys"
@@ -454,9 +454,9 @@ def test_allowlist_malformed_edit_keeps_old_list(
     _touch_later(f)
     clock.now += 1.0
     with caplog.at_level(logging.WARNING, logger="edgeoffload.edge.allowlist"):
-        assert allow.allows(_pub(1))  # the old list stays in force
-        assert not allow.allows(_pub(2))  # the whole reload failed, not just one line
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert allow.allows(_pub(1))  # still listed on a valid line: stays
+        assert not allow.allows(_pub(2))  # new in a broken edit: never admitted
+    warnings = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(warnings) == 1
     assert f"{f}:3:" in warnings[0].getMessage()
     for record in caplog.records:
@@ -484,15 +484,17 @@ def test_allowlist_malformed_edit_keeps_old_list(
     assert allow.allows(_pub(2))
 
 
-def test_allowlist_deleted_file_keeps_old_list(tmp_path: Path) -> None:
+def test_allowlist_deleted_file_admits_nobody(tmp_path: Path) -> None:
     f = tmp_path / "authorized_keys"
     f.write_text(_authorized(encode_public(_pub(1))))
     clock = FakeClock()
     allow = AllowList(f, check_interval=0, clock=clock)
     f.unlink()
-    assert allow.allows(_pub(1))
+    assert not allow.allows(_pub(1))
     with pytest.raises(UsageError):
         allow.reload()
+    assert not allow.allows(_pub(1))
+    f.write_text(_authorized(encode_public(_pub(1))))
     assert allow.allows(_pub(1))
 
 

@@ -254,8 +254,7 @@ def test_sigterm_drains_in_flight_requests(heavy_bundle, keys):
                 tasks = [asyncio.create_task(client.run(_heavy_inputs(i))) for i in range(3)]
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:  # wait until the server has work in flight
-                    health = await asyncio.to_thread(_healthz, port)
-                    if health["inflight"] >= 1:
+                    if await asyncio.to_thread(_inflight, port) >= 1:
                         break
                     await asyncio.sleep(0.005)
                 os.kill(proc.pid, signal.SIGTERM)
@@ -274,6 +273,15 @@ def test_sigterm_drains_in_flight_requests(heavy_bundle, keys):
             np.testing.assert_array_equal(result["logits"], expected)
         else:  # requests that arrived after SIGTERM get a clear refusal, not a wrong answer
             assert isinstance(result, OffloadUnavailable)
+
+
+def _inflight(port: int) -> float:
+    """The server's in-flight gauge, from /metrics (/healthz says only up/ready)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("edgeoffload_inflight_requests "):
+                return float(line.split()[1])
+    raise AssertionError("no edgeoffload_inflight_requests gauge on /metrics")
 
 
 def _healthz(port: int) -> dict:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from edgeoffload import __version__
 from edgeoffload.core import codec as codec_mod
+from edgeoffload.core import noise as noise_mod
 from edgeoffload.core.noise import DEFAULT_PROTOCOL, RUNTIME_PROTOCOLS
 from edgeoffload.errors import (
     AuthenticationFailed,
@@ -35,11 +36,18 @@ from edgeoffload.keys import KeyPair
 from edgeoffload.protocol._state import TRANSITIONS, Role, State
 from edgeoffload.protocol.connection import (
     ERROR_CODES,
+    MAC1_BYTES,
+    MAC1_LABEL,
+    MAX_HELLO_BYTES,
+    MAX_RETRY_MS,
     PROTOCOL_VERSION,
     ClientConnection,
     HostedBundle,
     ReplayGuard,
     ServerConnection,
+    mac1,
+    mac1_key,
+    prologue,
     tai64n,
 )
 from edgeoffload.protocol.events import (
@@ -247,6 +255,7 @@ EXPECTED_EXCEPTION = {
     "shutting_down": ServerBusy,
     "session": SessionError,
     "session_lost": SessionLost,
+    "duplicate_id": RemoteProtocolError,
 }
 
 
@@ -795,6 +804,228 @@ def test_client_checks_the_welcome_strictly():
         client.receive(pack(dict(welcome, noise=bytes(noise))))
 
 
+# -- mac1: the cheap check before any Diffie-Hellman (PROTOCOL.md §5.3) -----------------------
+
+
+@pytest.fixture
+def noise_calls(monkeypatch) -> dict[str, int]:
+    """Counts X25519 operations and Noise message reads from here on.
+
+    Wraps the Noise module's collaborators (not the check under test), so a test can tell
+    whether a hello reached the expensive part of the handshake at all.
+    """
+    calls = {"dh": 0, "read_message": 0}
+    real_dh, real_read = noise_mod._dh, noise_mod.HandshakeState.read_message
+
+    def counting_dh(private: bytes, public: bytes) -> bytes:
+        calls["dh"] += 1
+        return real_dh(private, public)
+
+    def counting_read(self, message: bytes) -> bytes:
+        calls["read_message"] += 1
+        return real_read(self, message)
+
+    monkeypatch.setattr(noise_mod, "_dh", counting_dh)
+    monkeypatch.setattr(noise_mod.HandshakeState, "read_message", counting_read)
+    return calls
+
+
+def _spec_mac1(server_public: bytes, envelope: dict) -> bytes:
+    """mac1 as PROTOCOL.md §5.3 writes it, with hashlib directly."""
+    import hashlib
+
+    key = hashlib.blake2s(b"edgeoffload mac1" + server_public).digest()
+    data = prologue(envelope["proto"], envelope["bundle"]) + envelope["noise"]
+    return hashlib.blake2s(data, digest_size=16, key=key).digest()
+
+
+def test_hello_carries_the_mac1_of_the_spec():
+    envelope = unpack(_hello(), max_bin=4096)
+    assert list(envelope) == ["v", "proto", "bundle", "noise", "mac1"]
+    assert len(envelope["mac1"]) == MAC1_BYTES == 16
+    assert MAC1_LABEL == b"edgeoffload mac1"
+    assert envelope["mac1"] == _spec_mac1(SERVER_STATIC.public, envelope)
+    assert mac1_key(SERVER_STATIC.public) == mac1_key(bytes(SERVER_STATIC.public))  # cached
+    pro = prologue(envelope["proto"], envelope["bundle"])
+    assert mac1(mac1_key(SERVER_STATIC.public), pro, envelope["noise"]) == envelope["mac1"]
+
+
+def _flip_bit(data: bytes, index: int, bit: int = 0) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 1 << bit
+    return bytes(out)
+
+
+def _without_mac1() -> bytes:
+    envelope = unpack(_hello(), max_bin=4096)
+    del envelope["mac1"]
+    return pack(envelope)
+
+
+def _mac1_cases() -> dict[str, bytes]:
+    envelope = unpack(_hello(), max_bin=4096)
+    tag = envelope["mac1"]
+    other_server = _spec_mac1(OTHER_STATIC.public, envelope)
+    cases = {
+        "missing": _without_mac1(),
+        "nil": pack(dict(envelope, mac1=None)),
+        "as-str": pack(dict(envelope, mac1=tag.hex())),
+        "short": pack(dict(envelope, mac1=tag[:15])),
+        "long": pack(dict(envelope, mac1=tag + b"\x00")),
+        "empty": pack(dict(envelope, mac1=b"")),
+        "another-server-key": pack(dict(envelope, mac1=other_server)),
+        # a hello built by a device that pinned another key: mac1 and Noise both for that key
+        "device-pinned-another-key": _hello(make_client(server_public=OTHER_STATIC.public)),
+        # the mac1 covers every byte of the Noise message, so tampering is caught before DH
+        "noise-bit": pack(dict(envelope, noise=_flip_bit(envelope["noise"], 40))),
+        "empty-noise": pack(dict(envelope, noise=b"")),
+        "bundle": pack(dict(envelope, bundle=BUNDLE[:-1] + "4")),
+        "proto": pack(dict(envelope, proto=RUNTIME_PROTOCOLS[1])),
+    }
+    for bit in range(8):
+        cases[f"mac1-bit{bit}"] = pack(dict(envelope, mac1=_flip_bit(tag, bit % MAC1_BYTES, bit)))
+    return cases
+
+
+MAC1_CASES = _mac1_cases()
+
+
+@pytest.mark.parametrize("name", list(MAC1_CASES))
+def test_bad_mac1_fails_authentication_before_any_diffie_hellman(name, noise_calls):
+    server = make_server()
+    with pytest.raises(AuthenticationFailed) as info:
+        server.receive(MAC1_CASES[name])
+    assert str(info.value) == "authentication failed"  # opaque, as every other auth failure
+    assert noise_calls == {"dh": 0, "read_message": 0}
+    assert server.data_to_send() == [] and server.state is State.CLOSED
+    assert server.peer_public is None
+
+
+def test_valid_hello_still_completes_and_does_its_diffie_hellmans(noise_calls):
+    hello = _hello()  # built before counting: the device's own DHs are not the server's
+    noise_calls.update(dh=0, read_message=0)
+    server = make_server()
+    (event,) = server.receive(hello)
+    assert isinstance(event, HandshakeComplete) and server.state is State.READY
+    # IK message 1 costs the responder es and ss; message 2 (written here) ee and se.
+    assert noise_calls == {"dh": 4, "read_message": 1}
+
+
+def test_bad_mac1_does_not_burn_the_timestamp():
+    guard = ReplayGuard()
+    hello = _hello()
+    envelope = unpack(hello, max_bin=4096)
+    forged = pack(dict(envelope, mac1=_flip_bit(envelope["mac1"], 0)))
+    with pytest.raises(AuthenticationFailed):
+        make_server(guard=guard).receive(forged)
+    (event,) = make_server(guard=guard).receive(hello)
+    assert isinstance(event, HandshakeComplete)
+
+
+def test_mac1_does_not_hide_a_wrong_version_or_a_malformed_envelope(noise_calls):
+    # v is checked by value (RemoteProtocolError, 4400) and unknown fields are a protocol error.
+    wrong_version, extra_field = _tampered(v=2), _tampered(extra=1)
+    noise_calls.update(dh=0)  # building the hellos cost the device its DHs
+    with pytest.raises(RemoteProtocolError, match="protocol version"):
+        make_server().receive(wrong_version)
+    with pytest.raises(RemoteProtocolError, match="unknown field"):
+        make_server().receive(extra_field)
+    assert noise_calls == {"dh": 0, "read_message": 0}
+
+
+def test_first_message_longer_than_max_hello_bytes_is_refused_before_decoding(
+    noise_calls, monkeypatch
+):
+    import edgeoffload.protocol.connection as connection_mod
+
+    decoded = []
+    real_unpack = connection_mod.unpack
+    monkeypatch.setattr(
+        connection_mod,
+        "unpack",
+        lambda data, **kw: decoded.append(len(data)) or real_unpack(data, **kw),
+    )
+    too_long = _hello() + bytes(MAX_HELLO_BYTES)  # a valid hello followed by padding
+    noise_calls.update(dh=0)  # building the hello cost the device its DHs
+    for data in (too_long, bytes(MAX_HELLO_BYTES + 1), b"\x85" * (MAX_HELLO_BYTES + 1)):
+        server = make_server()
+        with pytest.raises(RemoteProtocolError, match=f"exceeds {MAX_HELLO_BYTES}"):
+            server.receive(data)
+        assert server.state is State.CLOSED and server.data_to_send() == []
+    assert decoded == [] and noise_calls["dh"] == 0
+    # At the limit the size passes and the bytes are decoded (and refused as garbage).
+    with pytest.raises(RemoteProtocolError, match=r"malformed|map"):
+        make_server().receive(bytes(MAX_HELLO_BYTES))
+    assert decoded == [MAX_HELLO_BYTES]
+
+
+def test_max_hello_bytes_leaves_room_for_any_reference_hello():
+    long_bundle = "f" * 64 + ":" + "c" * 200
+    hello = _hello(make_client(bundle=long_bundle, features=tuple(f"f{i}" for i in range(16))))
+    assert len(hello) < MAX_HELLO_BYTES // 4
+
+
+# -- retry_ms on overloaded (PROTOCOL.md §7) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("retry_ms", [0, 1, 250, MAX_RETRY_MS])
+def test_retry_ms_round_trips_and_becomes_retry_after(retry_ms):
+    client, server = connected()
+    server.send_error(5, "overloaded", "busy", retry_ms=retry_ms)
+    (reply,) = deliver(server, client)
+    assert reply == ErrorReply(5, "overloaded", "busy", retry_ms)
+    exc = reply.to_exception()
+    assert type(exc) is Overloaded
+    assert exc.retry_after == retry_ms / 1000
+    assert client.state is State.READY
+
+
+def test_overloaded_without_retry_ms_has_no_retry_after():
+    client, server = connected()
+    server.send_error(5, "overloaded", "busy")
+    (reply,) = deliver(server, client)
+    assert reply.retry_ms is None and reply.to_exception().retry_after is None
+
+
+def test_retry_ms_is_written_last():
+    client, server = connected()
+    server.send_error(5, "overloaded", "busy", retry_ms=250)
+    plaintext = client.transport.decrypt(one_message(server))
+    assert list(unpack(plaintext, max_bin=64)) == ["t", "code", "message", "id", "retry_ms"]
+
+
+@pytest.mark.parametrize(
+    "retry_ms", [-1, MAX_RETRY_MS + 1, 2**64 - 1, -(2**63), 1.5, 250.0, True, False, "250", None]
+)
+def test_bad_retry_ms_is_a_protocol_error_at_the_client(retry_ms):
+    client, server = connected()
+    forged = forge(
+        server, {"t": "error", "code": "overloaded", "message": "m", "id": 1, "retry_ms": retry_ms}
+    )
+    with pytest.raises(RemoteProtocolError, match="retry_ms"):
+        client.receive(forged)
+
+
+@pytest.mark.parametrize("code", [c for c in ERROR_CODES if c != "overloaded"] + ["teapot"])
+def test_retry_ms_with_another_code_is_a_protocol_error_at_the_client(code):
+    client, server = connected()
+    forged = forge(server, {"t": "error", "code": code, "message": "m", "retry_ms": 10})
+    with pytest.raises(RemoteProtocolError, match="retry_ms"):
+        client.receive(forged)
+
+
+@pytest.mark.parametrize(
+    ("code", "retry_ms"),
+    [("overloaded", -1), ("overloaded", MAX_RETRY_MS + 1), ("overloaded", 1.5),
+     ("overloaded", True), ("internal", 10), ("shutting_down", 0)],
+)  # fmt: skip
+def test_server_refuses_to_send_a_bad_retry_ms(code, retry_ms):
+    _, server = connected()
+    with pytest.raises(LocalProtocolError, match="retry_ms"):
+        server.send_error(1, code, "m", retry_ms=retry_ms)
+    assert server.data_to_send() == [] and server.state is State.READY
+
+
 # -- strict msgpack ------------------------------------------------------------------------------
 
 
@@ -969,7 +1200,7 @@ def test_server_first_message_arbitrary_bytes(data):
             "bundle": st.just(BUNDLE) | anything,
             "noise": st.binary(max_size=200) | anything,
         },
-        optional={"extra": anything},
+        optional={"mac1": st.binary(min_size=16, max_size=16) | anything, "extra": anything},
     )
 )
 def test_server_first_message_random_envelopes(envelope):

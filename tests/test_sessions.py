@@ -258,6 +258,44 @@ def test_max_sessions_evicts_the_least_recently_used_idle_one():
     assert len(store) == 2 and store.evicted == 1
 
 
+def test_a_device_exhausting_the_kv_budget_evicts_its_own_sessions_first(cache_session):
+    """One device grows sessions until the budget is full, then keeps growing: the honest
+    device's older session survives; the hog's own least recently used ones go."""
+    store = SessionStore(budget_bytes=40 * BYTES_PER_TOKEN)
+    honest = _open(store, 0.0, owner=OTHER_OWNER)  # the oldest of all: LRU alone would pick it
+    _grow(store, honest, 5, cache_session)
+    hog = [_open(store, 1.0 + t) for t in range(3)]
+    for s in hog:
+        _grow(store, s, 10, cache_session)
+    assert store.nbytes == 35 * BYTES_PER_TOKEN
+    _grow(store, hog[2], 12, cache_session)  # needs 7 positions beyond the budget
+    assert store.evicted == 1
+    assert _get(store, honest.session_id, 10.0, owner=OTHER_OWNER).length == 5
+    with pytest.raises(SessionLost):
+        _get(store, hog[0].session_id, 10.0)  # the hog's least recently used
+    assert store.nbytes <= store.budget_bytes
+
+
+def test_a_device_opening_many_sessions_evicts_its_own(cache_session):
+    store = SessionStore(max_sessions=4)
+    honest = _open(store, 0.0, owner=OTHER_OWNER)
+    for t in range(10):
+        _open(store, 1.0 + t)  # a hog opening sessions in a loop
+    assert len(store) == 4 and store.evicted == 7
+    assert _get(store, honest.session_id, 20.0, owner=OTHER_OWNER).session_id == honest.session_id
+
+
+def test_drop_owner_removes_every_session_of_a_revoked_key():
+    store = SessionStore()
+    mine = [_open(store, float(t)) for t in range(3)]
+    other = _open(store, 5.0, owner=OTHER_OWNER)
+    assert store.drop_owner(OWNER) == 3
+    for s in mine:
+        with pytest.raises(SessionLost):
+            _get(store, s.session_id, 6.0)
+    assert _get(store, other.session_id, 6.0, owner=OTHER_OWNER) is other
+
+
 # -- KVState --------------------------------------------------------------------------------------
 
 

@@ -16,13 +16,24 @@ from edgeoffload.errors import UsageError
 if TYPE_CHECKING:
     from edgeoffload.lab.stats import Record
 
-BENCHMARKS = ("cost-accuracy", "overhead", "throughput", "server", "lab", "generate", "fleet")
+BENCHMARKS = (
+    "cost-accuracy",
+    "overhead",
+    "throughput",
+    "server",
+    "lab",
+    "generate",
+    "fleet",
+    "attack",
+)
 
 
 def bench(
     scenario: Annotated[
         str,
-        typer.Argument(help="cost-accuracy, overhead, throughput, server, lab, generate or fleet."),
+        typer.Argument(
+            help="cost-accuracy, overhead, throughput, server, lab, generate, fleet or attack."
+        ),
     ],
     model: Annotated[
         str, typer.Option("--model", help="Model for cost-accuracy (path or zoo:NAME).")
@@ -77,6 +88,9 @@ def bench(
     fleet: three servers of different speed (one SIGKILLed half way and restarted), --devices
     devices, per routing policy: throughput, p50/p99, errors, wrong answers (~3-4 min on 2
     CPUs; --plot for the latency-over-time plot).
+    attack: the standing attack suite — a hogging device, 1000 unauthenticated connections
+    with unfinished frames, handshake and garbage floods, revocation — each while an honest
+    device is served (--duration seconds per case; ~4 min at 20 s).
     """
     # The benchmarks load onnxruntime and websockets, some onnx: imported only to run one.
     from edgeoffload.lab import bench as bench_mod
@@ -137,6 +151,16 @@ def bench(
 
             plot_fleet(data, plot)
         for line in fleetbench.format_result(data):
+            out.print(line)
+        return
+    elif scenario == "attack":
+        from edgeoffload.lab import attackbench
+
+        attack = attackbench.attack_benchmark(
+            model, duration_s=duration, progress=lambda what: err.print(what)
+        )
+        _write_bench(attack, output)
+        for line in attackbench.format_result(attack):
             out.print(line)
         return
     elif scenario == "lab":

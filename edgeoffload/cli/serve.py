@@ -33,8 +33,25 @@ def serve(
     ] = 0,
     max_inflight: Annotated[
         int,
-        typer.Option("--max-inflight", min=0, help="Requests accepted at once (0: 4 x workers)."),
+        typer.Option(
+            "--max-inflight", min=0, help="Requests running or queued at once (0: 64 x workers)."
+        ),
     ] = 0,
+    per_device: Annotated[
+        int,
+        typer.Option(
+            "--per-device",
+            min=1,
+            help="Requests one device may have running or queued (an allow-list quota=N wins).",
+        ),
+    ] = 4,
+    queue_wait: Annotated[
+        float,
+        typer.Option(
+            "--queue-wait",
+            help="Seconds a request may wait for a worker (then 'overloaded' with a retry-after).",
+        ),
+    ] = 2.0,
     idle_timeout: Annotated[
         float, typer.Option("--idle-timeout", help="Seconds before a silent device is dropped.")
     ] = 120.0,
@@ -81,6 +98,10 @@ def serve(
         threads=threads,
         workers=workers,
         max_inflight=max_inflight,
+        per_device=per_device,
+        queue_wait=queue_wait,
+        # From the environment, not argv: a token on the command line is visible in ps.
+        metrics_token=os.environ.get("EDGEOFFLOAD_METRICS_TOKEN") or None,
         idle_timeout=idle_timeout,
         kv_budget=parse_size(kv_budget),
         session_ttl=session_ttl,

@@ -520,6 +520,9 @@ def decode(encoded: EncodedTensor, *, max_bytes: int | None = None) -> npt.NDArr
             f"scales must be finite, positive and at most {_SCALE_MAX:g}, found {scales.tolist()!r}"
         )
     q = np.frombuffer(payload, dtype=_I8, count=count).reshape(shape)
+    if q.size and q.min() == -128:
+        # Encoders write -127..127; -128 with the largest scale would overflow to -inf.
+        raise PayloadError("int8 code -128 is not a quantised value (encoders write -127..127)")
     s = scales.astype(out_dtype).reshape(_broadcast_shape(spec.quant, shape))
     out = np.empty(shape, dtype=out_dtype)
     np.multiply(q, s, out=out)

@@ -7,8 +7,11 @@ came back (network and tail times, the server's load report) into the router. Wh
 server fails — unreachable, connection lost, timed out, ``overloaded``, draining, or lying
 (wrong key, malformed load report, a reply to a request it was not asked) — it is backed off
 and the request goes, with the same id, to a server it has not tried: never twice to one
-server. A server backed off is probed in the background about once a second, so a restarted
-server is back in rotation within a second or two of answering again.
+server — except a server that was only full: ``overloaded`` with a retry-after means the
+request did not run, so once every server has been tried it is sent again to the one that
+asked to be retried soonest, after that wait (jittered, doubling), while the deadline
+allows. A server backed off is probed in the background about once a second, so a
+restarted server is back in rotation within a second or two of answering again.
 
 Nothing is hidden: when no server answers, :meth:`EdgePool.run` raises
 :class:`NoServerAnswered` with every server's reason, and the caller applies its fallback
@@ -40,6 +43,7 @@ from edgeoffload.errors import (
     AuthenticationFailed,
     LocalProtocolError,
     OffloadUnavailable,
+    Overloaded,
     PayloadError,
     ProtocolError,
     RemoteProtocolError,
@@ -58,6 +62,8 @@ log = logging.getLogger("edgeoffload.device.pool")
 
 PROBE_INTERVAL_S = 1.0  # how often a backed-off server is probed
 PROBE_TIMEOUT_S = 2.0
+MAX_OVERLOADED_WAITS = 64  # retries of one request after "overloaded" (the deadline bounds them)
+OVERLOADED_MARGIN_S = 0.05  # a retry needs at least this long left before the deadline
 # A failure quicker than this was a refusal or a refused connection, not a hang: the server
 # may still be tried when every server is backed off (Router.choose).
 FAST_FAILURE_S = 0.25
@@ -222,12 +228,32 @@ class EdgePool:
         nbytes = sum(t.wire_bytes for _, t in encoded)
         tried: list[str] = []
         reasons: list[tuple[str, Exception]] = []
-        while len(tried) < max_attempts:
+        attempts = 0
+        busy: dict[str, float] = {}  # servers that said "overloaded": their retry-after (s)
+        waits = 0
+        retry: str | None = None
+        while True:
             self._probe_due()
-            url = self.router.choose(nbytes, now=self.now(), exclude=tried)
+            url = None
+            if retry is not None:
+                url, retry = retry, None
+            elif len(tried) < max_attempts:
+                url = self.router.choose(nbytes, now=self.now(), exclude=tried)
             if url is None:
-                break
-            tried.append(url)
+                # Every server tried: the one that was only full and said when to come back
+                # soonest gets the request again after that (jittered), while the deadline
+                # allows.
+                pause = self._retry_pause(busy, waits, deadline)
+                if pause is None:
+                    break
+                await asyncio.sleep(pause)
+                waits += 1
+                retry = min(busy, key=lambda u: busy[u])
+                busy.clear()
+                continue
+            if url not in tried:
+                tried.append(url)
+            attempts += 1
             remaining = deadline - self.now()
             if remaining <= 0:
                 reasons.append((url, OffloadUnavailable("the request's deadline passed")))
@@ -253,6 +279,8 @@ class EdgePool:
                     log.warning("edge server %s: %s", url, exc)
                 if not isinstance(exc, ServerBusy):
                     await self.links[url].drop()
+                if isinstance(exc, Overloaded) and exc.retry_after is not None:
+                    busy[url] = exc.retry_after
                 self._failed(url, exc, since=since)
                 reasons.append((url, exc))
                 continue
@@ -260,11 +288,23 @@ class EdgePool:
             load = self.links[url].last_load
             if load is not None:
                 self.router.reported(url, load)
-            return dataclasses.replace(result, attempts=len(tried))
+            return dataclasses.replace(result, attempts=attempts)
         deployment = _deployment_error(reasons)
         if deployment is not None and len(reasons) == len(self.links):
             raise deployment
-        raise NoServerAnswered(reasons, len(tried))
+        raise NoServerAnswered(reasons, attempts)
+
+    def _retry_pause(self, busy: Mapping[str, float], waits: int, deadline: float) -> float | None:
+        """Seconds to wait before retrying the servers that answered ``overloaded``: their
+        shortest retry-after, doubled per earlier wait (at most 8-fold), times a random factor
+        in [0.5, 1.5] (so refused devices do not come back in step); None when there is
+        nothing to retry or the pause would not leave room before ``deadline``."""
+        if not busy or waits >= MAX_OVERLOADED_WAITS:
+            return None
+        pause = min(busy.values()) * float(2 ** min(waits, 3)) * random.uniform(0.5, 1.5)
+        if self.now() + pause >= deadline - OVERLOADED_MARGIN_S:
+            return None
+        return pause
 
     async def _attempt(
         self,
@@ -297,6 +337,7 @@ class EdgePool:
                 self.manifest.graph_outputs,
                 lambda dtype: "none",
                 max_bytes=self.max_message,
+                allow_empty=True,  # a model's output may be empty (no detections)
             )
         except PayloadError as exc:  # the server's answer, not our request, is malformed
             raise RemoteProtocolError(f"{link.url} returned {exc.message}") from None

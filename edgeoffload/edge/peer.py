@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec
 
@@ -22,6 +23,11 @@ from edgeoffload.protocol.connection import CLOSE_PROTOCOL, ServerConnection
 from edgeoffload.protocol.events import Event
 
 Args = ParamSpec("Args")
+
+# Answered request ids a connection remembers (one result per id); ids not above the largest
+# one forgotten are refused too. Small: a few KiB per connection, and devices use increasing
+# ids with a handful in flight (PROTOCOL.md §7).
+ANSWERED_IDS = 64
 
 
 class Peer:
@@ -41,6 +47,32 @@ class Peer:
         self._count_error = count_error
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.generation = -1  # the allow-list generation this key was last checked against
+        self._running_ids: set[int] = set()
+        self._answered_ids: OrderedDict[int, None] = OrderedDict()
+        self._floor = 0  # ids below it were answered, or are older than the window
+
+    def claim(self, request_id: int) -> bool:
+        """Start serving ``request_id``; False when it is already being served, was answered
+        with a result (one result per id; a retry after an error is fine) or is not above
+        the largest answered id the connection has forgotten."""
+        if (
+            request_id < self._floor
+            or request_id in self._running_ids
+            or request_id in self._answered_ids
+        ):
+            return False
+        self._running_ids.add(request_id)
+        return True
+
+    def settle(self, request_id: int, *, answered: bool) -> None:
+        """``request_id`` is done; ``answered``: with a result (then remembered, bounded)."""
+        self._running_ids.discard(request_id)
+        if answered:
+            self._answered_ids[request_id] = None
+            if len(self._answered_ids) > ANSWERED_IDS:
+                forgotten, _ = self._answered_ids.popitem(last=False)
+                self._floor = max(self._floor, forgotten + 1)
 
     @property
     def public_key(self) -> bytes:
@@ -84,11 +116,15 @@ class Peer:
         for out in self.connection.data_to_send():
             await self.ws.send(out)
 
-    async def reply_error(self, request_id: int, code: str, message: str) -> None:
+    async def reply_error(
+        self, request_id: int, code: str, message: str, *, retry_ms: int | None = None
+    ) -> None:
         """Answer one request with an error; a device that already left gets nothing."""
         self._count_error(code)
         with contextlib.suppress(ConnectionClosed):
-            await self.send(ServerConnection.send_error, request_id, code, message)
+            await self.send(
+                ServerConnection.send_error, request_id, code, message, retry_ms=retry_ms
+            )
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self.ws.close(code, reason)

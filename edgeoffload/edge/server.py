@@ -3,23 +3,32 @@
 One asyncio event loop owns the sockets (websockets.asyncio); tails run in a bounded thread
 pool of onnxruntime sessions (ORT releases the GIL while it computes). Safety defaults:
 binds 127.0.0.1, admits only allow-listed device keys, ``compression=None`` (ciphertext does
-not compress, and no decompression-bomb surface), ``max_size`` derived from the largest
-declared crossing tensor, timeouts on handshakes and silent peers, a hard bound on in-flight
-requests (beyond it the answer is ``overloaded``, never an unbounded queue), ``GET /healthz``
-over plain HTTP, and a graceful drain on shutdown.
+not compress, and no decompression-bomb surface), and the limits of README "Threat model":
+
+* before authentication (:mod:`edgeoffload.edge.limits`): caps on connections in total, per
+  source address and unauthenticated (the oldest unauthenticated one is evicted), a per-address
+  rate of new connections, a websocket message limit of the hello's size until the Noise
+  handshake succeeds (then ``max_message``, derived from the largest declared crossing tensor),
+  and the handshake deadline;
+* after it: fair admission per device (:mod:`edgeoffload.edge.admission`) with a bounded
+  queue whose refusals carry a retry-after, one answer per request id, a revoked key's
+  connections closed within ``revocation_check`` seconds (plus the allow-list's own check);
+* ``GET /healthz`` and ``/readyz`` say only up/ready; details are on ``/metrics``, which can
+  require a bearer token; a graceful drain on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -33,13 +42,16 @@ from edgeoffload.bundle import Bundle
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
+from edgeoffload.edge.admission import FairAdmission, Grant
 from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.edge.limits import ConnectionLimits, Limits
 from edgeoffload.edge.metrics import LiveState, ServerStats
 from edgeoffload.edge.peer import Peer
 from edgeoffload.edge.sessions import Session, SessionStore
 from edgeoffload.errors import (
     AuthenticationFailed,
     EdgeOffloadError,
+    Overloaded,
     PayloadError,
     ProtocolError,
     SamplingError,
@@ -48,13 +60,14 @@ from edgeoffload.errors import (
     SessionLost,
     UsageError,
 )
-from edgeoffload.keys import KeyPair
+from edgeoffload.keys import KeyPair, fingerprint
 from edgeoffload.protocol._state import check_feed, grant_max_tokens
 from edgeoffload.protocol.connection import (
     CLOSE_AUTH,
     CLOSE_PROTOCOL,
     CLOSE_SHUTDOWN,
     CLOSE_VERSION,
+    MAX_HELLO_BYTES,
     HostedBundle,
     ReplayGuard,
 )
@@ -96,7 +109,14 @@ class ServerConfig:
     port: int = 8765
     threads: int = 1  # intra-op threads per tail session run
     workers: int = 0  # concurrent tail runs; 0 = number of CPUs
-    max_inflight: int = 0  # requests accepted at once (running + queued); 0 = 4 x workers
+    max_inflight: int = 0  # requests accepted at once (running + queued); 0 = 64 x workers
+    max_queued_bytes: int = 256 << 20  # message bytes the queued requests may hold together
+    per_device: int = 4  # requests one device key may have accepted (allow-list quota= wins)
+    queue_wait: float = 2.0  # seconds a request may wait for a worker before "overloaded"
+    max_batch: int = 64  # largest value of the crossing tensors' leading (batch) symbolic dim
+    limits: Limits = field(default_factory=Limits)  # connections before authentication
+    revocation_check: float = 0.5  # seconds between sweeps for revoked keys' connections
+    metrics_token: str | None = None  # when set, /metrics wants "Authorization: Bearer <it>"
     handshake_timeout: float = 5.0
     idle_timeout: float = 120.0
     request_timeout: float = 60.0
@@ -114,9 +134,11 @@ class _Hosted:
     session: Any
     codec: codec_mod.CodecSpec
     max_tensor_bytes: int
+    declared_bytes: int = 1  # the crossing tensors' bytes at the split-time dims
     tail_ms: float = float("inf")  # moving average of decode + tail time
     runs: int = 0
     inflight: int = 0  # this bundle's requests admitted and not answered
+    max_dims: dict[str, int] = field(default_factory=dict)  # symbolic dim -> largest accepted
     decoder: DecoderLayout | None = None  # set for decoder bundles (served as sessions)
     tail_state: tuple[tuple[str, str], ...] = ()  # the tail's KV pairs
 
@@ -184,7 +206,17 @@ class EdgeServer:
         self.stats = ServerStats()
         cpus = os.cpu_count() or 1
         self.workers = self.config.workers or cpus
-        self.max_inflight = self.config.max_inflight or 4 * self.workers
+        self.max_inflight = self.config.max_inflight or 64 * self.workers
+        self.admission = FairAdmission(
+            workers=self.workers,
+            max_waiting=max(0, self.max_inflight - self.workers),
+            per_device=self.config.per_device,
+            queue_wait=self.config.queue_wait,
+            max_waiting_bytes=self.config.max_queued_bytes,
+        )
+        self.limits = ConnectionLimits(self.config.limits)
+        self._peers: dict[bytes, set[Peer]] = {}  # authenticated connections by device key
+        self._revocation_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeoffload-tail")
         self._hosted: dict[str, _Hosted] = {}
         self.bundles: dict[str, HostedBundle] = {}
@@ -232,6 +264,14 @@ class EdgeServer:
             session,
             codec_mod.CodecSpec.parse(manifest.codec),
             max(_declared_bytes(bundle), 1),
+            declared_bytes=max(_declared_bytes(bundle), 1),
+            # The leading axis of a crossing tensor is its batch (ONNX layouts: NCHW, [batch,
+            # sequence, hidden]); other symbolic dims are bounded by max_message's byte limit.
+            max_dims={
+                spec.shape[0]: self.config.max_batch
+                for spec in manifest.crossing
+                if spec.shape and isinstance(spec.shape[0], str)
+            },
         )
         if manifest.state:
             state = {e["input"]: e["output"] for e in manifest.state}
@@ -256,8 +296,11 @@ class EdgeServer:
             self.config.host,
             self.config.port,
             compression=None,
-            max_size=self.max_message,
+            # Until the Noise handshake succeeds a peer may send only a hello; _handle raises
+            # the limit to max_message afterwards (checked per frame by websockets).
+            max_size=MAX_HELLO_BYTES,
             max_queue=4,
+            create_connection=self._guarded_connection(),
             process_request=self._process_request,
             open_timeout=self.config.handshake_timeout,
             ping_interval=20,
@@ -265,7 +308,31 @@ class EdgeServer:
             close_timeout=5,
             write_limit=WRITE_LIMIT,
         )
+        self._revocation_task = asyncio.create_task(self._sweep_revoked())
         log.info("listening on %s:%d", self.config.host, self.port)
+
+    def _guarded_connection(self) -> type[ServerConnection]:
+        """The websocket connection class, with the front door's checks at TCP accept."""
+        limits = self.limits
+
+        class GuardedConnection(ServerConnection):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                peername = transport.get_extra_info("peername")
+                address = str(peername[0]) if peername else "?"
+                admitted, evicted = limits.opened(self, address)
+                for conn in evicted:
+                    assert isinstance(conn, ServerConnection)
+                    conn.transport.abort()
+                if not admitted:
+                    assert isinstance(transport, asyncio.Transport)
+                    transport.abort()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                limits.closed(self)
+                super().connection_lost(exc)
+
+        return GuardedConnection
 
     @property
     def port(self) -> int:
@@ -282,6 +349,8 @@ class EdgeServer:
         if self._server is None:
             return
         self._closing = True
+        if self._revocation_task is not None:
+            self._revocation_task.cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
         except asyncio.TimeoutError:
@@ -299,34 +368,34 @@ class EdgeServer:
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Plain-HTTP endpoints beside the websocket: /healthz (alive, with load), /readyz
-        (503 while draining, so a load balancer stops sending devices), /metrics
-        (Prometheus). A websocket upgrade while draining is refused with 503."""
+        """Plain-HTTP endpoints beside the websocket: /healthz (alive), /readyz (503 while
+        draining, so a load balancer stops sending devices), /metrics (Prometheus; the
+        details, behind a bearer token when ``metrics_token`` is set). Unauthenticated
+        endpoints say only up/ready: load and bundles are not for anyone who asks. A
+        websocket upgrade while draining is refused with 503."""
+        body = {"ready": not self._closing, "status": "draining" if self._closing else "ok"}
         if request.path == "/healthz":
-            return _respond(
-                connection,
-                HTTPStatus.OK,
-                json.dumps(
-                    {
-                        "status": "draining" if self._closing else "ok",
-                        "bundles": sorted(h.version for h in self.bundles.values()),
-                        "inflight": self._inflight,
-                        "max_inflight": self.max_inflight,
-                    }
-                )
-                + "\n",
-                "application/json",
-            )
+            return _respond(connection, HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
         if request.path == "/readyz":
             status = HTTPStatus.SERVICE_UNAVAILABLE if self._closing else HTTPStatus.OK
-            body = {"ready": not self._closing, "status": "draining" if self._closing else "ok"}
             return _respond(connection, status, json.dumps(body) + "\n", "application/json")
         if request.path == "/metrics":
+            if not self._metrics_allowed(request):
+                return _respond(
+                    connection, HTTPStatus.UNAUTHORIZED, "bearer token required\n", "text/plain"
+                )
             data, content_type = self.stats.exposition()
             return _respond(connection, HTTPStatus.OK, data.decode(), content_type)
         if self._closing:
             return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", "text/plain")
         return None
+
+    def _metrics_allowed(self, request: Request) -> bool:
+        token = self.config.metrics_token
+        if not token:
+            return True
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     # -- one device ------------------------------------------------------------------------------
 
@@ -355,10 +424,19 @@ class EdgeServer:
             self.stats.handshake("ok")
             hosted = self._hosted[greeting.version]
             del greeting  # an idle connection should not keep its handshake alive
+            self.limits.authenticated(ws)
+            ws.protocol.max_message_size = self.max_message  # the full limit, from now on
+            self._peers.setdefault(peer.public_key, set()).add(peer)
+            peer.generation = self.allow.generation
             while True:
+                # A device at its limit of requests in flight is not read from until one
+                # finishes: TCP back-pressure, not a refusal per extra request.
+                key = peer.public_key
+                await self.admission.wait_for_room(key, limit=self.allow.quota(key))
                 events = await peer.receive(self.config.idle_timeout)
                 if events is None or not await self._dispatch(peer, hosted, events):
                     return
+                await asyncio.sleep(0)  # the requests just spawned count in before the next read
                 del events  # nor its last request's plaintext (measured: ~0.6 MiB per connection)
         except AuthenticationFailed:
             if peer.connection.transport is None:
@@ -375,10 +453,59 @@ class EdgeServer:
         except ConnectionClosed:
             pass
         finally:
+            self._forget_peer(peer)
             await peer.finish()
+
+    def _forget_peer(self, peer: Peer) -> None:
+        peers = self._peers.get(peer.public_key)
+        if peers is not None:
+            peers.discard(peer)
+            if not peers:
+                del self._peers[peer.public_key]
+
+    async def _sweep_revoked(self) -> None:
+        """Close the connections and sessions of keys the allow-list no longer holds.
+
+        Runs every ``revocation_check`` seconds; the allow-list notices a change of its file
+        within its own ``check_interval``, so a revoked key is cut off within their sum.
+        """
+        seen = self.allow.generation
+        while True:
+            await asyncio.sleep(self.config.revocation_check)
+            try:
+                self.allow.check()
+            except Exception:  # the list fails closed by itself; never stop sweeping
+                log.exception("allow-list check failed")
+            if self.allow.generation != seen:
+                seen = self.allow.generation
+                self.revoke_unlisted()
+
+    def revoke_unlisted(self) -> int:
+        """Close every authenticated connection (and session) of a key no longer allowed;
+        the number of connections closed."""
+        closed = 0
+        for key in [k for k in self._peers if not self.allow.allows(k)]:
+            dropped = self.sessions.drop_owner(key)
+            peers = self._peers.pop(key)
+            for peer in peers:
+                peer.spawn(peer.close(CLOSE_AUTH, "device key revoked"))
+            closed += len(peers)
+            log.warning(
+                "device %s revoked: %d connection(s) closed, %d session(s) dropped",
+                fingerprint(key),
+                len(peers),
+                dropped,
+            )
+        return closed
 
     async def _dispatch(self, peer: Peer, hosted: _Hosted, events: list[Event]) -> bool:
         """Handle the events of one transport message; False when the device closed."""
+        if peer.generation != self.allow.generation:  # the list changed: is this key still in?
+            peer.generation = self.allow.generation
+            if not self.allow.allows(peer.public_key):
+                self.stats.error("auth")
+                await peer.close(CLOSE_AUTH, "device key revoked")
+                return False
         for event in events:
             kind = _request_kind(event)
             if kind is not None:
@@ -389,10 +516,26 @@ class EdgeServer:
                     "session",
                     "this bundle is a decoder: generate through a session (open/prefill/step)",
                 )
-            elif isinstance(event, RunRequest):
-                peer.spawn(self._serve_request(peer, hosted, event))
-            elif isinstance(event, SessionOpen | SessionEnd | SessionFeed):
-                peer.spawn(self._serve_session(peer, hosted, event))
+            elif isinstance(event, RunRequest | SessionOpen | SessionEnd | SessionFeed):
+                if not peer.claim(event.request_id):
+                    await peer.reply_error(
+                        event.request_id,
+                        "duplicate_id",
+                        f"request id {event.request_id} is already being served or was "
+                        "answered on this connection",
+                    )
+                elif isinstance(event, RunRequest):
+                    peer.spawn(
+                        self._settle(
+                            peer, event.request_id, self._serve_request(peer, hosted, event)
+                        )
+                    )
+                else:
+                    peer.spawn(
+                        self._settle(
+                            peer, event.request_id, self._serve_session(peer, hosted, event)
+                        )
+                    )
             elif isinstance(event, InvalidRequest):
                 await peer.reply_error(event.request_id, "payload", event.message)
             elif isinstance(event, Ping):
@@ -428,33 +571,82 @@ class EdgeServer:
             for h in self._hosted.values()
         ]
 
-    async def _admit(self, peer: Peer, hosted: _Hosted, request_id: int) -> bool:
-        """Count a request in, or answer ``shutting_down`` / ``overloaded`` (never queue it)."""
+    @staticmethod
+    async def _settle(peer: Peer, request_id: int, work: Coroutine[Any, Any, bool]) -> None:
+        """Serve one request; its id is then free again unless it was answered with a result."""
+        answered = False
+        try:
+            answered = await work
+        finally:
+            peer.settle(request_id, answered=answered)
+
+    async def _admit(
+        self, peer: Peer, hosted: _Hosted, request_id: int, cost_ms: float, nbytes: int
+    ) -> Grant | None:
+        """Wait for a worker under fair admission (module :mod:`~edgeoffload.edge.admission`),
+        or answer ``shutting_down`` / ``overloaded`` with a retry-after; None when refused."""
         self.stats.admission()
         if self._closing:
             await peer.reply_error(request_id, "shutting_down", "server is shutting down")
-            return False
-        if self._inflight >= self.max_inflight:
-            await peer.reply_error(request_id, "overloaded", f"{self._inflight} requests in flight")
-            return False
+            return None
         self._inflight += 1
         hosted.inflight += 1
         self._idle.clear()
-        return True
+        try:
+            return await self.admission.acquire(
+                peer.public_key, cost_ms, limit=self.allow.quota(peer.public_key), nbytes=nbytes
+            )
+        except Overloaded as exc:
+            self._release(hosted, None)
+            retry_ms = round((exc.retry_after or 0.0) * 1e3) or None
+            await peer.reply_error(request_id, "overloaded", exc.message, retry_ms=retry_ms)
+            return None
+        except BaseException:
+            self._release(hosted, None)
+            raise
 
-    def _release(self, hosted: _Hosted) -> None:
+    def _release(
+        self, hosted: _Hosted, grant: Grant | None, actual_ms: float | None = None
+    ) -> None:
+        if grant is not None:
+            self.admission.release(grant, actual_ms=actual_ms)
         self._inflight -= 1
         hosted.inflight -= 1
         if self._inflight == 0:
             self._idle.set()
 
-    async def _serve_request(self, peer: Peer, hosted: _Hosted, request: RunRequest) -> None:
+    def _estimate_ms(
+        self, hosted: _Hosted, tensors: Sequence[tuple[str, codec_mod.EncodedTensor]]
+    ) -> float:
+        """A request's cost before it runs: the bundle's recent tail time scaled by the
+        request's declared (decoded) size against the bundle's split-time size."""
+        per_request = hosted.tail_ms if hosted.runs else 1.0
+        declared = 0
+        for _, t in tensors:
+            try:
+                declared += math.prod(t.shape) * np.dtype(t.dtype).itemsize
+            except TypeError:
+                return per_request  # the tensor check will refuse it
+        # Shapes are a peer's ints (up to 32 of 2^64): beyond the message limit the tensor
+        # check refuses the request, and the float division must not overflow meanwhile.
+        declared = min(declared, self.max_message)
+        return per_request * max(1.0, declared / hosted.declared_bytes)
+
+    async def _serve_request(self, peer: Peer, hosted: _Hosted, request: RunRequest) -> bool:
         rid = request.request_id
-        if not await self._admit(peer, hosted, rid):
-            return
+        grant = await self._admit(
+            peer,
+            hosted,
+            rid,
+            self._estimate_ms(hosted, request.tensors),
+            sum(t.wire_bytes for _, t in request.tensors),
+        )
+        if grant is None:
+            return False
+        server_ms: float | None = None
         try:
             started = time.perf_counter()
-            if hosted.tail_ms < INLINE_TAIL_MS and self._inflight == 1:
+            if hosted.tail_ms < INLINE_TAIL_MS and self.admission.admitted == 1:
                 # A tail this short costs less than the hop to a worker thread and back.
                 outputs, tail_s = self._run_tail(hosted, request)
             else:
@@ -479,6 +671,7 @@ class EdgeServer:
             self.stats.result(
                 hosted.info.version, tail_s=tail_s, total_s=time.perf_counter() - started
             )
+            return True
         except PayloadError as exc:
             await peer.reply_error(rid, "payload", exc.message)
         except asyncio.TimeoutError:
@@ -491,13 +684,14 @@ class EdgeServer:
             log.exception("tail failed for request %d", rid)
             await peer.reply_error(rid, "internal", "the tail failed on the server")
         finally:
-            self._release(hosted)
+            self._release(hosted, grant, server_ms)
+        return False
 
     # -- generation sessions ---------------------------------------------------------------------
 
     async def _serve_session(
         self, peer: Peer, hosted: _Hosted, event: SessionOpen | SessionEnd | SessionFeed
-    ) -> None:
+    ) -> bool:
         """Open, feed or end a session; every failure is an error reply for this request only."""
         rid = event.request_id
         owner = peer.public_key
@@ -516,12 +710,12 @@ class EdgeServer:
                     now=self.clock(),
                 )
                 await peer.send(ProtocolConnection.send_opened, rid, opened.session_id, granted)
-                return
+                return True
             if isinstance(event, SessionEnd):
                 self.sessions.close(event.session, owner=owner, version=version, now=self.clock())
                 await peer.send(ProtocolConnection.send_ended, rid, event.session)
-                return
-            await self._serve_feed(peer, hosted, event)
+                return True
+            return await self._serve_feed(peer, hosted, event)
         except SessionLost as exc:
             await peer.reply_error(rid, "session_lost", exc.message)
         except (SessionError, SamplingError) as exc:
@@ -532,8 +726,9 @@ class EdgeServer:
             await peer.reply_error(rid, "overloaded", exc.message)
         except ConnectionClosed:
             pass
+        return False
 
-    async def _serve_feed(self, peer: Peer, hosted: _Hosted, event: SessionFeed) -> None:
+    async def _serve_feed(self, peer: Peer, hosted: _Hosted, event: SessionFeed) -> bool:
         rid = event.request_id
         session = self.sessions.get(
             event.session, owner=peer.public_key, version=hosted.info.version, now=self.clock()
@@ -544,8 +739,20 @@ class EdgeServer:
         growth = new_tokens * hosted.kv_bytes_per_token
         if session.kv.nbytes + growth > self.sessions.budget_bytes:
             self.sessions.make_room(session, growth)  # raises: alone over the budget
-        if not await self._admit(peer, hosted, rid):
-            return
+        session.busy = True  # while it waits for a worker too: one feed at a time
+        try:
+            grant = await self._admit(
+                peer,
+                hosted,
+                rid,
+                hosted.tail_ms if hosted.runs else 1.0,
+                sum(t.wire_bytes for c in event.chunks for _, t in c.tensors),
+            )
+        finally:
+            session.busy = False
+        if grant is None:
+            return False
+        server_ms: float | None = None
         session.busy = True
         try:
             started = time.perf_counter()
@@ -560,6 +767,8 @@ class EdgeServer:
                 session.kv.arrays, session.kv.length = saved
                 raise
             server_ms = (time.perf_counter() - started) * 1e3
+            hosted.tail_ms = 0.8 * hosted.tail_ms + 0.2 * server_ms if hosted.runs else server_ms
+            hosted.runs += 1
             await peer.send(
                 ProtocolConnection.send_token,
                 rid,
@@ -572,6 +781,7 @@ class EdgeServer:
             self.stats.result(
                 hosted.info.version, tail_s=tail_s, total_s=time.perf_counter() - started
             )
+            return True
         except asyncio.TimeoutError:
             # The worker may still finish and grow the cache: the session is not trustworthy.
             self.sessions.drop(session.session_id)
@@ -587,7 +797,8 @@ class EdgeServer:
         finally:
             session.busy = False
             session.last_used = self.clock()
-            self._release(hosted)
+            self._release(hosted, grant, server_ms)
+        return False
 
     def _run_feed(
         self, hosted: _Hosted, session: Session, event: SessionFeed
@@ -627,4 +838,5 @@ class EdgeServer:
             hosted.bundle.manifest.crossing,
             lambda dtype: codec_mod.codec_for_dtype(hosted.codec, dtype).name,
             max_bytes=self.max_message,
+            max_dims=hosted.max_dims,
         )

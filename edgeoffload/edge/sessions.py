@@ -3,8 +3,10 @@
 A session belongs to the device key that opened it and to one hosted bundle version; another
 device asking for it gets the same answer as for a session that never existed. Sessions expire
 after ``ttl`` seconds without use, and the store keeps the sum of their KV caches under
-``budget_bytes`` by evicting the least recently used ones. An evicted or expired session is
-*lost*, not an error of the device: it rebuilds the session from its own token history.
+``budget_bytes`` by evicting the least recently used session *of the device that holds the
+most*: a device that opens many sessions or grows one to the budget evicts its own sessions
+before anyone else's. An evicted or expired session is *lost*, not an error of the device: it
+rebuilds the session from its own token history.
 
 No I/O and no clock of its own: ``now`` is passed in, so tests need no sleeping.
 """
@@ -74,7 +76,9 @@ class SessionStore:
         now: float,
     ) -> Session:
         self.expire(now)
-        while len(self._sessions) >= self.max_sessions and self._evict_one(keep=None):
+        while len(self._sessions) >= self.max_sessions and self._evict_one(
+            keep=None, by_count=True
+        ):
             pass
         if len(self._sessions) >= self.max_sessions:
             raise SessionError(f"the server holds {self.max_sessions} busy sessions")
@@ -102,6 +106,13 @@ class SessionStore:
     def drop(self, session_id: int) -> None:
         self._sessions.pop(session_id, None)
 
+    def drop_owner(self, owner: bytes) -> int:
+        """Drop every session of ``owner`` (a revoked key); how many there were."""
+        mine = [i for i, s in self._sessions.items() if s.owner == owner]
+        for session_id in mine:
+            del self._sessions[session_id]
+        return len(mine)
+
     def expire(self, now: float) -> None:
         for session_id, session in list(self._sessions.items()):
             if not session.busy and now - session.last_used > self.ttl:
@@ -124,9 +135,25 @@ class SessionStore:
             if not self._evict_one(keep=session.session_id):
                 raise Overloaded("the server's KV budget is taken by running sessions")
 
-    def _evict_one(self, *, keep: int | None) -> bool:
+    def _evict_one(self, *, keep: int | None, by_count: bool = False) -> bool:
+        """Evict the least recently used idle session of the owner holding the most KV bytes
+        (``by_count``: the most sessions) — fair share, the biggest holder pays first; False
+        when nothing can be evicted."""
+        nbytes: dict[bytes, int] = {}
+        count: dict[bytes, int] = {}
+        for session in self._sessions.values():
+            nbytes[session.owner] = nbytes.get(session.owner, 0) + session.kv.nbytes
+            count[session.owner] = count.get(session.owner, 0) + 1
+        candidates = {s.owner for i, s in self._sessions.items() if i != keep and not s.busy}
+        if not candidates:
+            return False
+
+        def share(owner: bytes) -> tuple[int, int]:
+            return (count[owner], nbytes[owner]) if by_count else (nbytes[owner], count[owner])
+
+        biggest = max(candidates, key=share)
         for session_id, session in self._sessions.items():
-            if session_id != keep and not session.busy:
+            if session_id != keep and not session.busy and session.owner == biggest:
                 del self._sessions[session_id]
                 self.evicted += 1
                 return True

@@ -10,7 +10,9 @@ tensor schema in :mod:`~edgeoffload.protocol.tensors`, the events in
 :mod:`~edgeoffload.protocol.events` and the state rules in :mod:`edgeoffload.protocol._state`.
 
 One websocket binary message is the unit. The first client message is a cleartext msgpack
-envelope carrying Noise IK message 1; the server answers with message 2; every later message
+envelope carrying Noise IK message 1 and a ``mac1`` (a keyed BLAKE2s of the prologue and the
+Noise message under a key derived from the server's static public key, as WireGuard's mac1), which
+the server checks before any Diffie-Hellman; the server answers with message 2; every later message
 is a Noise transport ciphertext (see :class:`edgeoffload.core.noise.Transport`) of one msgpack map.
 The protocol version, the Noise suite and the bundle identity (model hash + cut) are bound into
 the Noise prologue, so an envelope that lies about them fails authentication.
@@ -18,6 +20,9 @@ the Noise prologue, so an envelope that lies about them fails authentication.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -78,6 +83,14 @@ PROTOCOL_VERSION = 1
 DEFAULT_AGENT = f"edgeoffload/{__version__}"
 PROLOGUE_PREFIX = b"edgeoffload/1\x00"
 
+# mac1 of the hello (PROTOCOL.md §5.3): BLAKE2s-128 keyed with BLAKE2s-256(MAC1_LABEL || server
+# static public key), over prologue || noise. A filter, not authentication (the key is public).
+MAC1_LABEL = b"edgeoffload mac1"
+MAC1_BYTES = 16
+# The largest first message (the hello envelope) a server decodes: it is checked before any
+# parsing, and is the server's websocket max_size until the handshake is done (PROTOCOL.md §10).
+MAX_HELLO_BYTES = 8192
+
 # websocket close codes (PROTOCOL.md §9): 4000-4999 are for applications.
 CLOSE_AUTH = 4401  # opaque: handshake failed, unknown device key, replay, bad ciphertext
 CLOSE_PROTOCOL = 4400  # authenticated peer broke the protocol
@@ -96,8 +109,10 @@ ERROR_CODES = (
     "shutting_down",
     "session",
     "session_lost",
+    "duplicate_id",
 )
 SESSION_KINDS = ("prefill", "step")
+MAX_RETRY_MS = 60_000  # the largest retry_ms of an "overloaded" error (PROTOCOL.md §7)
 
 
 # -- field checks ----------------------------------------------------------------------------------
@@ -160,6 +175,19 @@ class ReplayGuard:
 
 def prologue(protocol: str, bundle: str) -> bytes:
     return PROLOGUE_PREFIX + protocol.encode() + b"\x00" + bundle.encode()
+
+
+@functools.lru_cache(maxsize=64)
+def mac1_key(server_public: bytes) -> bytes:
+    """The mac1 key for a server: BLAKE2s-256(MAC1_LABEL || server static public key)."""
+    return hashlib.blake2s(MAC1_LABEL + bytes(server_public)).digest()
+
+
+def mac1(key: bytes, prologue_bytes: bytes, noise: bytes | bytearray) -> bytes:
+    """mac1 of a hello: BLAKE2s-128 keyed with :func:`mac1_key`, over prologue || noise."""
+    h = hashlib.blake2s(prologue_bytes, digest_size=MAC1_BYTES, key=key)
+    h.update(noise)
+    return h.digest()
 
 
 # -- connections -------------------------------------------------------------------------------
@@ -253,14 +281,16 @@ class ClientConnection(_Connection):
         self.protocol = protocol
         # Asked for in the hello; ``features`` becomes what the server granted (§14.1).
         self.requested_features = check_features(list(features), "features")
+        self._prologue = prologue(protocol, bundle)
         self._hs = HandshakeState(
             protocol,
             initiator=True,
-            prologue=prologue(protocol, bundle),
+            prologue=self._prologue,
             s=static,
             e=ephemeral,
             rs=server_public,
         )
+        self._mac1_key = mac1_key(bytes(server_public))
         self._time_ns = time_ns
 
     def start(self) -> None:
@@ -273,12 +303,13 @@ class ClientConnection(_Connection):
         }
         if self.requested_features:  # a v1 peer without §14 never sees the field
             hello["features"] = list(self.requested_features)
-        payload = pack(hello)
+        noise_msg = self._hs.write_message(pack(hello))
         envelope = {
             "v": PROTOCOL_VERSION,
             "proto": self.protocol,
             "bundle": self.bundle,
-            "noise": self._hs.write_message(payload),
+            "noise": noise_msg,
+            "mac1": mac1(self._mac1_key, self._prologue, noise_msg),
         }
         self._outgoing.append(pack(envelope))
 
@@ -300,8 +331,14 @@ class ClientConnection(_Connection):
         elif kind == "error":
             rid = m.request_id() if "id" in m.data else None
             code = m.get("code", str)
+            retry_ms = m.get("retry_ms", int, optional=True)
+            if retry_ms is not None:
+                if code != "overloaded":
+                    raise RemoteProtocolError("retry_ms is only sent with code 'overloaded'")
+                if not 0 <= retry_ms <= MAX_RETRY_MS:
+                    raise RemoteProtocolError(f"retry_ms must be in 0..{MAX_RETRY_MS}")
             event = ErrorReply(
-                rid, code if code in ERROR_CODES else "internal", m.get("message", str)
+                rid, code if code in ERROR_CODES else "internal", m.get("message", str), retry_ms
             )
         elif kind == "pong":
             event = Pong(m.request_id(), m.get("pad", bytes))
@@ -473,6 +510,8 @@ class ServerConnection(_Connection):
         self._bundles = bundles
         self._replay = replay_guard
         self._ephemeral = ephemeral
+        # Keyed once per connection; each hello then costs one copy() and two update()s.
+        self._mac1 = hashlib.blake2s(digest_size=MAC1_BYTES, key=mac1_key(static.public))
         self.peer_public: bytes | None = None
         self.bundle: HostedBundle | None = None
 
@@ -533,20 +572,36 @@ class ServerConnection(_Connection):
             raise
 
     def _accept_hello(self, data: bytes | bytearray) -> Event:
-        """Every authentication failure is the same opaque error."""
+        """Every authentication failure is the same opaque error.
+
+        The order is that of PROTOCOL.md §5.3: the size, the envelope, mac1 (a keyed hash,
+        microseconds), and only then the Noise message (Diffie-Hellman, the expensive part).
+        """
+        if len(data) > MAX_HELLO_BYTES:
+            raise RemoteProtocolError(
+                f"handshake message of {len(data)} bytes exceeds {MAX_HELLO_BYTES}"
+            )
         envelope = StrictMap(unpack(data, max_bin=4096), "handshake")
         if envelope.get("v", int) != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"protocol version must be {PROTOCOL_VERSION}")
         protocol = envelope.get("proto", str)
         bundle = envelope.get("bundle", str)
         noise_msg = envelope.get("noise", bytes)
+        # Absent or mistyped is an authentication failure, like a wrong value (§5.3).
+        tag = envelope.get("mac1", object, optional=True)
         envelope.done()
         if protocol not in RUNTIME_PROTOCOLS:
             raise RemoteProtocolError("unsupported Noise protocol")
+        pro = prologue(protocol, bundle)
+        expected = self._mac1.copy()
+        expected.update(pro)
+        expected.update(noise_msg)
+        if not isinstance(tag, bytes) or not hmac.compare_digest(tag, expected.digest()):
+            raise AuthenticationFailed()
         hs = HandshakeState(
             protocol,
             initiator=False,
-            prologue=prologue(protocol, bundle),
+            prologue=pro,
             s=self._static,
             e=self._ephemeral,
         )
@@ -638,12 +693,23 @@ class ServerConnection(_Connection):
             },
         )
 
-    def send_error(self, request_id: int | None, code: str, message: str) -> None:
+    def send_error(
+        self, request_id: int | None, code: str, message: str, *, retry_ms: int | None = None
+    ) -> None:
+        """Queue an error; ``retry_ms`` (``overloaded`` only) tells the device when to retry."""
         if code not in ERROR_CODES:
             raise LocalProtocolError(f"unknown error code {code!r}")
         body: dict[str, Any] = {"t": "error", "code": code, "message": truncate_utf8(message)}
         if request_id is not None:
             body["id"] = request_id
+        if retry_ms is not None:
+            if code != "overloaded":
+                raise LocalProtocolError("retry_ms goes only with code 'overloaded'")
+            if isinstance(retry_ms, bool) or not isinstance(retry_ms, int):
+                raise LocalProtocolError("retry_ms must be an integer number of milliseconds")
+            if not 0 <= retry_ms <= MAX_RETRY_MS:
+                raise LocalProtocolError(f"retry_ms must be in 0..{MAX_RETRY_MS}, not {retry_ms}")
+            body["retry_ms"] = retry_ms
         self._send_encrypted("send:error", body)
 
     def send_pong(self, request_id: int, pad: bytes = b"") -> None:

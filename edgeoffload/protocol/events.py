@@ -62,10 +62,12 @@ class ErrorReply(Event):
     request_id: int | None
     code: str
     message: str
+    retry_ms: int | None = None  # "overloaded" only: when the server expects to admit a retry
 
     def to_exception(self) -> Exception:
         if self.code == "overloaded":
-            return Overloaded(f"edge server overloaded: {self.message}")
+            retry_after = None if self.retry_ms is None else self.retry_ms / 1000
+            return Overloaded(f"edge server overloaded: {self.message}", retry_after=retry_after)
         if self.code == "payload":
             return PayloadError(f"edge server rejected the tensors: {self.message}")
         if self.code in ("unknown_bundle", "version_mismatch"):

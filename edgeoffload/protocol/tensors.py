@@ -72,11 +72,21 @@ def check_against_specs(
     *,
     codec_for: Callable[[str], str],
     fixed_dims: Mapping[str, int] | None = None,
+    max_dims: Mapping[str, int] | None = None,
+    allow_empty: bool = False,
 ) -> None:
     """The tensors must be exactly the declared ones, with matching dtype, shape and codec.
 
     Symbolic dims must agree across tensors (every ``batch`` has one value); dims named in
-    ``fixed_dims`` must equal that value. Byte lengths are then checked by ``codec.decode``.
+    ``fixed_dims`` must equal that value, and dims named in ``max_dims`` must be at most that
+    value (the name is the dim exactly as the manifest spells it, e.g. ``"batch"`` or
+    ``"past_sequence_length+sequence_length"``; names the specs do not use are ignored). No
+    dim may be 0 unless ``allow_empty`` (a request's empty tensor is nothing a bundle can
+    serve; a model's *output* may legitimately be empty, e.g. no detections). Byte lengths are
+    then checked by ``codec.decode``.
+
+    Raises:
+        PayloadError: naming the tensor (and the dim) that does not fit.
     """
     match_specs(
         [(name, t.dtype, t.shape) for name, t in tensors],
@@ -84,7 +94,18 @@ def check_against_specs(
         error=PayloadError,
         fixed_dims=fixed_dims,
     )
+    declared = {s.name: s for s in specs}
     for name, t in tensors:
+        # match_specs has checked the names and ranks, so the spec exists and zip is exact.
+        for axis, (size, dim) in enumerate(zip(t.shape, declared[name].shape, strict=True)):
+            label = f"dim {axis}" + (f" ({dim!r})" if isinstance(dim, str) else "")
+            if size == 0 and not allow_empty:
+                raise PayloadError(f"tensor {name!r}: {label} is 0; empty tensors are not accepted")
+            limit = max_dims.get(dim) if isinstance(dim, str) and max_dims else None
+            if limit is not None and size > limit:
+                raise PayloadError(
+                    f"tensor {name!r}: {label} is {size}, above the limit of {limit}"
+                )
         wanted = codec_for(t.dtype)
         if t.codec != wanted:
             raise PayloadError(f"tensor {name!r}: codec {t.codec!r}, the bundle uses {wanted!r}")
@@ -97,9 +118,23 @@ def decode_checked(
     *,
     max_bytes: int,
     fixed_dims: Mapping[str, int] | None = None,
+    max_dims: Mapping[str, int] | None = None,
+    allow_empty: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Validate encoded tensors against declared specs, then decode them (PayloadError)."""
-    check_against_specs(tensors, specs, codec_for=codec_for, fixed_dims=fixed_dims)
+    """Validate encoded tensors against declared specs, then decode them (PayloadError).
+
+    The checks are :func:`check_against_specs`'s (``fixed_dims``, ``max_dims`` and
+    ``allow_empty`` go to it);
+    then every tensor's byte length is checked against its shape while it is decoded.
+    """
+    check_against_specs(
+        tensors,
+        specs,
+        codec_for=codec_for,
+        fixed_dims=fixed_dims,
+        max_dims=max_dims,
+        allow_empty=allow_empty,
+    )
     out: dict[str, np.ndarray] = {}
     for name, encoded in tensors:
         try:

@@ -12,7 +12,9 @@ transport messages are produced by the real sans-I/O connections
 (:class:`edgeoffload.protocol.connection.ClientConnection` /
 :class:`~edgeoffload.protocol.connection.ServerConnection`, with ``ephemeral=`` and ``time_ns=``
 pinned), and every byte is cross-checked against a second,
-independent run of the bare Noise primitives (:mod:`edgeoffload.core.noise`) before it is written.
+independent run of the bare Noise primitives (:mod:`edgeoffload.core.noise`) before it is written;
+each hello's ``mac1`` is recomputed with hashlib from the formula of PROTOCOL.md §5.3, and the
+hellos listed under ``mac1.rejected`` are checked to be refused by the real server.
 The file is never edited by hand: change the code, rerun this script, review the diff.
 """
 
@@ -32,16 +34,21 @@ import numpy as np
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.noise import CHUNK, RUNTIME_PROTOCOLS, HandshakeState, Transport
 from edgeoffload.core.sampling import SamplingParams, filtered_distribution, sample_token
-from edgeoffload.errors import VersionMismatch
+from edgeoffload.errors import AuthenticationFailed, VersionMismatch
 from edgeoffload.keys import KeyPair, encode_public, fingerprint
 from edgeoffload.manifest import Manifest, PartInfo
 from edgeoffload.protocol.connection import (
+    MAC1_LABEL,
+    MAX_HELLO_BYTES,
+    MAX_RETRY_MS,
     PROLOGUE_PREFIX,
     PROTOCOL_VERSION,
     ClientConnection,
     HostedBundle,
     ReplayGuard,
     ServerConnection,
+    mac1,
+    mac1_key,
     prologue,
     tai64n,
 )
@@ -89,6 +96,7 @@ RESULT_LOAD = ServerLoad(
 )
 STATUS_LOAD = ServerLoad(inflight=0, queued=0, workers=2, kv_free=1 << 30, draining=True)
 REKEY_MESSAGES = 2  # the rekey vector lowers the limit (the wire default is 2**16)
+OVERLOADED_RETRY_MS = 250  # the retry_ms of the transport vectors' "overloaded" error (§7)
 
 
 def _key(label: str) -> KeyPair:
@@ -100,6 +108,8 @@ CLIENT_STATIC = _key("device static")
 CLIENT_EPHEMERAL = _key("device ephemeral")
 SERVER_STATIC = _key("server static")
 SERVER_EPHEMERAL = _key("server ephemeral")
+# Only its public key is used: the mac1 vector for a device that pinned another server's key.
+OTHER_SERVER_STATIC = _key("other server static")
 
 
 def golden_manifest() -> Manifest:
@@ -248,8 +258,12 @@ def _mirror_handshake(
     resp = HandshakeState(
         protocol, initiator=False, prologue=pro, s=SERVER_STATIC, e=SERVER_EPHEMERAL
     )
-    noise1 = _unpack(message1)["noise"]
-    noise2 = _unpack(message2)["noise"]
+    envelope1 = _unpack(message1)
+    noise1, noise2 = envelope1["noise"], _unpack(message2)["noise"]
+    # mac1 by hand with hashlib, as PROTOCOL.md §5.3 states it.
+    key = hashlib.blake2s(b"edgeoffload mac1" + SERVER_STATIC.public).digest()
+    if envelope1["mac1"] != hashlib.blake2s(pro + noise1, digest_size=16, key=key).digest():
+        raise AssertionError(f"{protocol}: mac1 differs from the spec's formula")
     hello = resp.read_message(noise1)
     if init.write_message(hello) != noise1:
         raise AssertionError(f"{protocol}: message 1 differs from a bare Noise initiator")
@@ -420,9 +434,11 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
     )
     rec.send(
         "server->client",
-        lambda: server.send_error(2, "overloaded", "4 requests in flight"),
+        lambda: server.send_error(
+            2, "overloaded", "4 requests in flight", retry_ms=OVERLOADED_RETRY_MS
+        ),
         ErrorReply,
-        note="error for request 2",
+        note=f"overloaded error for request 2, retry_ms = {OVERLOADED_RETRY_MS}",
     )
     rec.send("client->server", lambda: client.send_ping(3, b"\x01\x02\x03"), Ping, note="ping")
     rec.send(
@@ -506,6 +522,7 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             "server_ephemeral": _keypair(SERVER_EPHEMERAL, "server ephemeral"),
         },
         "prologue_hex": prologue(protocol, identity).hex(),
+        "mac1": mac1_vectors(protocol, identity, message1, new_server),
         "handshake": {
             "message1": _handshake_message(message1, hello),
             "message2": _handshake_message(message2, welcome),
@@ -536,6 +553,54 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             "rekey_messages": REKEY_MESSAGES,
             "messages": rekey_messages,
         },
+    }
+
+
+def mac1_vectors(
+    protocol: str,
+    identity: str,
+    message1: bytes | bytearray,
+    new_server: Callable[[], ServerConnection],
+) -> dict[str, Any]:
+    """mac1 of the accepted hello, and hellos the server must reject on mac1 alone (§5.3)."""
+    envelope = _unpack(bytes(message1))
+    pro = prologue(protocol, identity)
+    key = mac1_key(SERVER_STATIC.public)
+    if mac1(key, pro, envelope["noise"]) != envelope["mac1"]:
+        raise AssertionError(f"{protocol}: the hello's mac1 is not mac1(prologue || noise)")
+    flipped = bytearray(envelope["mac1"])
+    flipped[-1] ^= 0x01
+    other = mac1(mac1_key(OTHER_SERVER_STATIC.public), pro, envelope["noise"])
+    without = {k: v for k, v in envelope.items() if k != "mac1"}
+    cases = [
+        ("mac1 with its last bit flipped", dict(envelope, mac1=bytes(flipped))),
+        (
+            "mac1 computed with the key of another server (public key "
+            f"{OTHER_SERVER_STATIC.public.hex()}): the device pinned the wrong key",
+            dict(envelope, mac1=other),
+        ),
+        ("no mac1 field", without),
+    ]
+    rejected = []
+    for note, forged in cases:
+        data = msgpack.packb(forged, use_bin_type=True)
+        try:
+            new_server().receive(data)
+        except AuthenticationFailed:
+            pass
+        else:
+            raise AssertionError(f"{protocol}: the server accepted a hello with {note}")
+        rejected.append({"note": note, "envelope_hex": data.hex(), "close_code": 4401})
+    return {
+        "note": "mac1 = BLAKE2s-128 keyed with key = BLAKE2s-256(label || server static public), "
+        "over input = prologue || noise (the message-1 envelope's noise field); 'rejected' are "
+        "hellos that differ only in mac1: the server refuses them with AuthenticationFailed "
+        "(close 4401) before any Diffie-Hellman",
+        "label_hex": MAC1_LABEL.hex(),
+        "key_hex": key.hex(),
+        "input_hex": (pro + envelope["noise"]).hex(),
+        "mac1_hex": envelope["mac1"].hex(),
+        "rejected": rejected,
     }
 
 
@@ -740,6 +805,8 @@ def build_vectors() -> dict[str, Any]:
         "generator": "mobile_bridge/vectors/generate.py (never edit this file by hand)",
         "prologue_prefix_hex": PROLOGUE_PREFIX.hex(),
         "max_str": MAX_STR,
+        "max_hello_bytes": MAX_HELLO_BYTES,
+        "max_retry_ms": MAX_RETRY_MS,
         "time_ns": TIME_NS,
         "tai64n_hex": tai64n(TIME_NS).hex(),
         "key_derivation": "private = sha256(" + repr(KEY_LABEL.decode()) + " + label)",
