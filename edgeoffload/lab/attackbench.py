@@ -127,14 +127,10 @@ def _attacker_main(case: str, url: str, args: dict[str, Any], out: Any) -> None:
     out.put(dict(counts))
 
 
-async def _hog(url: str, args: dict[str, Any], counts: Counter[str]) -> None:
-    from websockets.asyncio.client import connect
-
-    from edgeoffload.keys import load_identity
+def _started(identity: Any, args: dict[str, Any]) -> Any:
+    """A ClientConnection of ``identity`` for the attacked bundle, its hello queued."""
     from edgeoffload.protocol.connection import ClientConnection
-    from edgeoffload.protocol.events import ErrorReply, RunResult
 
-    identity = load_identity(Path(args["key_dir"]))
     conn = ClientConnection(
         static=identity,
         server_public=bytes.fromhex(args["server_public"]),
@@ -143,6 +139,16 @@ async def _hog(url: str, args: dict[str, Any], counts: Counter[str]) -> None:
         time_ns=time.time_ns(),
     )
     conn.start()
+    return conn
+
+
+async def _hog(url: str, args: dict[str, Any], counts: Counter[str]) -> None:
+    from websockets.asyncio.client import connect
+
+    from edgeoffload.keys import load_identity
+    from edgeoffload.protocol.events import ErrorReply, RunResult
+
+    conn = _started(load_identity(Path(args["key_dir"])), args)
     tensors = args["tensors"]
     deadline = time.monotonic() + args["duration_s"]
     async with connect(url, compression=None, max_size=1 << 26, proxy=None) as ws:
@@ -243,7 +249,6 @@ async def _flood(url: str, args: dict[str, Any], counts: Counter[str], *, garbag
     from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage
 
     from edgeoffload.keys import KeyPair
-    from edgeoffload.protocol.connection import ClientConnection
 
     stranger = KeyPair.from_private(os.urandom(32))
     rng = random.Random(0)
@@ -255,15 +260,7 @@ async def _flood(url: str, args: dict[str, Any], counts: Counter[str], *, garbag
             if garbage:
                 first = rng.randbytes(rng.randint(16, 4000))
             else:
-                conn = ClientConnection(
-                    static=stranger,
-                    server_public=bytes.fromhex(args["server_public"]),
-                    bundle=args["identity"],
-                    version=args["version"],
-                    time_ns=time.time_ns(),
-                )
-                conn.start()
-                (first,) = conn.data_to_send()
+                (first,) = _started(stranger, args).data_to_send()
             try:
                 async with connect(
                     url, proxy=None, open_timeout=STEP_S, local_addr=("127.0.0.2", 0)
