@@ -748,12 +748,13 @@ class EdgeServer:
                 hosted.tail_ms if hosted.runs else 1.0,
                 sum(t.wire_bytes for c in event.chunks for _, t in c.tensors),
             )
-        finally:
+        except BaseException:
             session.busy = False
+            raise
         if grant is None:
+            session.busy = False
             return False
         server_ms: float | None = None
-        session.busy = True
         try:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
