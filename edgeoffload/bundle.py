@@ -1,5 +1,8 @@
 """Bundles: a folder with ``manifest.json``, ``head.onnx`` and ``tail.onnx``, pinned by hashes.
 
+``edgeoffload export-ort`` may add ORT-format copies (``head.ort``, ``tail.ort``) and
+``required_operators.config``, pinned in the manifest's ``ort`` section and verified the same way.
+
 Stdlib only, so the device can load and verify a bundle without onnx or torch. Loading
 verifies the sha256 of every part against the manifest (:mod:`edgeoffload.manifest`); a
 mismatch is a ManifestError that names the file and both hashes. This is the project's one
@@ -14,12 +17,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeoffload.errors import ManifestError
-from edgeoffload.manifest import Manifest
+from edgeoffload.errors import ManifestError, UsageError
+from edgeoffload.manifest import Manifest, OrtFile, PartInfo
 
 MANIFEST = "manifest.json"
 HEAD = "head.onnx"
 TAIL = "tail.onnx"
+HEAD_ORT = "head.ort"
+TAIL_ORT = "tail.ort"
+ORT_CONFIG = "required_operators.config"
+# Which encoding of a part to load: the .ort when exported ("auto"), always .onnx, or the .ort.
+MODEL_FORMATS = ("auto", "onnx", "ort")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -50,6 +58,34 @@ class Bundle:
     def tail_path(self) -> Path | None:
         return self.path / self.manifest.tail.file if self.manifest.tail else None
 
+    def part_path(self, part: str, model_format: str = "onnx") -> Path | None:
+        """The file to load for ``part`` ("head" or "tail") in ``model_format`` (MODEL_FORMATS).
+
+        None when the bundle has no such part. "auto" picks the ``.ort`` when the manifest
+        lists one; "ort" requires it (a ManifestError names the command that writes it).
+        """
+        if model_format not in MODEL_FORMATS:
+            raise UsageError(f"model format {model_format!r} is not one of {MODEL_FORMATS}")
+        info: PartInfo | None = getattr(self.manifest, part)
+        if info is None:
+            return None
+        ort: OrtFile | None = getattr(self.manifest.ort, part) if self.manifest.ort else None
+        if model_format == "ort" and ort is None:
+            raise ManifestError(
+                f"{self.path}: the bundle has no ORT-format {part}",
+                hint=f"write one with: edgeoffload export-ort {self.path}",
+            )
+        if model_format != "onnx" and ort is not None:
+            return self.path / ort.file
+        return self.path / info.file
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Replace ``manifest.json`` atomically (a folder with a manifest is whole)."""
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
 
 def write_bundle(
     directory: str | Path,
@@ -71,13 +107,12 @@ def write_bundle(
             if hashlib.sha256(data).hexdigest() != part.sha256:
                 raise ManifestError(f"{part.file}: bytes do not match the manifest hash")
             (directory / part.file).write_bytes(data)
-    for stale in (HEAD, TAIL):
-        names = {p.file for p in (manifest.head, manifest.tail) if p}
+    names = {p.file for p in (manifest.head, manifest.tail) if p}
+    names |= {f.file for f in manifest.ort.files()} if manifest.ort else set()
+    for stale in (HEAD, TAIL, HEAD_ORT, TAIL_ORT, ORT_CONFIG):  # e.g. a re-split into the folder
         if stale not in names and (directory / stale).exists():
             (directory / stale).unlink()
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
-    os.replace(tmp, directory / MANIFEST)
+    write_manifest(directory, manifest)
     return Bundle(directory, manifest)
 
 
@@ -119,5 +154,19 @@ def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
                 raise ManifestError(
                     f"{rel} was modified after splitting",
                     hint="re-split the model, or restore the original file",
+                )
+        for entry in manifest.ort.files() if manifest.ort else ():
+            path = directory / entry.file
+            if not path.is_file():
+                raise ManifestError(
+                    f"{path}: ORT-format file listed in the manifest is missing",
+                    hint=f"re-run: edgeoffload export-ort {directory}",
+                )
+            actual = sha256_file(path)
+            if actual != entry.sha256:
+                raise ManifestError(
+                    f"{entry.file} was modified after export-ort: sha256 {actual[:16]}… "
+                    f"!= manifest {entry.sha256[:16]}…",
+                    hint=f"re-run: edgeoffload export-ort {directory}",
                 )
     return Bundle(directory, manifest)

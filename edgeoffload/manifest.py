@@ -3,12 +3,14 @@
 A frozen dataclass with a strict ``from_dict`` (unknown or missing fields are a ManifestError)
 and ``to_dict``; :attr:`Manifest.version` is a hash over the model, the cut, the codec and every
 part's sha256. Two sides (device, server) pair only when their manifests have the same version,
-otherwise :func:`check_pair` raises VersionMismatch naming both. Stdlib only.
+otherwise :func:`check_pair` raises VersionMismatch naming both. The optional ``ort`` section
+(:class:`OrtInfo`) pins ORT-format copies of the parts; it is outside the version. Stdlib only.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +77,95 @@ class PartInfo:
         return part
 
 
+def _plain_file(name: str, what: str) -> str:
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise ManifestError(f"manifest {what} file {name!r} must be a plain file name")
+    return name
+
+
+ORT_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtFile:
+    """One ORT-format file of the bundle: its name, its sha256 and, for a part, the sha256
+    of the ``.onnx`` part it was converted from."""
+
+    file: str
+    sha256: str
+    converted_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"file": self.file, "sha256": self.sha256}
+        if self.converted_from is not None:
+            data["converted_from"] = self.converted_from
+        return data
+
+    @classmethod
+    def from_dict(cls, data: object, what: str) -> OrtFile:
+        f = fields(data, f"manifest ort {what}", ManifestError)
+        entry = cls(
+            file=_plain_file(f.text("file"), f"ort {what}"),
+            sha256=f.text("sha256"),
+            converted_from=f.opt_text("converted_from"),
+        )
+        f.done()
+        return entry
+
+
+@dataclass(frozen=True)
+class OrtInfo:
+    """The optional ORT-format encoding of the parts (``edgeoffload export-ort``).
+
+    The same graphs in onnxruntime's flatbuffer format, for mobile and web runtimes, plus the
+    operator list for a reduced onnxruntime build. Not part of :attr:`Manifest.version`: an
+    ``.ort`` part computes what its ``.onnx`` computes (checked when exported), so a device
+    that runs ``head.ort`` pairs with a server that runs ``tail.onnx``.
+    """
+
+    optimization: str  # the graph optimization level the .ort files were saved at
+    onnxruntime: str  # version of the onnxruntime that converted them
+    required_operators: OrtFile
+    head: OrtFile | None = None
+    tail: OrtFile | None = None
+    check: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "optimization": self.optimization,
+            "onnxruntime": self.onnxruntime,
+            "head": self.head.to_dict() if self.head else None,
+            "tail": self.tail.to_dict() if self.tail else None,
+            "required_operators": self.required_operators.to_dict(),
+            "check": dict(self.check),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> OrtInfo:
+        f = fields(data, "manifest ort", ManifestError)
+        head_raw, tail_raw = f.value("head"), f.value("tail")
+        info = cls(
+            optimization=f.text("optimization"),
+            onnxruntime=f.text("onnxruntime"),
+            head=OrtFile.from_dict(head_raw, "head") if head_raw is not None else None,
+            tail=OrtFile.from_dict(tail_raw, "tail") if tail_raw is not None else None,
+            required_operators=OrtFile.from_dict(f.value("required_operators"), "operators"),
+            check=f.obj("check", {}),
+        )
+        f.done()
+        if info.optimization not in ORT_OPTIMIZATIONS:
+            raise ManifestError(
+                f"manifest ort optimization {info.optimization!r} is not one of {ORT_OPTIMIZATIONS}"
+            )
+        if info.head is None and info.tail is None:
+            raise ManifestError("manifest ort section lists neither a head nor a tail")
+        return info
+
+    def files(self) -> tuple[OrtFile, ...]:
+        """Every file of the section: the parts, then the operator list."""
+        return (*(p for p in (self.head, self.tail) if p), self.required_operators)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything a device and a server need to agree on about a split model."""
@@ -99,6 +190,8 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
     schema_version: int = SCHEMA_VERSION
+    # ORT-format copies of the parts (export-ort); absent from older bundles.
+    ort: OrtInfo | None = None
 
     @property
     def identity(self) -> str:
@@ -117,7 +210,7 @@ class Manifest:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema_version": self.schema_version,
             "created_by": self.created_by,
             "source": {"name": self.source_name, "sha256": self.source_sha256},
@@ -135,6 +228,9 @@ class Manifest:
             "predicted": self.predicted,
             "verification": self.verification,
         }
+        if self.ort is not None:  # only when exported: older manifests stay byte for byte
+            data["ort"] = self.ort.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> Manifest:
@@ -157,6 +253,8 @@ class Manifest:
         for rel, digest in files.items():
             if not isinstance(digest, str) or not safe_relative(rel):
                 raise ManifestError(f"manifest files entry {rel!r} is not a safe relative path")
+        ort_raw = f.obj("ort", {})
+        has_ort = isinstance(data, Mapping) and "ort" in data
         passthrough = f.array("passthrough")
         if not all(isinstance(p, str) for p in passthrough):
             raise ManifestError("manifest passthrough must list tensor names (strings)")
@@ -179,6 +277,7 @@ class Manifest:
             files=files,
             predicted=f.obj("predicted", {}),
             verification=f.obj("verification", {}),
+            ort=OrtInfo.from_dict(ort_raw) if has_ort else None,
         )
         source.done()
         cut.done()
@@ -189,7 +288,32 @@ class Manifest:
         stray = [p for p in manifest.passthrough if p not in crossing]
         if stray:
             raise ManifestError(f"manifest passthrough names non-crossing tensor(s) {stray}")
+        if manifest.ort is not None:
+            _check_ort(manifest, manifest.ort)
         return manifest
+
+
+def _check_ort(manifest: Manifest, ort: OrtInfo) -> None:
+    """Each .ort part must be the conversion of this manifest's .onnx part, under its own name."""
+    for what, part, converted in (
+        ("head", manifest.head, ort.head),
+        ("tail", manifest.tail, ort.tail),
+    ):
+        if converted is None:
+            continue
+        if part is None:
+            raise ManifestError(f"manifest ort section has a {what} but the bundle has none")
+        if not converted.file.endswith(".ort"):  # onnxruntime tells the format by the suffix
+            raise ManifestError(f"manifest ort {what} file {converted.file!r} must end in .ort")
+        if converted.converted_from != part.sha256:
+            raise ManifestError(
+                f"{converted.file} was converted from another {part.file} than this bundle's",
+                hint="re-run: edgeoffload export-ort BUNDLE",
+            )
+    names = [f.file for f in ort.files()]
+    taken = {p.file for p in (manifest.head, manifest.tail) if p} | set(manifest.files)
+    if len(set(names)) != len(names) or taken & set(names) or "manifest.json" in names:
+        raise ManifestError(f"manifest ort files {names} collide with other bundle files")
 
 
 def check_pair(device: Manifest, server: Manifest) -> None:

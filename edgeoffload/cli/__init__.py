@@ -40,6 +40,7 @@ app = typer.Typer(
 app.command()(split.cuts)
 app.command()(split.profile)
 app.command()(split.split)
+app.command("export-ort")(split.export_ort)
 app.command()(device.chat)
 app.command()(split.export)
 app.command()(device.demo)

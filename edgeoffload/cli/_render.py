@@ -180,6 +180,9 @@ def manifest_lines(bundle: Any) -> list[str]:
         )
     crossing = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.crossing)
     lines.append(f"  crossing: {crossing or '(nothing: all-local)'}")
+    if m.ort is not None:
+        files = ", ".join(f"{f.file} sha256 {f.sha256[:16]}…" for f in m.ort.files())
+        lines.append(f"  ort ({m.ort.optimization}, onnxruntime {m.ort.onnxruntime}): {files}")
     return lines
 
 

@@ -1,4 +1,5 @@
-"""Commands on the splitting side: ``cuts``, ``profile``, ``split``, ``inspect``, ``export``.
+"""Commands on the splitting side: ``cuts``, ``profile``, ``split``, ``export-ort``, ``inspect``,
+``export``.
 
 The split machinery (edgeoffload.split, edgeoffload.lab.plots, the converters) imports onnx,
 matplotlib or torch, so each command imports it inside: `edgeoffload --help` stays fast and a
@@ -27,6 +28,7 @@ from edgeoffload.cli._options import (
     NetworkOpt,
     ServerProfileOpt,
     ThreadsOpt,
+    load_inputs,
 )
 from edgeoffload.cli._render import (
     cut_table,
@@ -327,6 +329,61 @@ def _split_decoder(
     out.print(decoder_table(report, chosen, title=title))
     for line in decoder_summary_lines(chosen, bundle, elapsed):
         out.print(line)
+
+
+def export_ort(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder written by split.")],
+    optimization: Annotated[
+        str,
+        typer.Option(
+            "--optimization",
+            help="Graph optimization saved in the .ort files: disable (the graph as split), "
+            "basic (portable to every execution provider), extended or all (CPU-only kernels).",
+        ),
+    ] = "disable",
+    tail: Annotated[
+        bool, typer.Option("--tail/--no-tail", help="Also convert the tail (local fallback).")
+    ] = True,
+    input_path: InputOpt = None,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Generated samples to compare outputs on.")
+    ] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ort section as JSON.")] = False,
+) -> None:
+    """Write ORT-format parts (head.ort, tail.ort) and required_operators.config into a bundle.
+
+    For onnxruntime-mobile, onnxruntime-web and reduced (minimal) onnxruntime builds. Each .ort
+    is checked to give bit-identical outputs to its .onnx, then pinned by sha256 in the
+    manifest; the bundle version stays the same, so such a device pairs with any server of it.
+    """
+    from edgeoffload.split.ort_export import export_ort as run_export  # onnxruntime tools
+
+    if optimization not in ("disable", "basic", "extended", "all"):
+        raise UsageError(
+            f"--optimization {optimization!r}: expected disable, basic, extended or all"
+        )
+    given = load_inputs(input_path)
+    started = time.perf_counter()
+    bundle = run_export(
+        bundle_dir,
+        optimization=optimization,
+        tail=tail,
+        inputs=[given] if given is not None else None,
+        samples=samples,
+    )
+    ort = bundle.manifest.ort
+    assert ort is not None  # export_ort records it or raises
+    if as_json:
+        out.print_json(json.dumps({"bundle": str(bundle.path), **ort.to_dict()}))
+        return
+    for entry in ort.files():
+        size = (bundle.path / entry.file).stat().st_size
+        out.print(f"wrote {bundle.path / entry.file} ({size:,} bytes, sha256 {entry.sha256[:16]}…)")
+    out.print(
+        f"outputs identical to the .onnx parts (optimization {optimization}) on "
+        f"{ort.check.get('samples')} sample(s); bundle version {bundle.manifest.version} "
+        f"unchanged; took {time.perf_counter() - started:.1f} s"
+    )
 
 
 def inspect(

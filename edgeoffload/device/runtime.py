@@ -2,7 +2,8 @@
 
 Light by design (the device path): onnxruntime + numpy + the stdlib bundle loader. The tail
 session is created only when it is first needed (local fallback), so a device that always
-offloads never pays for it.
+offloads never pays for it. Each part loads from its ORT-format copy (``head.ort``, written by
+``edgeoffload export-ort``) when the bundle has one, unless ``model_format="onnx"``.
 """
 
 from __future__ import annotations
@@ -47,13 +48,26 @@ def check_inputs(
 
 
 class DeviceRuntime:
-    """Head execution and local tail fallback for one bundle."""
+    """Head execution and local tail fallback for one bundle.
 
-    def __init__(self, bundle: Bundle | str | Path, *, threads: int = 1) -> None:
+    ``model_format`` (:data:`edgeoffload.bundle.MODEL_FORMATS`): "auto" runs each part's
+    ``.ort`` when the manifest pins one and its ``.onnx`` otherwise; "onnx" always the ``.onnx``;
+    "ort" requires an ORT-format head (a ManifestError if the bundle has none). Both files were
+    verified against the manifest's hashes when the bundle was loaded.
+    """
+
+    def __init__(
+        self, bundle: Bundle | str | Path, *, threads: int = 1, model_format: str = "auto"
+    ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest = self.bundle.manifest
         self.threads = threads
-        head_path = self.bundle.head_path
+        self.model_format = model_format
+        head_path = self.bundle.part_path("head", model_format)
+        self._tail_path = self.bundle.part_path(
+            "tail", "onnx" if model_format == "onnx" else "auto"
+        )
+        self.head_file = head_path.name if head_path else None  # which encoding runs
         self._head = make_session(head_path, threads=threads) if head_path else None
         self._tail: Any = None
         self._tail_lock = threading.Lock()
@@ -89,11 +103,11 @@ class DeviceRuntime:
 
     def tail_session(self) -> Any:
         """The tail's session on the device, created on first use (the local fallback)."""
-        if self.bundle.tail_path is None:
+        if self._tail_path is None:
             return None
         with self._tail_lock:
             if self._tail is None:
-                self._tail = make_session(self.bundle.tail_path, threads=self.threads)
+                self._tail = make_session(self._tail_path, threads=self.threads)
         return self._tail
 
     def run_tail_locally(self, crossing: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
