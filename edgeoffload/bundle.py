@@ -2,6 +2,10 @@
 
 ``edgeoffload export-ort`` may add ORT-format copies (``head.ort``, ``tail.ort``) and
 ``required_operators.config``, pinned in the manifest's ``ort`` section and verified the same way.
+``edgeoffload sign`` may add ``signature.json``: a publisher's Ed25519 signature over the exact
+``manifest.json`` bytes (:mod:`edgeoffload.signing`). ``load_bundle(..., trusted=keys)`` accepts
+only a bundle signed by one of ``keys``. Rewriting the manifest (:func:`write_manifest`: a
+re-split into the folder, ``export-ort``) removes a signature file, which it would make stale.
 
 Stdlib only, so the device can load and verify a bundle without onnx or torch. Loading
 verifies the sha256 of every part against the manifest (:mod:`edgeoffload.manifest`); a
@@ -11,12 +15,16 @@ place that hashes files (:func:`sha256_file`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeoffload._signature import SIGNATURE, check_signature
 from edgeoffload.errors import ManifestError, UsageError
 from edgeoffload.manifest import Manifest, OrtFile, PartInfo
 
@@ -28,6 +36,8 @@ TAIL_ORT = "tail.ort"
 ORT_CONFIG = "required_operators.config"
 # Which encoding of a part to load: the .ort when exported ("auto"), always .onnx, or the .ort.
 MODEL_FORMATS = ("auto", "onnx", "ort")
+
+log = logging.getLogger("edgeoffload.bundle")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -45,10 +55,15 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded, hash-verified bundle folder."""
+    """A loaded, hash-verified bundle folder.
+
+    ``publisher`` is the Ed25519 key that signed it when it was loaded with ``trusted`` keys
+    (the signature checked), else None (a signature file, if any, was not looked at).
+    """
 
     path: Path
     manifest: Manifest
+    publisher: bytes | None = None
 
     @property
     def head_path(self) -> Path | None:
@@ -80,11 +95,30 @@ class Bundle:
         return self.path / info.file
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Replace ``manifest.json`` atomically (a folder with a manifest is whole)."""
+def write_manifest(directory: Path, manifest: Manifest) -> bool:
+    """Replace ``manifest.json`` atomically (a folder with a manifest is whole).
+
+    A ``signature.json`` in the folder is removed first: it signs the old manifest's bytes,
+    so it would be refused anyway (BadSignature); the bundle must be signed again.
+
+    Returns:
+        Whether a signature file was removed.
+    """
+    dropped = False
+    with contextlib.suppress(FileNotFoundError):
+        (directory / SIGNATURE).unlink()
+        dropped = True
+        log.warning(
+            "%s: removed %s: it signed the manifest being replaced; sign the bundle again "
+            "with: edgeoffload sign %s --key PUBLISHER_DIR",
+            directory,
+            SIGNATURE,
+            directory,
+        )
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
     os.replace(tmp, directory / MANIFEST)
+    return dropped
 
 
 def write_bundle(
@@ -116,20 +150,42 @@ def write_bundle(
     return Bundle(directory, manifest)
 
 
-def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
-    """Read a bundle and verify every part's sha256 against the manifest."""
+def load_bundle(
+    directory: str | Path, *, verify: bool = True, trusted: Sequence[bytes] | None = None
+) -> Bundle:
+    """Read a bundle and verify every part's sha256 against the manifest.
+
+    Args:
+        directory: the bundle folder.
+        verify: check every part's sha256 (False: trust the files, e.g. just written).
+        trusted: publisher public keys (32-byte Ed25519, see
+            :func:`edgeoffload.signing.load_trusted`). When given, even empty (then nothing is
+            trusted and every bundle is refused), the bundle must carry a signature by one of
+            them over the manifest bytes read here; it is checked before the manifest is
+            parsed and before the part hashes (also with ``verify=False``).
+
+    Raises:
+        ManifestError: malformed manifest, missing or modified part.
+        SignatureError: (with ``trusted``) Unsigned, UnknownPublisher or BadSignature.
+    """
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not directory.is_dir():
         raise ManifestError(f"{directory}: not a bundle folder (no such directory)")
     try:
-        data = json.loads(manifest_path.read_text())
+        raw = manifest_path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(
             f"{directory}: no {MANIFEST}; not a bundle",
             hint="create one with: edgeoffload split MODEL -o DIR",
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    # The signature is checked over the very bytes that are parsed next (no re-read between).
+    publisher = check_signature(directory, raw, trusted) if trusted is not None else None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{manifest_path}: unreadable manifest ({exc})") from None
     manifest = Manifest.from_dict(data)
     if verify:
@@ -169,4 +225,4 @@ def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
                     f"!= manifest {entry.sha256[:16]}…",
                     hint=f"re-run: edgeoffload export-ort {directory}",
                 )
-    return Bundle(directory, manifest)
+    return Bundle(directory, manifest, publisher)

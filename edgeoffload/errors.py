@@ -13,13 +13,14 @@ code  meaning
 2     command-line usage error (bad flag or value)
 3     GraphError: the model file is not a usable ONNX graph, or a cut is invalid
 4     PlanError: no cut satisfies the constraints, or the profiles do not fit
-5     ManifestError: a bundle is malformed or a file was modified after splitting
+5     ManifestError: a bundle is malformed or a file was modified after splitting;
+      SignatureError: unsigned, signed by an untrusted publisher, or a bad signature
 6     VersionMismatch: two parts (device/server) come from different bundles
 7     VerificationError: tail(head(x)) differs from the full model
 8     ProfileError: a profile file is malformed or was measured on another model
 9     ConversionError: exporting a PyTorch / Hugging Face model failed
 10    ProtocolError / AuthenticationFailed / PayloadError (wire protocol)
-11    OffloadUnavailable / Overloaded (no server could answer)
+11    OffloadUnavailable / Overloaded (no server could answer); RolloutError
 12    MissingExtra: the command needs an optional part that is not installed
 ====  =====================================================================
 """
@@ -67,6 +68,27 @@ class ManifestError(EdgeOffloadError):
     """A bundle or its manifest is malformed, incomplete or fails hash verification."""
 
     exit_code = 5
+
+
+class SignatureError(ManifestError):
+    """A bundle's publisher signature does not let it be accepted (see edgeoffload.signing).
+
+    Raised only where trusted publisher keys were given; the subclass says what failed.
+    """
+
+
+class Unsigned(SignatureError):
+    """The bundle has no ``signature.json`` but only signed bundles are accepted."""
+
+
+class UnknownPublisher(SignatureError):
+    """The bundle is signed by a publisher key that is not trusted (the message names its
+    fingerprint)."""
+
+
+class BadSignature(SignatureError):
+    """``signature.json`` is malformed, or its signature does not verify over the current
+    ``manifest.json`` bytes (the manifest was modified after signing)."""
 
 
 class VersionMismatch(EdgeOffloadError):
@@ -138,6 +160,14 @@ class SessionLost(SessionError):
 
 class OffloadUnavailable(EdgeOffloadError):
     """No edge server could answer and the fallback policy is ``"error"``."""
+
+    exit_code = 11
+
+
+class RolloutError(EdgeOffloadError):
+    """A rollout (``edgeoffload fleet rollout``) could not start — the new version is missing
+    or fails verification on a server, the fleet disagrees — or was rolled back; nothing is
+    left half-changed: the message says which server and why."""
 
     exit_code = 11
 

@@ -367,7 +367,7 @@ def _open_private_key(path: Path, hint: str) -> int:
     try:
         return os.open(path, flags)
     except FileNotFoundError:
-        raise UsageError(f"{path.parent} has no {PRIVATE_FILE}", hint=hint) from None
+        raise UsageError(f"{path.parent} has no {path.name}", hint=hint) from None
     except OSError as exc:
         # O_NOFOLLOW on a symlink: ELOOP (Linux, macOS), EMLINK (FreeBSD), EFTYPE (NetBSD).
         if exc.errno in _SYMLINK_ERRNOS and os.path.islink(path):
@@ -385,7 +385,7 @@ def _check_private_key_fd(path: Path, fd: int) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(
             f"{path} is not a regular file ({_file_kind(st.st_mode)})",
-            hint=f"{PRIVATE_FILE} must be the key file written by 'edgeoffload keys generate'",
+            hint=f"{path.name} must be the key file written by 'edgeoffload keys generate'",
         )
     getuid = getattr(os, "getuid", None)
     if os.name != "nt" and getuid is not None and st.st_uid != getuid():

@@ -148,7 +148,10 @@ def test_a_hogging_device_cannot_starve_an_honest_one(env: Env, tmp_path: Path) 
                     await hogging
                 await ws.close()
             assert served > 0  # the hog is served too, its fair share
-            assert peak[0] == 2  # per_device: the other 30 were left unread in the socket
+            # per_device: never more than 2 of the hog's requests held; the other 30 were left
+            # unread in the socket. (Whether the sampler sees the second one admitted before the
+            # first is answered depends on the scheduler, so reaching 2 is not asserted.)
+            assert 1 <= peak[0] <= 2
             assert refused == server.admission.refused["device_limit"] == 0
 
     run_async(main, timeout=60)

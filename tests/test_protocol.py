@@ -64,6 +64,7 @@ from edgeoffload.protocol.events import (
 )
 from edgeoffload.protocol.load import ServerLoad
 from edgeoffload.protocol.tensors import check_against_specs, decode_checked, decode_tensors
+from edgeoffload.protocol.updates import FetchRefused
 from edgeoffload.protocol.wire import (
     MAX_ARRAY,
     MAX_DIMS,
@@ -256,6 +257,7 @@ EXPECTED_EXCEPTION = {
     "session": SessionError,
     "session_lost": SessionLost,
     "duplicate_id": RemoteProtocolError,
+    "fetch": FetchRefused,  # §16.3: the updater turns it into an UpdateError
 }
 
 
@@ -373,6 +375,7 @@ CLIENT_SENDS = {
     "send:step": lambda c: c.send_feed(1, "step", 7, 2, [Chunk(1, RUN_TENSORS)]),
     "send:end": lambda c: c.send_end(1, 7),
     "send:status": lambda c: c.send_status(1),
+    "send:fetch": lambda c: c.send_fetch(1, "0123456789abcdef", "manifest.json", 0, 10),
 }
 SERVER_SENDS = {
     "send:result": lambda s: s.send_result(1, RUN_TENSORS, 1.0),
@@ -383,6 +386,7 @@ SERVER_SENDS = {
     "send:token": lambda s: s.send_token(1, 7, 3, 42, 1.0),
     "send:ended": lambda s: s.send_ended(1, 7),
     "send:status": lambda s: s.send_status(1, LOAD, []),
+    "send:file": lambda s: s.send_file(1, b"0123456789", 20),
 }
 # One valid plaintext of every transport message type, from either side.
 TRANSPORT_MESSAGES = {
@@ -406,6 +410,15 @@ TRANSPORT_MESSAGES = {
     "token": {"t": "token", "id": 1, "session": 7, "pos": 3, "token": 42, "server_ms": 1.0},
     "ended": {"t": "ended", "id": 1, "session": 7},
     "status": {"t": "status", "id": 1},
+    "fetch": {
+        "t": "fetch",
+        "id": 1,
+        "version": "0123456789abcdef",
+        "file": "manifest.json",
+        "offset": 0,
+        "length": 10,
+    },
+    "file": {"t": "file", "id": 1, "data": b"0123456789", "size": 20},
 }
 # The server's answer to "status" has the same type name and more fields.
 SERVER_STATUS = {"t": "status", "id": 1, "load": LOAD.to_wire(), "bundles": []}
@@ -413,7 +426,7 @@ SERVER_STATUS = {"t": "status", "id": 1, "load": LOAD.to_wire(), "bundles": []}
 
 def client_in(state: State) -> tuple[ClientConnection, ServerConnection]:
     """A client in ``state`` and the server it talks to (with the §14 features)."""
-    client, server = make_client(features=("load",)), make_server()
+    client, server = make_client(features=("load", "update")), make_server()
     if state is State.IDLE:
         return client, server
     client.start()
@@ -431,7 +444,7 @@ def client_in(state: State) -> tuple[ClientConnection, ServerConnection]:
 
 def server_in(state: State) -> tuple[ServerConnection, ClientConnection]:
     """A server in ``state`` and the client it talks to (with the §14 features)."""
-    client, server = make_client(features=("load",)), make_server()
+    client, server = make_client(features=("load", "update")), make_server()
     if state is State.AWAIT_HELLO:
         return server, client
     client.start()
@@ -474,6 +487,9 @@ def _try_receive(conn, sender, kind: str, observed: dict) -> None:
     plain = TRANSPORT_MESSAGES[kind]
     if kind == "status" and role is Role.CLIENT:
         plain = SERVER_STATUS
+    if kind == "file" and role is Role.CLIENT:  # a file reply answers a pending fetch (§16.3)
+        conn.send_fetch(1, "0123456789abcdef", "manifest.json", 0, 10)
+        conn.data_to_send()
     data = forge(sender, plain)
     if key in TRANSITIONS:
         events = conn.receive(data)

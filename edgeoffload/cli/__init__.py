@@ -5,7 +5,7 @@
 an optional ``hint:`` line, and the error's documented exit code (see errors.py). A missing
 optional part (onnx for splitting, matplotlib for --plot, ...) is a MissingExtra (exit 12).
 
-The commands live in one module per group (split, serve, device, keys, bench); the options
+The commands live in one module per group (split, serve, device, keys, sign, bench); the options
 they share in _options.py, everything that prints results in _render.py. Heavy modules
 (onnx, torch, matplotlib, the runtime) are imported inside the commands that need them.
 """
@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from edgeoffload import __version__
-from edgeoffload.cli import bench, device, serve, split
+from edgeoffload.cli import bench, device, serve, sign, split
 from edgeoffload.cli._extras import missing_extra
 from edgeoffload.cli._render import err, out
 from edgeoffload.cli.fleet import fleet_app
@@ -47,6 +47,8 @@ app.command()(device.demo)
 app.command()(serve.serve)
 app.command("run")(device.run_cmd)
 app.command()(split.inspect)
+app.command()(sign.sign)
+app.command()(sign.verify)
 app.command()(bench.bench)
 app.add_typer(keys_app, name="keys")
 app.add_typer(fleet_app, name="fleet")

@@ -161,8 +161,8 @@ def decoder_summary_lines(chosen: Any, bundle: Any, elapsed: float) -> list[str]
     ]
 
 
-def manifest_lines(bundle: Any) -> list[str]:
-    """What ``inspect`` prints about a verified bundle."""
+def manifest_lines(bundle: Any, *, signature: str | None = None) -> list[str]:
+    """What ``inspect`` prints about a verified bundle (``signature``: its signature line)."""
     m = bundle.manifest
     lines = [
         f"bundle {bundle.path}: version {m.version}, all hashes verified",
@@ -183,6 +183,8 @@ def manifest_lines(bundle: Any) -> list[str]:
     if m.ort is not None:
         files = ", ".join(f"{f.file} sha256 {f.sha256[:16]}…" for f in m.ort.files())
         lines.append(f"  ort ({m.ort.optimization}, onnxruntime {m.ort.onnxruntime}): {files}")
+    if signature is not None:
+        lines.append(signature)
     return lines
 
 

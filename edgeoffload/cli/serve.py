@@ -1,4 +1,9 @@
-"""``serve``: the edge server, serving bundle tails to allow-listed devices."""
+"""``serve``: the edge server, serving bundle tails to allow-listed devices.
+
+Bundles come from the command line, from a model repository (``--repository DIR``, laid out
+``DIR/<model>/<version>/``, kept in sync while running: on a file change, and on SIGHUP), or
+both; ``--trust`` makes every bundle carry a signature by a trusted publisher.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,16 @@ from edgeoffload.cli._options import ThreadsOpt
 from edgeoffload.cli._render import out
 from edgeoffload.core.presets import parse_size
 from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.errors import UsageError
 from edgeoffload.keys import load_identity
 
 
 def serve(
-    bundles: Annotated[list[Path], typer.Argument(help="Bundle folders whose tails to serve.")],
+    bundles: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Bundle folders whose tails to serve (or use --repository)."),
+    ] = None,
+    *,
     key: Annotated[Path, typer.Option("--key", help="Server key folder (keys generate).")],
     allow: Annotated[Path, typer.Option("--allow", help="Authorized device keys: file or folder.")],
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
@@ -69,6 +79,30 @@ def serve(
         Path | None,
         typer.Option("--ready-file", help="Once listening, write host, port and pid here (JSON)."),
     ] = None,
+    repository: Annotated[
+        Path | None,
+        typer.Option(
+            "--repository",
+            help="Model repository: DIR/<model>/<version>/ bundle folders (and an optional "
+            "DIR/<model>/policy.json), loaded, served and drained while running.",
+        ),
+    ] = None,
+    repository_interval: Annotated[
+        float,
+        typer.Option(
+            "--repository-interval",
+            min=0.05,
+            help="Seconds between checks of the repository for changes (SIGHUP: at once).",
+        ),
+    ] = 1.0,
+    trust: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust",
+            help="Trusted publisher keys (file or folder): every bundle served must be signed "
+            "by one of them.",
+        ),
+    ] = None,
     advertise: Annotated[
         bool,
         typer.Option(
@@ -82,12 +116,23 @@ def serve(
 
     Decoder bundles are served as generation sessions: the tail's KV cache of each
     conversation stays here (bounded by --kv-budget, --session-ttl and --max-context).
+
+    With --repository, new versions are loaded without pausing the ones serving, and a
+    version that leaves the policy drains: its devices finish on it, then it is unloaded.
+    SIGHUP re-reads the allow-list and the repository.
     """
     # numpy, onnxruntime, websockets: loaded only when a server starts, not for --help.
     from edgeoffload.edge.advertise import Advertiser, advertised_addresses
     from edgeoffload.edge.server import EdgeServer, ServerConfig
 
-    loaded = [load_bundle(b) for b in bundles]
+    bundles = bundles or []
+    if not bundles and repository is None:
+        raise UsageError(
+            "nothing to serve: give bundle folders, --repository DIR, or both",
+            hint="e.g. edgeoffload serve --repository models/ (models/<model>/<version>/)",
+        )
+    trusted = _load_trusted(trust) if trust is not None else None
+    loaded = [load_bundle(b, trusted=trusted) for b in bundles]
     if advertise:
         advertised_addresses(host)  # a --host that cannot be announced fails before serving
     identity = load_identity(key)
@@ -106,13 +151,22 @@ def serve(
         kv_budget=parse_size(kv_budget),
         session_ttl=session_ttl,
         max_context=max_context,
+        repository_interval=repository_interval,
     )
 
     async def main_loop() -> None:
-        server = EdgeServer(loaded, identity=identity, allow=allow_list, config=config)
+        server = EdgeServer(
+            loaded,
+            identity=identity,
+            allow=allow_list,
+            config=config,
+            repository=repository,
+            trusted=trusted,
+        )
         await server.start()
+        source = f" (repository {repository})" if repository is not None else ""
         out.print(
-            f"serving {len(loaded)} bundle(s) on ws://{host}:{server.port} "
+            f"serving {len(server.bundles)} bundle version(s){source} on ws://{host}:{server.port} "
             f"(key {identity.fingerprint}, {len(allow_list)} device key(s) allowed); "
             f"GET /healthz, /readyz, /metrics for status; SIGTERM drains and stops"
         )
@@ -132,7 +186,12 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, allow_list.try_reload)
+
+        def reload() -> None:  # SIGHUP: the allow-list and the repository, at once
+            allow_list.try_reload()
+            server.request_sync()
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
         if advertiser is not None:  # goodbye first: devices stop finding a draining server
             await advertiser.stop()
@@ -141,3 +200,15 @@ def serve(
         out.print(f"stopped: {server.stats.results} results, errors {server.stats.errors}")
 
     asyncio.run(main_loop())
+
+
+def _load_trusted(path: Path) -> tuple[bytes, ...]:
+    """Publisher keys from ``--trust`` (edgeoffload.signing, imported only when asked for)."""
+    try:
+        from edgeoffload.signing import load_trusted
+    except ImportError as exc:  # pragma: no cover - an install without signing support
+        raise UsageError(
+            f"--trust needs bundle signing support, which this install lacks ({exc})",
+            hint="upgrade edgeoffload, or serve without --trust",
+        ) from None
+    return tuple(load_trusted(path))

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeoffload.bundle import load_bundle
+from edgeoffload.bundle import MANIFEST, load_bundle
 from edgeoffload.cli._analysis import analysis_of, profiles_for, resolve_model
 from edgeoffload.cli._options import (
     CodecOpt,
@@ -44,7 +44,8 @@ from edgeoffload.cli._render import (
 )
 from edgeoffload.core.costmodel import Constraints
 from edgeoffload.core.presets import device_slowdown, parse_link, parse_size
-from edgeoffload.errors import UsageError
+from edgeoffload.errors import BadSignature, UsageError
+from edgeoffload.signing import read_signature, signature_holds
 from edgeoffload.types import LinkProfile
 
 
@@ -355,6 +356,7 @@ def export_ort(
     For onnxruntime-mobile, onnxruntime-web and reduced (minimal) onnxruntime builds. Each .ort
     is checked to give bit-identical outputs to its .onnx, then pinned by sha256 in the
     manifest; the bundle version stays the same, so such a device pairs with any server of it.
+    A signed bundle loses its signature (the manifest changes; a warning says so): sign after.
     """
     from edgeoffload.split.ort_export import export_ort as run_export  # onnxruntime tools
 
@@ -390,12 +392,12 @@ def inspect(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder written by split.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """Verify a bundle's hashes and show its manifest."""
+    """Verify a bundle's hashes and show its manifest (and its signature, if signed)."""
     bundle = load_bundle(bundle_dir)
     if as_json:
         out.print_json(json.dumps(bundle.manifest.to_dict()))
         return
-    for line in manifest_lines(bundle):
+    for line in manifest_lines(bundle, signature=signature_line(bundle.path)):
         out.print(line)
 
 
@@ -425,3 +427,24 @@ def export(
 
         path = export_hf(Path(source), output, task=task)
     out.print(f"exported and validated: {path}")
+
+
+def signature_line(folder: Path) -> str | None:
+    """What ``inspect`` says about a bundle's signature.json (None when unsigned).
+
+    Whether the signature verifies over this manifest is shown; whether its publisher is
+    trusted is not known here (that is ``edgeoffload verify --trust``).
+    """
+    try:
+        signature = read_signature(folder)
+    except BadSignature as exc:
+        return f"  signature: malformed ({exc.message})"
+    if signature is None:
+        return None
+    holds = signature_holds(signature, (folder / MANIFEST).read_bytes())
+    state = (
+        "valid over this manifest (check the publisher with: edgeoffload verify --trust)"
+        if holds
+        else "STALE: it does not verify over this manifest (modified after signing)"
+    )
+    return f"  signature: publisher {signature.fingerprint}, signed {signature.signed_at}; {state}"

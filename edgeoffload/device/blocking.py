@@ -22,6 +22,7 @@ from edgeoffload.device.client import OffloadClient, RequestTiming
 from edgeoffload.device.generate import GeneratedToken, Generation, GenerationStats
 from edgeoffload.device.pool import EdgeEndpoint
 from edgeoffload.keys import KeyPair
+from edgeoffload.protocol.updates import UpdateOffer
 from edgeoffload.types import LinkProfile
 
 T = TypeVar("T")
@@ -45,6 +46,10 @@ class BlockingOffloadClient:
         protocol: str = DEFAULT_PROTOCOL,
         threads: int = 1,
         clock: Callable[[], int] = time.time_ns,
+        update: str = "pinned",
+        store: str | Path | None = None,
+        trusted_publishers: Sequence[bytes] | None = None,
+        trust_unsigned: bool = False,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -66,6 +71,10 @@ class BlockingOffloadClient:
                 protocol=protocol,
                 threads=threads,
                 clock=clock,
+                update=update,
+                store=store,
+                trusted_publishers=trusted_publishers,
+                trust_unsigned=trust_unsigned,
             )
 
         try:
@@ -84,6 +93,20 @@ class BlockingOffloadClient:
 
     def connect(self) -> None:
         self._call(self._client.connect())
+
+    @property
+    def version(self) -> str:
+        """The bundle version new requests use (PROTOCOL.md §16)."""
+        return self._client.version
+
+    @property
+    def update_available(self) -> UpdateOffer | None:
+        """:attr:`OffloadClient.update_available`."""
+        return self._client.update_available
+
+    def update_now(self) -> str | None:
+        """:meth:`OffloadClient.update_now`."""
+        return self._call(self._client.update_now())
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """:meth:`OffloadClient.run`."""

@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +228,7 @@ class Generation:
         self,
         channel: SessionChannel,
         *,
+        on_finish: Callable[[], None] | None = None,
         prompt: str | None,
         input_ids: list[int] | None,
         messages: list[dict[str, str]] | None,
@@ -242,6 +243,7 @@ class Generation:
             raise UsageError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         self.channel = channel
         self.runtime = channel.runtime
+        self._on_finish = on_finish  # the client's hold on this generation's version
         self.params = sampling
         self.max_new_tokens = max_new_tokens
         self.stop = stop
@@ -340,7 +342,11 @@ class Generation:
                 if rest:
                     yield GeneratedToken(-1, rest, self.stats.generated_tokens, not self.local)
         finally:
-            await self._end()
+            try:
+                await self._end()
+            finally:
+                if self._on_finish is not None:
+                    self._on_finish()
 
     def _eos_ids(self) -> frozenset[int]:
         """End-of-sequence ids: the tokenizer's, else the bundle's generation config's."""

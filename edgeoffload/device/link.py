@@ -53,6 +53,7 @@ from edgeoffload.protocol.events import (
     CloseRequested,
     ErrorReply,
     Event,
+    FileData,
     HandshakeComplete,
     Pong,
     RunResult,
@@ -61,7 +62,8 @@ from edgeoffload.protocol.events import (
     StatusReply,
     TokenResult,
 )
-from edgeoffload.protocol.load import FEATURE_LOAD, ServerLoad
+from edgeoffload.protocol.load import FEATURE_LOAD, FEATURE_UPDATE, ServerLoad
+from edgeoffload.protocol.updates import UpdateOffer
 from edgeoffload.types import LinkProfile
 
 log = logging.getLogger("edgeoffload.device.link")
@@ -70,8 +72,9 @@ log = logging.getLogger("edgeoffload.device.link")
 # adds waits to every large request (measured: 256 KiB round trip 0.87 -> 0.57 ms).
 WRITE_LIMIT = 1 << 22
 FEATURES = (FEATURE_LOAD,)
+UPDATE_FEATURES = (FEATURE_LOAD, FEATURE_UPDATE)  # a device that takes updates (§16)
 
-Reply = RunResult | Pong | SessionOpened | TokenResult | SessionEnded | StatusReply
+Reply = RunResult | Pong | SessionOpened | TokenResult | SessionEnded | StatusReply | FileData
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,9 @@ class ServerLink:
         protocol: str = DEFAULT_PROTOCOL,
         clock: Callable[[], int] = time.time_ns,
         ids: itertools.count[int] | None = None,
+        updates: bool = False,
     ) -> None:
+        """``updates``: ask for the "update" feature (§16) and keep the server's offer."""
         if not url.startswith(("ws://", "wss://")):
             raise UsageError(f"server must be a ws:// or wss:// URL, got {url!r}")
         if len(server_key) != 32:
@@ -148,8 +153,11 @@ class ServerLink:
         self.server_version: str | None = None
         self.last_load: ServerLoad | None = None
         self.last_error: str = ""
+        # The newest version of this device's model the server serves (§16.1), from the
+        # welcome and status replies; None when it offers nothing.
+        self.offer: UpdateOffer | None = None
         # () once this server refused them (older than §14)
-        self._features: tuple[str, ...] = FEATURES
+        self._features: tuple[str, ...] = UPDATE_FEATURES if updates else FEATURES
         self._ws: WsConnection | None = None
         self._conn: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -257,6 +265,7 @@ class ServerLink:
         event = events[0]
         assert isinstance(event, HandshakeComplete)
         self.server_version = event.version
+        self.offer = event.update
         self._ws, self._conn = ws, conn
         self._reader = asyncio.create_task(self._read_loop(ws, conn))
 
@@ -307,6 +316,8 @@ class ServerLink:
         del self._pending[request_id]
         if isinstance(event, RunResult | TokenResult | StatusReply) and event.load is not None:
             self.last_load = event.load
+        if isinstance(event, StatusReply) and FEATURE_UPDATE in self.features:
+            self.offer = event.update
         if not entry[0].done():
             entry[0].set_result(answer)
 
@@ -456,3 +467,21 @@ class ServerLink:
         event, _, _ = await self.call(lambda c, rid: c.send_status(rid), StatusReply, timeout)
         assert isinstance(event, StatusReply)
         return event
+
+    # -- head updates (PROTOCOL.md §16) --------------------------------------------------------
+
+    async def fetch(
+        self, version: str, file: str, offset: int, length: int, *, timeout: float = 10.0
+    ) -> tuple[bytes, int]:
+        """``length`` bytes at ``offset`` of ``file`` of bundle ``version``, and the file's
+        size (FetchRefused when the server will not serve it)."""
+        await self.connect()
+        if FEATURE_UPDATE not in self.features:
+            raise UsageError(f"{self.url} does not serve updates (older than protocol §16)")
+        # Our own receive limit bounds the reply: data plus its framing.
+        length = max(1, min(length, self.max_message - 65536))
+        event, _, _ = await self.call(
+            lambda c, rid: c.send_fetch(rid, version, file, offset, length), FileData, timeout
+        )
+        assert isinstance(event, FileData)
+        return event.data, event.size

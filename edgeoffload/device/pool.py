@@ -115,6 +115,7 @@ class EdgePool:
         protocol: str = DEFAULT_PROTOCOL,
         clock: Callable[[], int] = time.time_ns,
         rng: random.Random | None = None,
+        updates: bool = False,
     ) -> None:
         urls = [e.url for e in endpoints]
         if not urls or len(set(urls)) != len(urls):
@@ -133,6 +134,7 @@ class EdgePool:
                 protocol=protocol,
                 clock=clock,
                 ids=self.ids,
+                updates=updates,
             )
             for e in endpoints
         }

@@ -18,7 +18,7 @@ import numpy as np
 from edgeoffload._ort import make_session, run
 from edgeoffload.bundle import Bundle, load_bundle
 from edgeoffload.core import codec as codec_mod
-from edgeoffload.errors import UsageError
+from edgeoffload.errors import OffloadUnavailable, UsageError
 from edgeoffload.types import TensorSpec, match_specs
 
 
@@ -64,9 +64,10 @@ class DeviceRuntime:
         self.threads = threads
         self.model_format = model_format
         head_path = self.bundle.part_path("head", model_format)
-        self._tail_path = self.bundle.part_path(
-            "tail", "onnx" if model_format == "onnx" else "auto"
-        )
+        tail_path = self.bundle.part_path("tail", "onnx" if model_format == "onnx" else "auto")
+        # A device bundle installed by an update carries no tail (it stays on the server,
+        # PROTOCOL.md §16): such a runtime has no local fallback.
+        self._tail_path = tail_path if tail_path is not None and tail_path.is_file() else None
         self.head_file = head_path.name if head_path else None  # which encoding runs
         self._head = make_session(head_path, threads=threads) if head_path else None
         self._tail: Any = None
@@ -75,7 +76,8 @@ class DeviceRuntime:
 
     @property
     def has_tail(self) -> bool:
-        return self.bundle.tail_path is not None
+        """Whether the tail can run here (a bundle that has one, and its file)."""
+        return self._tail_path is not None
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return check_inputs(inputs, self.manifest.graph_inputs, self.manifest.dims)
@@ -114,6 +116,11 @@ class DeviceRuntime:
         """The fallback: the tail on the device, on the same (codec-decoded) values."""
         if self.bundle.tail_path is None:
             return dict(crossing)
+        if self._tail_path is None:
+            raise OffloadUnavailable(
+                f"bundle {self.bundle.path} has no tail on this device: it cannot run locally",
+                hint="an updated device bundle holds only the head; the server runs the tail",
+            )
         return run(self.tail_session(), crossing)
 
     def run_local(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:

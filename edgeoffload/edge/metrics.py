@@ -45,6 +45,9 @@ class LiveState:
     sessions: Callable[[], float]
     kv_bytes: Callable[[], float]
     draining: Callable[[], float]
+    # Bundle versions serving / draining (a model repository changes them while running).
+    versions_serving: Callable[[], float] | None = None
+    versions_draining: Callable[[], float] | None = None
 
 
 @dataclass
@@ -57,6 +60,9 @@ class ServerStats:
     requests: int = 0  # requests admitted or refused (runs and session feeds)
     results: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    bundles_loaded: int = 0  # bundle versions loaded (at start and while running)
+    bundles_unloaded: int = 0  # versions unloaded after their drain
+    bundles_refused: int = 0  # repository versions that failed to load (bad hash, signature)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +84,18 @@ class ServerStats:
             "edgeoffload_errors", "Error replies and failed connections by code.", ["code"],
             registry=r,
         )  # fmt: skip
+        self._loaded = Counter(
+            "edgeoffload_bundle_loaded", "Bundle versions loaded.", ["bundle"], registry=r
+        )
+        self._unloaded = Counter(
+            "edgeoffload_bundle_unloaded", "Bundle versions unloaded after draining.", ["bundle"],
+            registry=r,
+        )  # fmt: skip
+        self._refused = Counter(
+            "edgeoffload_bundle_refused",
+            "Repository version folders refused at load (bad hash or signature).",
+            registry=r,
+        )
         self._latency = Histogram(
             "edgeoffload_request_seconds",
             "Server time per answered request, by bundle version and stage.",
@@ -98,6 +116,24 @@ class ServerStats:
             ("edgeoffload_draining", "1 while the server drains.", live.draining),
         ):
             Gauge(name, doc, registry=r).set_function(read)
+        for name, doc, maybe in (
+            ("edgeoffload_bundles_serving", "Bundle versions serving.", live.versions_serving),
+            ("edgeoffload_bundles_draining", "Bundle versions draining.", live.versions_draining),
+        ):
+            if maybe is not None:
+                Gauge(name, doc, registry=r).set_function(maybe)
+
+    def bundle_loaded(self, bundle: str) -> None:
+        self.bundles_loaded += 1
+        self._loaded.labels(bundle).inc()
+
+    def bundle_unloaded(self, bundle: str) -> None:
+        self.bundles_unloaded += 1
+        self._unloaded.labels(bundle).inc()
+
+    def bundle_refused(self) -> None:
+        self.bundles_refused += 1
+        self._refused.inc()
 
     def connection(self) -> None:
         self.connections += 1

@@ -15,11 +15,18 @@ not compress, and no decompression-bomb surface), and the limits of README "Thre
   connections closed within ``revocation_check`` seconds (plus the allow-list's own check);
 * ``GET /healthz`` and ``/readyz`` say only up/ready; details are on ``/metrics``, which can
   require a bearer token; a graceful drain on shutdown.
+
+Bundle versions come from the command line and/or a model repository
+(:mod:`edgeoffload.edge.repository`, ``DIR/<model>/<number>/``): :meth:`EdgeServer.sync` loads
+new versions off the event loop (serving never pauses), publishes them to new handshakes, and
+*drains* versions that leave the policy: no new handshake picks them, their connections,
+requests and sessions finish on them, and they are unloaded once none is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -30,6 +37,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +46,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from edgeoffload._ort import make_session, run
-from edgeoffload.bundle import Bundle
+from edgeoffload.bundle import Bundle, load_bundle
 from edgeoffload.core import codec as codec_mod
 from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
@@ -47,7 +55,14 @@ from edgeoffload.edge.allowlist import AllowList
 from edgeoffload.edge.limits import ConnectionLimits, Limits
 from edgeoffload.edge.metrics import LiveState, ServerStats
 from edgeoffload.edge.peer import Peer
+from edgeoffload.edge.repository import (
+    HostedVersion,
+    ModelRepository,
+    RepositoryState,
+    RepositoryWatcher,
+)
 from edgeoffload.edge.sessions import Session, SessionStore
+from edgeoffload.edge.updates import UpdateService
 from edgeoffload.errors import (
     AuthenticationFailed,
     EdgeOffloadError,
@@ -76,6 +91,7 @@ from edgeoffload.protocol.events import (
     CloseRequested,
     ErrorReply,
     Event,
+    FetchRequest,
     HandshakeComplete,
     InvalidRequest,
     Ping,
@@ -125,6 +141,11 @@ class ServerConfig:
     kv_budget: int = 1 << 30  # bytes of KV cache for all sessions together (LRU eviction)
     session_ttl: float = 600.0  # seconds a session may stay unused
     max_context: int = 4096  # positions one session may hold
+    # Model repository (``repository=``): seconds between polls of the tree's fingerprint.
+    repository_interval: float = 1.0
+    # A draining version whose connections are still open after this many seconds has them
+    # closed (and its idle sessions dropped); requests in flight still finish. 0: never.
+    version_drain_timeout: float = 600.0
 
 
 @dataclass
@@ -141,6 +162,13 @@ class _Hosted:
     max_dims: dict[str, int] = field(default_factory=dict)  # symbolic dim -> largest accepted
     decoder: DecoderLayout | None = None  # set for decoder bundles (served as sessions)
     tail_state: tuple[tuple[str, str], ...] = ()  # the tail's KV pairs
+    # Where it came from: a repository's model folder and version number (None: given as is).
+    model: str | None = None
+    number: int | None = None
+    fingerprint: bytes | None = None  # of its version folder's files when it was loaded
+    state: str = "serving"  # or "draining": no new handshakes, unloaded once idle
+    draining_since: float = 0.0
+    peers: set[Peer] = field(default_factory=set)  # authenticated connections on it
 
     def new_kv(self, max_tokens: int) -> KVState:
         assert self.decoder is not None
@@ -199,7 +227,13 @@ class EdgeServer:
         identity: KeyPair,
         allow: AllowList,
         config: ServerConfig | None = None,
+        repository: Path | str | None = None,
+        trusted: Sequence[bytes] | None = None,
     ) -> None:
+        """Serve ``bundles`` (loaded now) and, with ``repository``, the versions its policy
+        selects (loaded by :meth:`start`, then kept in sync while running). ``trusted``:
+        publisher keys whose signature every repository version must carry (None: hashes
+        only)."""
         self.config = config or ServerConfig()
         self.identity = identity
         self.allow = allow
@@ -218,15 +252,21 @@ class EdgeServer:
         self._peers: dict[bytes, set[Peer]] = {}  # authenticated connections by device key
         self._revocation_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeoffload-tail")
+        # Every version held (serving or draining), and the serving ones: ``bundles`` is the
+        # mapping each connection's handshake looks versions up in (changed in place only).
         self._hosted: dict[str, _Hosted] = {}
         self.bundles: dict[str, HostedBundle] = {}
+        self.max_message = MIN_MAX_MESSAGE
+        self.trusted = None if trusted is None else tuple(trusted)
+        self.repository = ModelRepository(repository) if repository is not None else None
+        if self.repository is not None:
+            self.repository.check_root()
+        self._watcher: RepositoryWatcher | None = None
+        self._sync_lock = asyncio.Lock()
+        self._refused: dict[tuple[str, int], bytes] = {}  # version folder -> its fingerprint
+        self._drain_task: asyncio.Task[None] | None = None
         for bundle in bundles:
             self.add_bundle(bundle)
-        largest = max((h.max_tensor_bytes for h in self._hosted.values()), default=0)
-        # Room for the declared tensors twice over (other symbolic dims), framing and tags.
-        self.max_message = max(
-            MIN_MAX_MESSAGE, math.ceil(2 * largest * (1 + CHUNK_OVERHEAD)) + 65536
-        )
         self._replay = ReplayGuard()
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -237,6 +277,7 @@ class EdgeServer:
         self.sessions = SessionStore(
             ttl=self.config.session_ttl, budget_bytes=self.config.kv_budget
         )
+        self.updates = UpdateService(self)  # head updates: offers, fetch (PROTOCOL.md §16)
         self.clock: Callable[[], float] = time.monotonic
         self.stats.watch(
             LiveState(
@@ -246,10 +287,24 @@ class EdgeServer:
                 sessions=lambda: len(self.sessions),
                 kv_bytes=lambda: self.sessions.nbytes,
                 draining=lambda: int(self._closing),
+                versions_serving=lambda: len(self.bundles),
+                versions_draining=lambda: len(self._hosted) - len(self.bundles),
             )
         )
 
     def add_bundle(self, bundle: Bundle) -> None:
+        """Host ``bundle`` now (its tail session is created on this thread) and serve it."""
+        self._publish(self._prepare(bundle))
+
+    def _prepare(
+        self,
+        bundle: Bundle,
+        model: str | None = None,
+        number: int | None = None,
+        fingerprint: bytes | None = None,
+    ) -> _Hosted:
+        """Create the tail's session and the bookkeeping; touches nothing shared, so that a
+        repository version is prepared on a worker thread while the server serves."""
         manifest = bundle.manifest
         if bundle.tail_path is None:
             raise UsageError(
@@ -272,6 +327,9 @@ class EdgeServer:
                 for spec in manifest.crossing
                 if spec.shape and isinstance(spec.shape[0], str)
             },
+            model=model,
+            number=number,
+            fingerprint=fingerprint,
         )
         if manifest.state:
             state = {e["input"]: e["output"] for e in manifest.state}
@@ -284,13 +342,271 @@ class EdgeServer:
             hosted.max_tensor_bytes = max(
                 hosted.max_tensor_bytes * DECODER_MESSAGE_TOKENS, DECODER_MESSAGE_BYTES
             )
-        self._hosted[manifest.version] = hosted
-        self.bundles[manifest.version] = info
-        log.info("hosting %s version %s from %s", manifest.identity, manifest.version, bundle.path)
+        return hosted
+
+    def _publish(self, hosted: _Hosted) -> None:
+        """Serve a prepared version: new handshakes may pick it from now on."""
+        version = hosted.info.version
+        self._hosted[version] = hosted
+        self.bundles[version] = hosted.info
+        # Room for the declared tensors twice over (other symbolic dims), framing and tags.
+        # It only grows: connections keep the limit of their handshake (it fits their
+        # version), new connections get the limit of everything hosted so far.
+        needed = math.ceil(2 * hosted.max_tensor_bytes * (1 + CHUNK_OVERHEAD)) + 65536
+        self.max_message = max(self.max_message, needed)
+        self.stats.bundle_loaded(version)
+        where = "" if hosted.model is None else f" (model {hosted.model} version {hosted.number})"
+        log.info(
+            "hosting %s version %s from %s%s",
+            hosted.info.identity,
+            version,
+            hosted.bundle.path,
+            where,
+        )
+
+    def remove_bundle(self, version: str) -> bool:
+        """Stop offering ``version`` to new handshakes and unload it once its connections,
+        requests and sessions are gone (see :meth:`sync`); False if it is not hosted."""
+        hosted = self._hosted.get(version)
+        if hosted is None:
+            return False
+        if hosted.state != "draining":
+            hosted.state = "draining"
+            hosted.draining_since = self.clock()
+            self.bundles.pop(version, None)
+            log.info(
+                "draining version %s: %d connection(s), %d request(s), %d session(s) left",
+                version,
+                len(hosted.peers),
+                hosted.inflight,
+                self.sessions.count(version),
+            )
+        self._maybe_unload(hosted)
+        if version in self._hosted and self._server is not None and self._drain_task is None:
+            # Called from outside the server's loop (no running loop): no timeout watch.
+            with contextlib.suppress(RuntimeError):
+                self._drain_task = asyncio.get_running_loop().create_task(self._watch_drains())
+        return True
+
+    def _maybe_unload(self, hosted: _Hosted) -> None:
+        """Unload a draining version once no connection and no request is left on it."""
+        version = hosted.info.version
+        if hosted.state != "draining" or self._hosted.get(version) is not hosted:
+            return
+        if hosted.peers or hosted.inflight:
+            return
+        # With no connection left its sessions are out of reach (a draining version takes no
+        # new handshake, so no device can come back to them): they go with it.
+        dropped = self.sessions.drop_version(version)
+        if self.sessions.count(version):
+            return  # a feed is still running (it holds a request, so this is rare)
+        if dropped:
+            log.info("version %s: dropped %d unreachable session(s)", version, dropped)
+        del self._hosted[version]
+        hosted.session = None  # the onnxruntime session goes with its last reference
+        self.stats.bundle_unloaded(version)
+        log.info(
+            "unloaded version %s%s after %.1f s of draining",
+            version,
+            "" if hosted.model is None else f" (model {hosted.model} version {hosted.number})",
+            self.clock() - hosted.draining_since,
+        )
+
+    async def _watch_drains(self) -> None:
+        """While versions drain: retire the ones past ``version_drain_timeout`` (close their
+        connections; requests in flight finish first) and unload the idle ones."""
+        try:
+            while any(h.state == "draining" for h in self._hosted.values()):
+                await asyncio.sleep(min(0.5, self.config.repository_interval))
+                now = self.clock()
+                timeout = self.config.version_drain_timeout
+                for hosted in list(self._hosted.values()):
+                    if hosted.state != "draining":
+                        continue
+                    if timeout and now - hosted.draining_since > timeout and hosted.peers:
+                        log.warning(
+                            "version %s drained for %.0f s: closing its %d connection(s)",
+                            hosted.info.version,
+                            now - hosted.draining_since,
+                            len(hosted.peers),
+                        )
+                        self.sessions.drop_version(hosted.info.version)
+                        for peer in list(hosted.peers):
+                            peer.spawn(peer.close(CLOSE_VERSION, "bundle version retired"))
+                    self._maybe_unload(hosted)
+        finally:
+            self._drain_task = None
+
+    # -- the model repository --------------------------------------------------------------------
+
+    def hosted_versions(self) -> list[HostedVersion]:
+        """Every version held, serving or draining (a snapshot; read-only)."""
+        return [self._view(h) for h in self._hosted.values()]
+
+    def latest_for(self, version: str) -> HostedVersion | None:
+        """The version a device holding ``version`` should move to: the newest *serving*
+        version of the same repository model.
+
+        None when ``version`` is not hosted or not from the repository, when it is itself the
+        newest serving one, or when nothing of its model serves. A *draining* ``version``
+        gets the newest serving version even when its number is lower (a rollback by a
+        pinned policy: the device cannot reconnect on a draining version).
+        """
+        hosted = self._hosted.get(version)
+        if hosted is None or hosted.model is None or hosted.number is None:
+            return None
+        serving = [
+            h
+            for h in self._hosted.values()
+            if h.model == hosted.model and h.state == "serving" and h.number is not None
+        ]
+        if not serving:
+            return None
+        newest = max(serving, key=lambda h: h.number or 0)
+        if newest is hosted:
+            return None
+        if hosted.state == "serving" and (newest.number or 0) <= hosted.number:
+            return None
+        return self._view(newest)
+
+    def _view(self, hosted: _Hosted) -> HostedVersion:
+        return HostedVersion(
+            model=hosted.model,
+            number=hosted.number,
+            identity=hosted.info.identity,
+            version=hosted.info.version,
+            state="draining" if hosted.state == "draining" else "serving",
+            inflight=hosted.inflight,
+            sessions=self.sessions.count(hosted.info.version),
+            path=hosted.bundle.path,
+            connections=len(hosted.peers),
+        )
+
+    async def sync(self, force: bool = False) -> RepositoryState | None:
+        """Bring the hosted versions in line with the repository (no-op without one).
+
+        Loads the versions the policies select that are not hosted yet (hashes, signature and
+        the onnxruntime session on a worker thread: serving goes on meanwhile), publishes them,
+        and drains the repository versions the policies no longer select. A version that fails
+        to load is logged and refused until its folder's files change (or ``force``, SIGHUP);
+        the versions that serve keep serving. Returns the scanned state.
+        """
+        if self.repository is None:
+            return None
+        async with self._sync_lock:
+            repository = self.repository
+            loop = asyncio.get_running_loop()
+            state = await loop.run_in_executor(None, repository.scan)
+            if state.problem is not None:
+                log.error("model repository: %s; keeping every version it serves", state.problem)
+                return state
+            if force:
+                self._refused.clear()
+            for key, fp in list(self._refused.items()):  # files changed: try again
+                model_state = state.models.get(key[0])
+                if model_state is None or model_state.versions.get(key[1]) != fp:
+                    del self._refused[key]
+            for name, model in state.models.items():
+                if model.policy is None:
+                    continue  # malformed policy: keep what it serves (logged by the scan)
+                mine = self._repository_versions(name)
+                for number, hosted in mine.items():
+                    now_fp = model.versions.get(number)
+                    if now_fp is not None and now_fp != hosted.fingerprint:
+                        hosted.fingerprint = now_fp  # warned once per change
+                        log.warning(
+                            "model %s version %s changed on disk after it was loaded; the "
+                            "loaded version %s goes on serving (publish a new number instead)",
+                            name,
+                            number,
+                            hosted.info.version,
+                        )
+                serving = {n for n, h in mine.items() if h.state == "serving"}
+                failed = {n for (m, n) in self._refused if m == name}
+                want = model.desired(failed=failed, serving=serving) or frozenset()
+                for number in sorted(want - serving):
+                    if self._closing:
+                        return state
+                    back = mine.get(number)
+                    if back is not None:  # draining, asked for again: serve it again
+                        self._undrain(back)
+                        continue
+                    await self._load_version(
+                        model.name, number, model.version_path(number), model.versions[number]
+                    )
+                mine = self._repository_versions(name)
+                serving = {n for n, h in mine.items() if h.state == "serving"}
+                failed = {n for (m, n) in self._refused if m == name}
+                want = model.desired(failed=failed, serving=serving) or frozenset()
+                for number in sorted(serving - want):
+                    self.remove_bundle(mine[number].info.version)
+            for hosted in list(self._hosted.values()):  # model folders that were deleted
+                if hosted.model is not None and hosted.model not in state.models:
+                    self.remove_bundle(hosted.info.version)
+            return state
+
+    def _repository_versions(self, model: str) -> dict[int, _Hosted]:
+        return {
+            h.number: h for h in self._hosted.values() if h.model == model and h.number is not None
+        }
+
+    def _undrain(self, hosted: _Hosted) -> None:
+        hosted.state = "serving"
+        self.bundles[hosted.info.version] = hosted.info
+        log.info(
+            "version %s (model %s version %s) is wanted again: serving it, no reload",
+            hosted.info.version,
+            hosted.model,
+            hosted.number,
+        )
+
+    async def _load_version(self, model: str, number: int, path: Path, fingerprint: bytes) -> None:
+        """Load, verify and publish one repository version; refuse it (logged) on failure."""
+        loop = asyncio.get_running_loop()
+        try:
+            hosted = await loop.run_in_executor(
+                None, self._load_and_prepare, path, model, number, fingerprint
+            )
+        except EdgeOffloadError as exc:
+            self._refuse(model, number, fingerprint, f"{type(exc).__name__}: {exc.message}")
+            return
+        except Exception as exc:  # e.g. onnxruntime refusing the tail: never take the server down
+            self._refuse(model, number, fingerprint, f"{type(exc).__name__}: {exc}")
+            return
+        version = hosted.info.version
+        if version in self._hosted:
+            other = self._hosted[version]
+            self._refuse(
+                model,
+                number,
+                fingerprint,
+                f"it is version {version}, already hosted from {other.bundle.path}",
+            )
+            return
+        self._publish(hosted)
+
+    def _load_and_prepare(self, path: Path, model: str, number: int, fingerprint: bytes) -> _Hosted:
+        bundle = load_bundle(path, trusted=self.trusted)  # hashes; with trusted keys, signature
+        return self._prepare(bundle, model, number, fingerprint)
+
+    def _refuse(self, model: str, number: int, fingerprint: bytes, why: str) -> None:
+        self._refused[model, number] = fingerprint
+        self.stats.bundle_refused()
+        log.error(
+            "model %s version %s refused: %s; the versions it serves go on serving "
+            "(retried when its files change, or on SIGHUP)",
+            model,
+            number,
+            why,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Load the repository's versions (if any), then listen, then watch the repository."""
+        if self.repository is not None:
+            fingerprint = await asyncio.to_thread(self.repository.fingerprint)
+            await self.sync()
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -309,7 +625,17 @@ class EdgeServer:
             write_limit=WRITE_LIMIT,
         )
         self._revocation_task = asyncio.create_task(self._sweep_revoked())
+        if self.repository is not None:
+            self._watcher = RepositoryWatcher(
+                self.repository, self.sync, interval=self.config.repository_interval
+            )
+            self._watcher.start(fingerprint)
         log.info("listening on %s:%d", self.config.host, self.port)
+
+    def request_sync(self) -> None:
+        """Sync with the repository soon, retrying refused versions (SIGHUP's handler)."""
+        if self._watcher is not None:
+            self._watcher.poke()
 
     def _guarded_connection(self) -> type[ServerConnection]:
         """The websocket connection class, with the front door's checks at TCP accept."""
@@ -351,6 +677,10 @@ class EdgeServer:
         self._closing = True
         if self._revocation_task is not None:
             self._revocation_task.cancel()
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout)
         except asyncio.TimeoutError:
@@ -373,11 +703,13 @@ class EdgeServer:
         details, behind a bearer token when ``metrics_token`` is set). Unauthenticated
         endpoints say only up/ready: load and bundles are not for anyone who asks. A
         websocket upgrade while draining is refused with 503."""
-        body = {"ready": not self._closing, "status": "draining" if self._closing else "ok"}
+        # Ready: not draining, and at least one version serves (a repository may hold none).
+        ready = not self._closing and bool(self.bundles)
+        body = {"ready": ready, "status": "draining" if self._closing else "ok"}
         if request.path == "/healthz":
             return _respond(connection, HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
         if request.path == "/readyz":
-            status = HTTPStatus.SERVICE_UNAVAILABLE if self._closing else HTTPStatus.OK
+            status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
             return _respond(connection, status, json.dumps(body) + "\n", "application/json")
         if request.path == "/metrics":
             if not self._metrics_allowed(request):
@@ -401,6 +733,7 @@ class EdgeServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.stats.connection()
+        hosted: _Hosted | None = None
         peer = Peer(
             ws,
             ProtocolConnection(
@@ -409,6 +742,7 @@ class EdgeServer:
                 bundles=self.bundles,
                 replay_guard=self._replay,
                 max_message=self.max_message,
+                offers=self.updates.offer,
             ),
             count_error=self.stats.error,
         )
@@ -422,8 +756,13 @@ class EdgeServer:
                 return
             assert isinstance(greeting, HandshakeComplete)
             self.stats.handshake("ok")
-            hosted = self._hosted[greeting.version]
+            found = self._hosted.get(greeting.version)
             del greeting  # an idle connection should not keep its handshake alive
+            if found is None:  # unloaded while the handshake was answered
+                await peer.close(CLOSE_VERSION, "bundle version unloaded")
+                return
+            hosted = found
+            hosted.peers.add(peer)  # holds its version until the connection ends
             self.limits.authenticated(ws)
             ws.protocol.max_message_size = self.max_message  # the full limit, from now on
             self._peers.setdefault(peer.public_key, set()).add(peer)
@@ -455,6 +794,9 @@ class EdgeServer:
         finally:
             self._forget_peer(peer)
             await peer.finish()
+            if hosted is not None:
+                hosted.peers.discard(peer)
+                self._maybe_unload(hosted)
 
     def _forget_peer(self, peer: Peer) -> None:
         peers = self._peers.get(peer.public_key)
@@ -547,6 +889,8 @@ class EdgeServer:
                     self.load(hosted),
                     self.bundle_loads(),
                 )
+            elif isinstance(event, FetchRequest):  # in line: one piece at a time (§16.3)
+                await self.updates.serve_fetch(peer, event)
             elif isinstance(event, CloseRequested):
                 await peer.close()
                 return False
@@ -614,6 +958,8 @@ class EdgeServer:
         hosted.inflight -= 1
         if self._inflight == 0:
             self._idle.set()
+        if hosted.state == "draining":
+            self._maybe_unload(hosted)
 
     def _estimate_ms(
         self, hosted: _Hosted, tensors: Sequence[tuple[str, codec_mod.EncodedTensor]]

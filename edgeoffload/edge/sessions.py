@@ -113,6 +113,17 @@ class SessionStore:
             del self._sessions[session_id]
         return len(mine)
 
+    def count(self, version: str) -> int:
+        """Sessions held on bundle ``version`` (a draining version waits for them)."""
+        return sum(1 for s in self._sessions.values() if s.version == version)
+
+    def drop_version(self, version: str) -> int:
+        """Drop the idle sessions of ``version`` (a version retired by force); how many."""
+        mine = [i for i, s in self._sessions.items() if s.version == version and not s.busy]
+        for session_id in mine:
+            del self._sessions[session_id]
+        return len(mine)
+
     def expire(self, now: float) -> None:
         for session_id, session in list(self._sessions.items()):
             if not session.busy and now - session.last_used > self.ttl:

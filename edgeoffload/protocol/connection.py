@@ -45,6 +45,8 @@ from edgeoffload.protocol.events import (
     CloseRequested,
     ErrorReply,
     Event,
+    FetchRequest,
+    FileData,
     HandshakeComplete,
     InvalidRequest,
     Ping,
@@ -62,6 +64,7 @@ from edgeoffload.protocol.events import (
 )
 from edgeoffload.protocol.load import (
     FEATURE_LOAD,
+    FEATURE_UPDATE,
     KNOWN_FEATURES,
     BundleLoad,
     ServerLoad,
@@ -69,6 +72,14 @@ from edgeoffload.protocol.load import (
     check_features,
 )
 from edgeoffload.protocol.tensors import decode_tensors, encode_tensors
+from edgeoffload.protocol.updates import (
+    MAX_FETCH,
+    MAX_FILE_SIZE,
+    UpdateOffer,
+    check_fetch_range,
+    check_file_name,
+    check_file_reply,
+)
 from edgeoffload.protocol.wire import (
     MAX_CHUNKS,
     MAX_REQUEST_ID,
@@ -110,6 +121,7 @@ ERROR_CODES = (
     "session",
     "session_lost",
     "duplicate_id",
+    "fetch",  # §16.3: not a fetchable file of a version offered to this connection
 )
 SESSION_KINDS = ("prefill", "step")
 MAX_RETRY_MS = 60_000  # the largest retry_ms of an "overloaded" error (PROTOCOL.md §7)
@@ -292,6 +304,8 @@ class ClientConnection(_Connection):
         )
         self._mac1_key = mac1_key(bytes(server_public))
         self._time_ns = time_ns
+        # fetches sent and not answered: id -> (offset, length), to check each file reply
+        self._fetches: dict[int, tuple[int, int]] = {}
 
     def start(self) -> None:
         """Queue handshake message 1."""
@@ -361,7 +375,17 @@ class ClientConnection(_Connection):
                 m.request_id(),
                 ServerLoad.from_wire(m.get("load", dict)),
                 bundles_from_wire(m.get("bundles", list)),
+                self._offer(m),
             )
+        elif kind == "file":
+            self._require(FEATURE_UPDATE, kind, received=True)
+            rid = m.request_id()
+            piece, size = m.get("data", bytes), m.get("size", int)
+            asked = self._fetches.get(rid)
+            if asked is None:
+                raise RemoteProtocolError(f"file reply {rid} answers no fetch of this connection")
+            check_file_reply(asked[0], asked[1], len(piece), size)
+            event = FileData(rid, piece, size)
         elif kind == "ended":
             event = SessionEnded(m.request_id(), m.request_id("session"))
         elif kind == "close":
@@ -371,7 +395,21 @@ class ClientConnection(_Connection):
         m.done()
         # The state changes only for a message that was entirely valid (PROTOCOL.md §3).
         self._transition(f"recv:{kind}")
+        if isinstance(event, FileData | ErrorReply) and event.request_id is not None:
+            self._fetches.pop(event.request_id, None)  # answered: its id may be fetched again
         return [event]
+
+    def _offer(self, m: StrictMap) -> UpdateOffer | None:
+        """A welcome's or status reply's optional update offer (§16.1): only under "update",
+        and never for the version this connection already runs."""
+        raw = m.get("update", dict, optional=True)
+        if raw is None:
+            return None
+        self._require(FEATURE_UPDATE, "update", received=True)
+        offer = UpdateOffer.from_wire(raw)
+        if offer.version == self.version:
+            raise RemoteProtocolError("update offer: the version this device already runs")
+        return offer
 
     def _receive_welcome(self, data: bytes | bytearray) -> Event:
         envelope = StrictMap(unpack(data, max_bin=4096), "handshake reply")
@@ -398,12 +436,13 @@ class ClientConnection(_Connection):
         max_message = reply.get("max_message", int)
         agent = reply.get("agent", str)
         granted = reply.get("features", list, optional=True)
-        reply.done()
         if granted is not None:
             features = check_features(granted, "welcome")
             if not set(features) <= set(self.requested_features):
                 raise RemoteProtocolError("server granted a feature this device did not ask for")
             self.features = features
+        offer = self._offer(reply)
+        reply.done()
         self._transition("recv:welcome")
         self._transport = self._hs.transport()
         # What the server accepts; our own receive limit stays ours (results can be larger
@@ -415,6 +454,7 @@ class ClientConnection(_Connection):
             self.bundle,
             server_version or "",
             {"max_message": max_message, "agent": agent},
+            offer,
         )
 
     def send_run(self, request_id: int, tensors: Sequence[tuple[str, EncodedTensor]]) -> None:
@@ -469,6 +509,30 @@ class ClientConnection(_Connection):
         self._require(FEATURE_LOAD, "status", received=False)
         self._send_encrypted("send:status", {"t": "status", "id": request_id})
 
+    def send_fetch(
+        self, request_id: int, version: str, file: str, offset: int, length: int
+    ) -> None:
+        """Ask for ``length`` bytes at ``offset`` of ``file`` of bundle ``version`` (§16.3):
+        needs the "update" feature; the reply is checked against this request."""
+        self._require(FEATURE_UPDATE, "fetch", received=False)
+        try:
+            check_file_name(file, "fetch")
+            check_fetch_range(offset, length, "fetch")
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(exc.message) from None
+        if request_id in self._fetches:
+            raise LocalProtocolError(f"fetch {request_id} is already pending")
+        body = {
+            "t": "fetch",
+            "id": request_id,
+            "version": version,
+            "file": file,
+            "offset": offset,
+            "length": length,
+        }
+        self._send_encrypted("send:fetch", body)
+        self._fetches[request_id] = (offset, length)
+
     def _load(self, m: StrictMap) -> ServerLoad | None:
         """A reply's optional load report; only a server that granted "load" may send one."""
         raw = m.get("load", dict, optional=True)
@@ -501,8 +565,12 @@ class ServerConnection(_Connection):
         max_message: int,
         ephemeral: KeyPair | None = None,
         agent: str = DEFAULT_AGENT,
+        offers: Callable[[str, bytes], UpdateOffer | None] | None = None,
     ) -> None:
         super().__init__(max_message=max_message, agent=agent)
+        # (version, device key) -> the version this device should move to, offered under
+        # "update" (§16); per device, because a rollout offers it to a share of devices first
+        self._offers = offers
         self._static = static
         self._is_allowed = is_allowed
         # version -> hosted bundle: several versions of one model may be hosted during an
@@ -555,6 +623,14 @@ class ServerConnection(_Connection):
         elif kind == "status":
             self._require(FEATURE_LOAD, kind, received=True)
             event = StatusRequest(m.request_id())
+        elif kind == "fetch":
+            self._require(FEATURE_UPDATE, kind, received=True)
+            rid = m.request_id()
+            version = m.get("version", str)
+            file = check_file_name(m.get("file", str), "fetch")
+            offset, length = m.get("offset", int), m.get("length", int)
+            check_fetch_range(offset, length, "fetch")
+            event = FetchRequest(rid, version, file, offset, length)
         elif kind == "close":
             event = CloseRequested(m.get("reason", str))
         else:
@@ -654,6 +730,9 @@ class ServerConnection(_Connection):
         if asked_features is not None:  # answer in kind: a device that did not ask gets v1
             self.features = tuple(f for f in asked_features if f in KNOWN_FEATURES)
             reply["features"] = list(self.features)
+        offer = self.offer(hosted.version)
+        if offer is not None:
+            reply["update"] = offer.to_wire()
         self._outgoing.append(pack({"v": PROTOCOL_VERSION, "noise": hs.write_message(pack(reply))}))
         self._transition("recv:hello")
         self._transport = hs.transport()
@@ -681,16 +760,33 @@ class ServerConnection(_Connection):
             body["load"] = load.to_wire()
         return body
 
+    def offer(self, version: str) -> UpdateOffer | None:
+        """The update to offer a device on ``version``: None unless "update" is in force and
+        the server serves a newer version of its model (§16.1)."""
+        if FEATURE_UPDATE not in self.features or self._offers is None:
+            return None
+        offer = self._offers(version, self.peer_public or b"")
+        return offer if offer is not None and offer.version != version else None
+
     def send_status(self, request_id: int, load: ServerLoad, bundles: Sequence[BundleLoad]) -> None:
-        """Answer a ``status`` request (§14.3)."""
+        """Answer a ``status`` request (§14.3), with the update offer under "update" (§16.1)."""
+        body: dict[str, Any] = {
+            "t": "status",
+            "id": request_id,
+            "load": load.to_wire(),
+            "bundles": [b.to_wire() for b in bundles],
+        }
+        offer = self.offer(self.bundle.version) if self.bundle is not None else None
+        if offer is not None:
+            body["update"] = offer.to_wire()
+        self._send_encrypted("send:status", body)
+
+    def send_file(self, request_id: int, data: bytes, size: int) -> None:
+        """Answer a ``fetch`` (§16.3): ``data`` at the fetch's offset, ``size`` the file's."""
+        if len(data) > MAX_FETCH or not 0 <= size <= MAX_FILE_SIZE:
+            raise LocalProtocolError("a file reply carries at most MAX_FETCH bytes of a file")
         self._send_encrypted(
-            "send:status",
-            {
-                "t": "status",
-                "id": request_id,
-                "load": load.to_wire(),
-                "bundles": [b.to_wire() for b in bundles],
-            },
+            "send:file", {"t": "file", "id": request_id, "data": data, "size": size}
         )
 
     def send_error(

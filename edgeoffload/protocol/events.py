@@ -20,6 +20,7 @@ from edgeoffload.errors import (
     VersionMismatch,
 )
 from edgeoffload.protocol.load import BundleLoad, ServerLoad
+from edgeoffload.protocol.updates import FetchRefused, UpdateOffer
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class HandshakeComplete(Event):
     bundle: str  # bundle identity
     version: str  # bundle version of the peer
     info: dict[str, Any] = field(default_factory=dict)
+    update: UpdateOffer | None = None  # client: the server's offer in the welcome (§16)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class ErrorReply(Event):
         if self.code in ("timeout", "shutting_down", "internal"):
             # The server could not answer this time: the client may retry or fall back.
             return ServerBusy(f"edge server could not answer ({self.code}): {self.message}")
+        if self.code == "fetch":
+            return FetchRefused(f"edge server refused the download: {self.message}")
         return RemoteProtocolError(f"edge server error ({self.code}): {self.message}")
 
 
@@ -165,6 +169,28 @@ class StatusReply(Event):
     request_id: int
     load: ServerLoad
     bundles: tuple[BundleLoad, ...]
+    update: UpdateOffer | None = None  # on connections that negotiated "update" (§16)
+
+
+@dataclass(frozen=True)
+class FetchRequest(Event):
+    """A device asks for ``length`` bytes at ``offset`` of one file of a bundle version
+    (§16.3; "update" feature only)."""
+
+    request_id: int
+    version: str
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class FileData(Event):
+    """One piece of a fetched file and the file's whole ``size`` (§16.3)."""
+
+    request_id: int
+    data: bytes
+    size: int
 
 
 @dataclass(frozen=True)

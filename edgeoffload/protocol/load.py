@@ -22,7 +22,8 @@ from edgeoffload.protocol.wire import MAX_STR, StrictMap
 
 # Features a device may ask for in its hello (§14.1); the server grants those it knows.
 FEATURE_LOAD = "load"
-KNOWN_FEATURES = (FEATURE_LOAD,)
+FEATURE_UPDATE = "update"  # head updates (§16): offers in the welcome and status, fetch/file
+KNOWN_FEATURES = (FEATURE_LOAD, FEATURE_UPDATE)
 MAX_FEATURES = 16
 MAX_FEATURE_NAME = 64
 

@@ -56,6 +56,8 @@ from edgeoffload.protocol.events import (
     Chunk,
     CloseRequested,
     ErrorReply,
+    FetchRequest,
+    FileData,
     HandshakeComplete,
     Ping,
     Pong,
@@ -71,6 +73,7 @@ from edgeoffload.protocol.events import (
     TokenResult,
 )
 from edgeoffload.protocol.load import BundleLoad, ServerLoad
+from edgeoffload.protocol.updates import UpdateOffer
 from edgeoffload.protocol.wire import MAX_STR
 from edgeoffload.types import TensorSpec
 
@@ -483,6 +486,24 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
         new_client(version, FEATURES_ASKED), new_server(), protocol, identity, version
     )
 
+    # Head updates (§16) on a fourth connection whose hello asks for "load" and "update".
+    updates = update_vectors(
+        new_client(version, UPDATE_FEATURES_ASKED),
+        ServerConnection(
+            static=SERVER_STATIC,
+            is_allowed=lambda key: key == CLIENT_STATIC.public,
+            bundles=hosted,
+            replay_guard=ReplayGuard(),
+            max_message=SERVER_MAX_MESSAGE,
+            ephemeral=SERVER_EPHEMERAL,
+            agent=AGENT,
+            offers=lambda v, device: UPDATE_OFFER if v == version else None,
+        ),
+        protocol,
+        identity,
+        version,
+    )
+
     # Refused handshake: the device asks for a version the server does not host.
     refused_client, refused_server = new_client(UNHOSTED_VERSION), new_server()
     refused_client.start()
@@ -539,6 +560,7 @@ def suite_vectors(protocol: str, manifest: Manifest) -> dict[str, Any]:
             "messages": sessions,
         },
         "load": loads,
+        "update": updates,
         "refused_handshake": {
             "note": f"the device offers bundle version {UNHOSTED_VERSION}, which the server "
             "does not host; the server answers message 2 with ok=false and closes (4409)",
@@ -733,6 +755,89 @@ def load_vectors(
         "note": "a third connection: same keys and clock as 'handshake', but the hello payload "
         f"asks for features {list(FEATURES_ASKED)}; the server grants the ones it knows "
         "(['load']), so its results carry 'load' and it answers 'status'",
+        "message1": _handshake_message(message1, hello),
+        "message2": _handshake_message(message2, welcome),
+        "messages": rec.messages,
+    }
+
+
+UPDATE_FEATURES_ASKED = ("load", "update")
+UPDATE_OFFER = UpdateOffer(
+    version="5ee0b7d2c4a1f3e9",
+    identity="b7a1" + "0" * 60 + ":c3",
+    model="golden-model",
+    number=2,
+)
+UPDATE_MANIFEST = b'{"golden": "a stand-in for manifest.json (any bytes)"}\n'
+UPDATE_HEAD_SIZE = 5000  # the head's size in the vectors; the second fetch reads its end
+UPDATE_HEAD = hashlib.sha256(b"edgeoffload golden head").digest() * (UPDATE_HEAD_SIZE // 32 + 1)
+
+
+def update_vectors(
+    client: ClientConnection,
+    server: ServerConnection,
+    protocol: str,
+    identity: str,
+    version: str,
+) -> dict[str, Any]:
+    """A hello asking for "load" and "update", the welcome with the offer, two fetches and
+    their file pieces (a whole small file; the short last piece of another), and a status
+    that carries the offer (§16)."""
+    client.start()
+    (message1,) = client.data_to_send()
+    (server_event,) = server.receive(message1)
+    if not isinstance(server_event, HandshakeComplete):
+        raise AssertionError(f"server did not accept the handshake: {server_event!r}")
+    (message2,) = server.data_to_send()
+    (client_event,) = client.receive(message2)
+    if not isinstance(client_event, HandshakeComplete) or client_event.update != UPDATE_OFFER:
+        raise AssertionError(f"the welcome did not carry the offer: {client_event!r}")
+    if client.features != UPDATE_FEATURES_ASKED:
+        raise AssertionError(f"features not negotiated: {client.features}")
+    init, resp, hello, welcome = _mirror_handshake(
+        protocol, identity, bytes(message1), bytes(message2)
+    )
+    rec = _Recorder(client, server, init.transport(), resp.transport())
+    offered = UPDATE_OFFER.version
+    head = UPDATE_HEAD[:UPDATE_HEAD_SIZE]
+    rec.send(
+        "client->server",
+        lambda: client.send_fetch(1, offered, "manifest.json", 0, 4096),
+        FetchRequest,
+        note="fetch the offered version's manifest, 4096 bytes from offset 0",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_file(1, UPDATE_MANIFEST, len(UPDATE_MANIFEST)),
+        FileData,
+        note="the whole manifest: shorter than asked because the file ends (size = its length)",
+    )
+    rec.send(
+        "client->server",
+        lambda: client.send_fetch(2, offered, "head.onnx", 4096, 4096),
+        FetchRequest,
+        note=f"fetch the head from offset 4096 (a resumed download of a {UPDATE_HEAD_SIZE}-byte "
+        "file)",
+    )
+    rec.send(
+        "server->client",
+        lambda: server.send_file(2, head[4096:], UPDATE_HEAD_SIZE),
+        FileData,
+        note=f"the last {UPDATE_HEAD_SIZE - 4096} bytes of the head",
+    )
+    rec.send("client->server", lambda: client.send_status(3), StatusRequest, note="status")
+    rec.send(
+        "server->client",
+        lambda: server.send_status(3, STATUS_LOAD, [BundleLoad(identity, version, 0)]),
+        StatusReply,
+        note="status with the offer (the newest version of the device's model)",
+    )
+    return {
+        "note": "a fourth connection: same keys and clock as 'handshake', the hello asks for "
+        f"features {list(UPDATE_FEATURES_ASKED)}; the server serves a newer version of the "
+        "device's model, so its welcome carries 'update' (§16.1); the device fetches pieces "
+        "of that version's files (§16.3)",
+        "offer": UPDATE_OFFER.to_wire(),
         "message1": _handshake_message(message1, hello),
         "message2": _handshake_message(message2, welcome),
         "messages": rec.messages,
