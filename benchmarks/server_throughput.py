@@ -2,6 +2,7 @@
 
 Usage:  python benchmarks/server_throughput.py [--model zoo:mobilenetv2] [--clients 1,8,32,64]
                                                [--requests 10] [--workers 0] [--cap 120]
+                                               [--batch 0]
 
 One `edgeoffload serve` process on 127.0.0.1 hosts the tail of the model cut early (the tail
 carries most of the compute); this process plays the devices (asyncio clients, one key and one
@@ -85,6 +86,7 @@ def table(result: dict[str, Any]) -> str:
         f"{result['crossing_bytes'] / 1024:.0f} KiB crossing), head {result['head_ms']:.2f} ms, "
         f"tail {result['tail_ms']:.2f} ms ({result['tail_share']:.0%} of compute); "
         f"{result['workers']} server worker(s) on {result['cpus']} CPU(s)"
+        + (f", batching up to {result['batch']}" if result.get("batch") else "")
         + (
             f"; server pinned to CPUs {result['server_cpus']}, devices to {result['device_cpus']}"
             if result["server_cpus"]
@@ -138,6 +140,9 @@ def main() -> None:
         help="comma-separated CPU ids to pin the server and the direct baseline to; the "
         "devices get the other CPUs (default: no pinning)",
     )
+    parser.add_argument(
+        "--batch", type=int, default=0, help="server dynamic batching: rows per run (0: off)"
+    )
     parser.add_argument("--cap", type=float, default=120.0, help="stop issuing after this many s")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS / "server_throughput.json")
     args = parser.parse_args()
@@ -151,8 +156,9 @@ def main() -> None:
         threads=args.threads,
         duration_cap_s=args.cap,
         server_cpus=[int(c) for c in args.server_cpus.split(",")] if args.server_cpus else None,
+        batch=args.batch,
         progress=lambda what, fraction: print(f"[{fraction:4.0%}] {what}", file=sys.stderr),
-    )
+    ).to_dict()
     result["command"] = " ".join(["python", *sys.argv])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")

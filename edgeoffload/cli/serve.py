@@ -62,6 +62,21 @@ def serve(
             help="Seconds a request may wait for a worker (then 'overloaded' with a retry-after).",
         ),
     ] = 2.0,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch",
+            min=0,
+            help="Dynamic batching: stack stateless requests of one bundle into runs of up to "
+            "N rows (0: off).",
+        ),
+    ] = 0,
+    batch_delay: Annotated[
+        float,
+        typer.Option(
+            "--batch-delay", min=0.0, help="With --batch: ms a request may be held, at most."
+        ),
+    ] = 2.0,
     idle_timeout: Annotated[
         float, typer.Option("--idle-timeout", help="Seconds before a silent device is dropped.")
     ] = 120.0,
@@ -145,6 +160,8 @@ def serve(
         max_inflight=max_inflight,
         per_device=per_device,
         queue_wait=queue_wait,
+        batch_max=batch,
+        batch_delay_ms=batch_delay,
         # From the environment, not argv: a token on the command line is visible in ps.
         metrics_token=os.environ.get("EDGEOFFLOAD_METRICS_TOKEN") or None,
         idle_timeout=idle_timeout,

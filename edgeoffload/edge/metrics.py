@@ -32,6 +32,7 @@ HANDSHAKE_RESULTS = ("ok", "version", "auth")
 # worker; "total" runs from admission to the reply being sent (the queue wait included).
 STAGES = ("tail", "total")
 # Seconds; from a sub-millisecond tail to one that hits the request timeout.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -63,6 +64,7 @@ class ServerStats:
     bundles_loaded: int = 0  # bundle versions loaded (at start and while running)
     bundles_unloaded: int = 0  # versions unloaded after their drain
     bundles_refused: int = 0  # repository versions that failed to load (bad hash, signature)
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # batched tail runs by requests
     registry: CollectorRegistry = field(default_factory=CollectorRegistry, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +103,13 @@ class ServerStats:
             "Server time per answered request, by bundle version and stage.",
             ["bundle", "stage"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        self._batch = Histogram(
+            "edgeoffload_batch_requests",
+            "Requests per batched tail run (dynamic batching on).",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
 
@@ -159,6 +168,12 @@ class ServerStats:
         self._results.labels(bundle).inc()
         self._latency.labels(bundle, "tail").observe(tail_s)
         self._latency.labels(bundle, "total").observe(total_s)
+
+    def batch(self, requests: int, rows: int) -> None:
+        """A batched tail run of ``requests`` requests (``rows`` rows) finished."""
+        del rows  # requests are what batching is judged by; rows = requests for batch-1 devices
+        self.batch_sizes[requests] = self.batch_sizes.get(requests, 0) + 1
+        self._batch.observe(requests)
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1

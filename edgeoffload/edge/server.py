@@ -52,6 +52,7 @@ from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
 from edgeoffload.edge.admission import FairAdmission, Grant
 from edgeoffload.edge.allowlist import AllowList
+from edgeoffload.edge.batcher import TailBatcher
 from edgeoffload.edge.limits import ConnectionLimits, Limits
 from edgeoffload.edge.metrics import LiveState, ServerStats
 from edgeoffload.edge.peer import Peer
@@ -130,6 +131,11 @@ class ServerConfig:
     per_device: int = 4  # requests one device key may have accepted (allow-list quota= wins)
     queue_wait: float = 2.0  # seconds a request may wait for a worker before "overloaded"
     max_batch: int = 64  # largest value of the crossing tensors' leading (batch) symbolic dim
+    # Dynamic batching of stateless tails (edge.batcher): requests of one bundle stacked along
+    # the batch axis, up to this many rows per run; 0 = off. With it on, admission grants
+    # seats (workers x batch_max), and at most ``workers`` batches run at once.
+    batch_max: int = 0
+    batch_delay_ms: float = 2.0  # the most a request is held to grow a batch
     limits: Limits = field(default_factory=Limits)  # connections before authentication
     revocation_check: float = 0.5  # seconds between sweeps for revoked keys' connections
     metrics_token: str | None = None  # when set, /metrics wants "Authorization: Bearer <it>"
@@ -169,6 +175,7 @@ class _Hosted:
     state: str = "serving"  # or "draining": no new handshakes, unloaded once idle
     draining_since: float = 0.0
     peers: set[Peer] = field(default_factory=set)  # authenticated connections on it
+    batcher: TailBatcher | None = None  # with batching on, for tails with a symbolic batch dim
 
     def new_kv(self, max_tokens: int) -> KVState:
         assert self.decoder is not None
@@ -241,9 +248,13 @@ class EdgeServer:
         cpus = os.cpu_count() or 1
         self.workers = self.config.workers or cpus
         self.max_inflight = self.config.max_inflight or 64 * self.workers
+        # With batching, a grant is a seat in a batch, not a thread: workers x batch_max may
+        # be admitted at once (fairness and per-device limits as before) while the batchers
+        # keep at most ``workers`` batches in the pool.
+        seats = self.workers * max(1, self.config.batch_max)
         self.admission = FairAdmission(
-            workers=self.workers,
-            max_waiting=max(0, self.max_inflight - self.workers),
+            workers=seats,
+            max_waiting=max(0, self.max_inflight - seats),
             per_device=self.config.per_device,
             queue_wait=self.config.queue_wait,
             max_waiting_bytes=self.config.max_queued_bytes,
@@ -331,6 +342,15 @@ class EdgeServer:
             number=number,
             fingerprint=fingerprint,
         )
+        if self.config.batch_max > 0 and not manifest.state and TailBatcher.eligible(session):
+            hosted.batcher = TailBatcher(
+                session,
+                self._executor,
+                slots=self.workers,
+                max_batch=min(self.config.batch_max, self.config.max_batch),
+                max_delay=self.config.batch_delay_ms / 1e3,
+                on_batch=self.stats.batch,
+            )
         if manifest.state:
             state = {e["input"]: e["output"] for e in manifest.state}
             hosted.decoder = DecoderLayout.of(manifest.graph_inputs, manifest.graph_outputs, state)
@@ -992,7 +1012,15 @@ class EdgeServer:
         server_ms: float | None = None
         try:
             started = time.perf_counter()
-            if hosted.tail_ms < INLINE_TAIL_MS and self.admission.admitted == 1:
+            if hosted.batcher is not None:
+                # Decoding a checked tensor is a view of the message for the lossless codec
+                # (a short dequantization otherwise): done here, so a bad request fails alone.
+                feed = self._decode(hosted, request.tensors)
+                outputs = await asyncio.wait_for(
+                    hosted.batcher.run(feed), self.config.request_timeout
+                )
+                tail_s = time.perf_counter() - started
+            elif hosted.tail_ms < INLINE_TAIL_MS and self.admission.admitted == 1:
                 # A tail this short costs less than the hop to a worker thread and back.
                 outputs, tail_s = self._run_tail(hosted, request)
             else:

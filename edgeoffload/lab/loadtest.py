@@ -173,6 +173,7 @@ class ServerThroughputResult(Record):
     elapsed_s: float
     skipped_client_counts: tuple[int, ...]
     server_output_tail: tuple[str, ...]
+    batch: int = 0  # the server's --batch (0: dynamic batching off)
 
     @property
     def capped(self) -> bool:
@@ -200,6 +201,7 @@ class ServerThroughputResult(Record):
             "workers": self.workers,
             "threads": self.threads,
             "max_inflight": self.max_inflight,
+            "batch": self.batch,
             "cpus": self.cpus,
             "server_cpus": self.server_cpus,
             "device_cpus": self.device_cpus,
@@ -461,6 +463,7 @@ def server_throughput(
     threads: int = 1,
     duration_cap_s: float = 120.0,
     server_cpus: Sequence[int] | None = None,
+    batch: int = 0,
     progress: Progress | None = None,
 ) -> ServerThroughputResult:
     """Requests/s and latency of one edge server under 1..N concurrent devices.
@@ -478,6 +481,7 @@ def server_throughput(
         server_cpus: pin the server (and the direct baseline) to these CPUs and the devices
             (this process) to the others, so that the devices' own work (head, encryption)
             does not compete with the server; default: no pinning, everyone shares the cores.
+        batch: the server's ``--batch`` (dynamic batching of up to this many rows; 0: off).
         progress: ``(what, fraction)`` callback.
     """
     from edgeoffload.split.analysis import Analysis  # needs onnx (heavy)
@@ -553,7 +557,7 @@ def server_throughput(
             threads=threads,
             workers=workers,
             cpus=pinned,
-            extra_args=["--max-inflight", str(MAX_INFLIGHT)],
+            extra_args=["--max-inflight", str(MAX_INFLIGHT), "--batch", str(batch)],
         )
         rows: list[ThroughputRow] = []
         memory: list[ConnectionMemory] = []
@@ -637,6 +641,7 @@ def server_throughput(
         workers=workers,
         threads=threads,
         max_inflight=MAX_INFLIGHT,
+        batch=batch,
         cpus=os.cpu_count(),
         server_cpus=sorted(pinned) if pinned else None,
         device_cpus=sorted(device_cpus) if device_cpus else None,

@@ -315,8 +315,12 @@ export class ServerLink {
   ): Promise<Sent> {
     const reused = this.connected;
     await this.connect();
-    const ws = this.ws!;
-    const conn = this.conn!;
+    const ws = this.ws;
+    const conn = this.conn;
+    if (ws === null || conn === null) {
+      // Lost between the handshake and this send (the peer closed at once).
+      throw new OffloadUnavailable(`connection to ${this.url} lost before the request was sent`);
+    }
     let pending!: Pending;
     const answer = new Promise<Answer>((resolve, reject) => {
       pending = { kind: reply, resolve, reject };
