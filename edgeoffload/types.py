@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from edgeoffload.errors import EdgeOffloadError, ProfileError
 
 Dim = int | str
@@ -467,3 +469,22 @@ def match_specs(
                     f"{kind} {name!r}: dim {dim!r} is {size} here but {bound[dim]} elsewhere"
                 )
     return bound
+
+
+def sample_array(
+    name: str, dtype: np.dtype[Any], shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """One deterministic sample input, the rule every sample of a model follows (verification,
+    profiling, ORT export): floats standard normal, bools and inputs named like masks ones,
+    token types zeros, positions a range, other integers (token ids) uniform in [0, 100)."""
+    lname = name.lower()
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b" or "mask" in lname:
+        return np.ones(shape, dtype=dtype)
+    if "type" in lname:
+        return np.zeros(shape, dtype=dtype)
+    if "position" in lname and shape:
+        positions = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape)
+        return np.array(positions)  # a writable copy of the broadcast view
+    return rng.integers(0, 100, size=shape).astype(dtype)

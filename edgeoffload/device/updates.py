@@ -35,11 +35,11 @@ import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from edgeoffload._signature import SIGNATURE, check_signature
 from edgeoffload.bundle import MANIFEST, Bundle, sha256_file
 from edgeoffload.errors import EdgeOffloadError, ManifestError, UsageError
 from edgeoffload.manifest import Manifest
 from edgeoffload.protocol.updates import MAX_FETCH, FetchRefused, UpdateOffer
+from edgeoffload.signing import SIGNATURE, check_signature
 
 log = logging.getLogger("edgeoffload.device.updates")
 

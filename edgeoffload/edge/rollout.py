@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgeoffload.edge.repository import POLICY_FILE, ModelRepository
 from edgeoffload.errors import EdgeOffloadError, RolloutError, UsageError
 
 log = logging.getLogger("edgeoffload.edge.rollout")
 
 PLAN_FILE = "rollout.json"
-POLICY_FILE = "policy.json"  # edgeoffload.edge.repository.POLICY_FILE
 MAX_PLAN_BYTES = 1 << 16
 Phase = Literal["loading", "canary", "rolling", "retiring", "done", "rolled_back"]
 PHASES: tuple[str, ...] = ("loading", "canary", "rolling", "retiring", "done", "rolled_back")
@@ -236,14 +236,12 @@ def _bundle_version(folder: Path, trusted: Sequence[bytes] | None) -> str:
 
 
 def _serving_numbers(model_dir: Path) -> list[int]:
-    policy_path = model_dir / POLICY_FILE
-    numbers = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
-    if policy_path.exists():
-        data = json.loads(policy_path.read_text())
-        if data.get("policy") == "pinned":
-            return sorted(int(v) for v in data["versions"])
-        return numbers[-int(data.get("count", 1)) :]
-    return numbers[-1:]
+    """The version numbers the model's policy serves now (the repository's own reading)."""
+    model = ModelRepository(model_dir.parent).scan().models.get(model_dir.name)
+    if model is None or model.policy is None:
+        why = "no such model folder" if model is None else model.problem
+        raise RolloutError(f"{model_dir}: cannot tell what it serves ({why}); nothing was changed")
+    return sorted(model.policy.select(model.numbers))
 
 
 def _set_policy(servers: Sequence[FleetServer], model: str, numbers: Sequence[int]) -> None:

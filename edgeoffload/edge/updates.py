@@ -36,10 +36,9 @@ from edgeoffload.manifest import Manifest
 from edgeoffload.protocol.connection import ServerConnection
 from edgeoffload.protocol.events import FetchRequest
 from edgeoffload.protocol.updates import UpdateOffer
+from edgeoffload.signing import SIGNATURE
 
 log = logging.getLogger("edgeoffload.edge.updates")
-
-SIGNATURE = "signature.json"  # edgeoffload.signing.SIGNATURE: the publisher's signature
 
 
 class FetchRefused(EdgeOffloadError):

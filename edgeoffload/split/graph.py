@@ -36,7 +36,15 @@ import onnx
 
 from edgeoffload.core.decoder import state_pairs
 from edgeoffload.errors import CutError, GraphError
-from edgeoffload.types import DTYPE_SIZES, CutPoint, Dim, TensorSpec, dim_terms, resolve_dim
+from edgeoffload.types import (
+    DTYPE_SIZES,
+    CutPoint,
+    Dim,
+    TensorSpec,
+    dim_terms,
+    resolve_dim,
+    sample_array,
+)
 
 log = logging.getLogger("edgeoffload.split.graph")
 
@@ -394,20 +402,11 @@ class ModelGraph:
         """
         rng = np.random.default_rng(seed)
         arrays: dict[str, np.ndarray] = {}
+        shapes = self.input_shapes()
         for spec in self.inputs:
-            shape = self.input_shapes()[spec.name]
-            dtype = np.dtype(spec.dtype)
-            lname = spec.name.lower()
-            if dtype.kind == "f":
-                arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype.kind == "b" or "mask" in lname:
-                arrays[spec.name] = np.ones(shape, dtype=dtype)
-            elif "type" in lname:
-                arrays[spec.name] = np.zeros(shape, dtype=dtype)
-            elif "position" in lname and shape:
-                arrays[spec.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-            else:
-                arrays[spec.name] = rng.integers(0, 100, size=shape).astype(dtype)
+            arrays[spec.name] = sample_array(
+                spec.name, np.dtype(spec.dtype), tuple(shapes[spec.name]), rng
+            )
         return arrays
 
     # -- cut analysis -------------------------------------------------------------------------

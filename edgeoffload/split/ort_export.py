@@ -51,7 +51,7 @@ from edgeoffload.bundle import (
 from edgeoffload.device.runtime import check_inputs
 from edgeoffload.errors import ConversionError, GraphError, UsageError, VerificationError
 from edgeoffload.manifest import ORT_OPTIMIZATIONS, OrtFile, OrtInfo, PartInfo
-from edgeoffload.types import TensorSpec, dim_terms
+from edgeoffload.types import TensorSpec, dim_terms, sample_array
 
 log = logging.getLogger("edgeoffload.split.ort_export")
 
@@ -142,8 +142,7 @@ def sample_inputs(
 ) -> dict[str, np.ndarray]:
     """Deterministic inputs of the declared shapes (unknown symbolic dims are 1).
 
-    The same rules as the splitter's samples: floats standard normal, masks ones, token types
-    zeros, positions a range, other integers in [0, 100).
+    The same rule as the splitter's samples (:func:`edgeoffload.types.sample_array`).
     """
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
@@ -161,17 +160,7 @@ def sample_inputs(
                 f"input {spec.name!r} has dtype {spec.dtype}, which numpy cannot make samples of",
                 hint="give sample inputs with --input FILE.npz",
             ) from None
-        lname = spec.name.lower()
-        if dtype.kind == "f":
-            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b" or "mask" in lname:
-            arrays[spec.name] = np.ones(shape, dtype=dtype)
-        elif "type" in lname:
-            arrays[spec.name] = np.zeros(shape, dtype=dtype)
-        elif "position" in lname and shape:
-            arrays[spec.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        else:
-            arrays[spec.name] = rng.integers(0, 100, size=shape).astype(dtype)
+        arrays[spec.name] = sample_array(spec.name, dtype, shape, rng)
     return arrays
 
 
