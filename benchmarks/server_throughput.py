@@ -2,7 +2,8 @@
 
 Usage:  python benchmarks/server_throughput.py [--model zoo:mobilenetv2] [--clients 1,8,32,64]
                                                [--requests 10] [--workers 0] [--cap 120]
-                                               [--batch 0]
+                                               [--batch 0] [--executor local|ray]
+                                               [--ray-replicas 2] [--ray-cpus-per-replica 1]
 
 One `edgeoffload serve` process on 127.0.0.1 hosts the tail of the model cut early (the tail
 carries most of the compute); this process plays the devices (asyncio clients, one key and one
@@ -10,6 +11,13 @@ connection each), every device sending a bounded number of sequential requests. 
 in the same run, is the tail's onnxruntime session called directly from a thread pool as wide
 as the server's worker pool. Writes benchmarks/results/server_throughput.{json,png} and prints
 a table.
+
+``--executor ray`` runs the tails on Ray Serve replicas (a Ray the server starts inside itself,
+``--ray-replicas`` of them) against the same direct baseline, and writes
+``server_throughput_ray.{json,png}`` instead. Ray binds every interface it finds: run it in a
+network namespace of its own, where only the loopback exists::
+
+    unshare -n sh -c 'ip link set lo up && python benchmarks/server_throughput.py --executor ray'
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["rows"]
     clients = [r["clients"] for r in rows]
     fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4.5))
-    ax.plot(clients, [r["req_s"] for r in rows], marker="o", label="edge server (end to end)")
+    on_ray = result.get("executor") == "ray"
+    server = f"edge server, {result['ray_replicas']} Ray replicas" if on_ray else "edge server"
+    ax.plot(clients, [r["req_s"] for r in rows], marker="o", label=f"{server} (end to end)")
     base = result["baseline"]["req_s"]
     ax.axhline(
         base, color="grey", linestyle="--", label=f"direct ORT tail, median ({base:.0f} req/s)"
@@ -87,6 +97,11 @@ def table(result: dict[str, Any]) -> str:
         f"tail {result['tail_ms']:.2f} ms ({result['tail_share']:.0%} of compute); "
         f"{result['workers']} server worker(s) on {result['cpus']} CPU(s)"
         + (f", batching up to {result['batch']}" if result.get("batch") else "")
+        + (
+            f", tails on {result['ray_replicas']} Ray Serve replica(s)"
+            if result.get("executor") == "ray"
+            else ""
+        )
         + (
             f"; server pinned to CPUs {result['server_cpus']}, devices to {result['device_cpus']}"
             if result["server_cpus"]
@@ -143,9 +158,17 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=0, help="server dynamic batching: rows per run (0: off)"
     )
+    parser.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="the server's --executor"
+    )
+    parser.add_argument("--ray-replicas", type=int, default=2, help="with --executor ray")
+    parser.add_argument("--ray-cpus-per-replica", type=float, default=1.0, help="with ray")
     parser.add_argument("--cap", type=float, default=120.0, help="stop issuing after this many s")
-    parser.add_argument("-o", "--output", type=Path, default=RESULTS / "server_throughput.json")
+    parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
+    if args.output is None:  # a Ray run never overwrites the local executor's results
+        suffix = "_ray" if args.executor == "ray" else ""
+        args.output = RESULTS / f"server_throughput{suffix}.json"
     clients = tuple(int(c) for c in args.clients.split(",") if c.strip())
     result = server_throughput(
         args.model,
@@ -157,6 +180,9 @@ def main() -> None:
         duration_cap_s=args.cap,
         server_cpus=[int(c) for c in args.server_cpus.split(",")] if args.server_cpus else None,
         batch=args.batch,
+        executor=args.executor,
+        ray_replicas=args.ray_replicas,
+        ray_cpus_per_replica=args.ray_cpus_per_replica,
         progress=lambda what, fraction: print(f"[{fraction:4.0%}] {what}", file=sys.stderr),
     ).to_dict()
     result["command"] = " ".join(["python", *sys.argv])

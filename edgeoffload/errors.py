@@ -164,6 +164,15 @@ class OffloadUnavailable(EdgeOffloadError):
     exit_code = 11
 
 
+class ExecutorError(EdgeOffloadError):
+    """The edge server's remote tail executor (Ray Serve, ``serve --executor ray``) could not
+    run a request or deploy a version: replicas lost more often than the retry budget allows,
+    a deployment that never became ready, or a tail that failed on a replica.
+
+    The server answers the device ``internal`` for that request; other requests go on.
+    """
+
+
 class RolloutError(EdgeOffloadError):
     """A rollout (``edgeoffload fleet rollout``) could not start — the new version is missing
     or fails verification on a server, the fleet disagrees — or was rolled back; nothing is

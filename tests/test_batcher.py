@@ -18,7 +18,7 @@ from edgeoffload._ort import make_session, run
 from edgeoffload.device.client import OffloadClient
 from edgeoffload.device.runtime import DeviceRuntime
 from edgeoffload.edge.allowlist import AllowList
-from edgeoffload.edge.batcher import TailBatcher
+from edgeoffload.edge.batcher import Batcher, StackedRuns
 from edgeoffload.edge.server import EdgeServer, ServerConfig
 from edgeoffload.lab.harness import ThrowawayKeys
 from edgeoffload.split.splitter import split_model
@@ -64,16 +64,16 @@ def _feed(seed: int, rows: int = 1) -> dict[str, np.ndarray]:
 
 
 def test_eligible_only_with_one_symbolic_leading_dim() -> None:
-    assert TailBatcher.eligible(make_session(_model("n")))
-    assert not TailBatcher.eligible(make_session(_model(1)))
+    assert StackedRuns.eligible(make_session(_model("n")))
+    assert not StackedRuns.eligible(make_session(_model(1)))
 
 
 def test_stacked_results_split_back_per_request() -> None:
     session = make_session(_model())
 
-    async def main() -> tuple[list[dict[str, np.ndarray]], TailBatcher]:
+    async def main() -> tuple[list[dict[str, np.ndarray]], Batcher]:
         with ThreadPoolExecutor(1) as pool:
-            batcher = TailBatcher(session, pool, slots=1, max_batch=16, max_delay=0.002)
+            batcher = Batcher(StackedRuns(session), pool, slots=1, max_batch=16, max_delay=0.002)
             feeds = [_feed(i, rows=1 + i % 3) for i in range(9)]
             outs = await asyncio.gather(*(batcher.run(f) for f in feeds))
             return [dict(o) for o in outs], batcher
@@ -100,8 +100,8 @@ def test_incompatible_shapes_never_share_a_batch() -> None:
 
     async def main() -> list[object]:
         with ThreadPoolExecutor(1) as pool:
-            batcher = TailBatcher(
-                session,
+            batcher = Batcher(
+                StackedRuns(session),
                 pool,
                 slots=1,
                 max_batch=16,
@@ -125,10 +125,10 @@ def test_incompatible_shapes_never_share_a_batch() -> None:
 def test_max_batch_bounds_rows_and_a_lone_request_is_not_delayed() -> None:
     session = make_session(_model())
 
-    async def main() -> TailBatcher:
+    async def main() -> Batcher:
         with ThreadPoolExecutor(1) as pool:
             # A huge bound: a lone request must still start at once (delay 0 when idle).
-            batcher = TailBatcher(session, pool, slots=1, max_batch=4, max_delay=3600.0)
+            batcher = Batcher(StackedRuns(session), pool, slots=1, max_batch=4, max_delay=3600.0)
             assert batcher.delay == 0.0
             await batcher.run(_feed(0))
             assert batcher.stats.sizes == {1: 1}
@@ -141,7 +141,9 @@ def test_max_batch_bounds_rows_and_a_lone_request_is_not_delayed() -> None:
 
 
 def test_delay_is_tuned_and_bounded() -> None:
-    batcher = TailBatcher(object(), ThreadPoolExecutor(1), slots=2, max_batch=8, max_delay=0.002)
+    batcher = Batcher(
+        StackedRuns(object()), ThreadPoolExecutor(1), slots=2, max_batch=8, max_delay=0.002
+    )
     batcher.last_batch_s = 0.004
     assert batcher.delay == 0.0  # nothing running: never hold a request
     batcher.running = 1

@@ -19,7 +19,7 @@ import edgeoffload
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "edgeoffload"
-HEAVY = ["torch", "transformers", "optimum", "onnx"]
+HEAVY = ["torch", "transformers", "optimum", "onnx", "ray"]
 DEVICE_ROOMS = ("core", "protocol", "device", "edge")
 TOP_LEVEL = sorted(
     m.name for m in pkgutil.iter_modules(edgeoffload.__path__) if not m.ispkg and m.name != "cli"

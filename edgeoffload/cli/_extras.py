@@ -19,6 +19,7 @@ EXTRAS = {
     "optimum": "convert",
     "gguf": "convert",
     "accelerate": "convert",
+    "ray": "ray",  # serve --executor ray (edge.rayexec)
 }
 
 

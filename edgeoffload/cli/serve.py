@@ -118,6 +118,36 @@ def serve(
             "by one of them.",
         ),
     ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="Where stateless tails run: 'local' (this process's workers) or 'ray' (Ray "
+            "Serve replicas on a Ray cluster; needs pip install 'edgeoffload[ray]'). "
+            "Generation sessions (decoders) stay local.",
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="With --executor ray: the cluster to join (e.g. 10.0.0.5:6379, or 'auto'); "
+            "default: start a Ray inside this process.",
+        ),
+    ] = None,
+    ray_replicas: Annotated[
+        int,
+        typer.Option("--ray-replicas", min=1, help="With --executor ray: replicas per bundle."),
+    ] = 1,
+    ray_cpus_per_replica: Annotated[
+        float,
+        typer.Option(
+            "--ray-cpus-per-replica",
+            min=0.01,
+            help="With --executor ray: CPUs Ray reserves for each replica (its session uses "
+            "--threads).",
+        ),
+    ] = 1.0,
     advertise: Annotated[
         bool,
         typer.Option(
@@ -135,12 +165,21 @@ def serve(
     With --repository, new versions are loaded without pausing the ones serving, and a
     version that leaves the policy drains: its devices finish on it, then it is unloaded.
     SIGHUP re-reads the allow-list and the repository.
+
+    With --executor ray, stateless tails run on Ray Serve replicas (--ray-replicas per bundle,
+    batched there with --batch), on this machine or the cluster at --ray-address.
     """
     # numpy, onnxruntime, websockets: loaded only when a server starts, not for --help.
     from edgeoffload.edge.advertise import Advertiser, advertised_addresses
     from edgeoffload.edge.server import EdgeServer, ServerConfig
 
     bundles = bundles or []
+    if executor not in ("local", "ray"):
+        raise UsageError(f"--executor {executor!r}: not an executor", hint="use local or ray")
+    if executor == "ray":
+        from edgeoffload.edge.rayexec import require_ray
+
+        require_ray()  # a missing extra fails here, before any bundle is loaded
     if not bundles and repository is None:
         raise UsageError(
             "nothing to serve: give bundle folders, --repository DIR, or both",
@@ -169,6 +208,10 @@ def serve(
         session_ttl=session_ttl,
         max_context=max_context,
         repository_interval=repository_interval,
+        executor=executor,
+        ray_address=ray_address,
+        ray_replicas=ray_replicas,
+        ray_cpus_per_replica=ray_cpus_per_replica,
     )
 
     async def main_loop() -> None:

@@ -200,6 +200,10 @@ class KVState:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
+    def axis(self, name: str) -> int:
+        """The sequence axis of past input ``name``."""
+        return self._axes[name]
+
     def check_room(self, new_tokens: int) -> None:
         if self.max_tokens is not None and self.length + new_tokens > self.max_tokens:
             raise SessionError(
@@ -212,19 +216,52 @@ class KVState:
         """Run ``session`` with this state; keep the presents, return the other outputs."""
         self.check_room(new_tokens)
         outputs = run(session, {**feed, **self.arrays})
-        presents: dict[str, np.ndarray] = {}
+        presents = {name: outputs.pop(out) for name, out in self.pairs}
+        self.accept(presents, new_tokens)
+        return outputs
+
+    def check_presents(self, presents: Mapping[str, np.ndarray], new_tokens: int) -> None:
+        """SessionError unless ``presents`` (by past input) hold ``new_tokens`` more positions."""
         for name, out in self.pairs:
-            present = outputs.pop(out)
             axis = self._axes[name]
-            if present.shape[axis] != self.length + new_tokens:
+            size = presents[name].shape[axis]
+            if size != self.length + new_tokens:
                 raise SessionError(
-                    f"{out} has {present.shape[axis]} positions after a call that should "
+                    f"{out} has {size} positions after a call that should "
                     f"leave {self.length + new_tokens}"
                 )
-            presents[name] = present
-        self.arrays.update(presents)  # all or nothing
+
+    def accept(self, presents: Mapping[str, np.ndarray], new_tokens: int) -> None:
+        """Keep ``presents`` as the state after ``new_tokens`` more positions (all or nothing)."""
+        self.check_presents(presents, new_tokens)
+        self.arrays.update(presents)
         self.length += new_tokens
-        return outputs
+
+    def place(self, name: str, batch: np.ndarray, row: int) -> None:
+        """Copy past input ``name`` into row ``row`` of ``batch``, right-aligned on the sequence
+        axis (batched decode steps: every row's newest position lands at the same index; the
+        attention mask hides what is left of it)."""
+        axis = self._axes[name]
+        index: list[slice | int] = [slice(None)] * batch.ndim
+        index[0] = slice(row, row + 1)
+        index[axis] = slice(batch.shape[axis] - self.length, None)
+        batch[tuple(index)] = self.arrays[name]
+
+    def row_of(self, present: np.ndarray, name: str, row: int, new_tokens: int) -> np.ndarray:
+        """Row ``row`` of a batched, right-aligned present: this state's positions only. A
+        view of the batch's array, not a copy (the next batched step copies it into its own
+        batch anyway); :meth:`compact` makes it this state's own."""
+        axis = self._axes[name]
+        keep = self.length + new_tokens
+        index: list[slice | int] = [slice(None)] * present.ndim
+        index[0] = slice(row, row + 1)
+        index[axis] = slice(present.shape[axis] - keep, None)
+        return present[tuple(index)]
+
+    def compact(self) -> None:
+        """Own every array (copy the views of a batch's present), so that no batch's array is
+        kept alive by this state alone."""
+        self.arrays = {n: a if a.base is None else a.copy() for n, a in self.arrays.items()}
 
 
 def select_next(logits: np.ndarray) -> np.ndarray:

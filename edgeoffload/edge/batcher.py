@@ -1,13 +1,15 @@
-"""Dynamic batching of stateless tails: collect, stack, run once, split.
+"""Dynamic batching on the edge server: collect, run once as a batch, split the results.
 
-Requests for one hosted bundle whose arrays have the same non-leading shapes and dtypes are
-stacked along the leading (batch) axis and run as one onnxruntime call; the outputs are split
-back by row. Only tails whose graph inputs and outputs all share one symbolic leading dim are
-batched (:meth:`TailBatcher.eligible`).
+:class:`Batcher` is the scheduler; what a batch *is* comes from a :class:`BatchRunner`.
+:class:`StackedRuns` batches stateless tails: requests for one hosted bundle whose arrays have
+the same non-leading shapes and dtypes are stacked along the leading (batch) axis and run as one
+onnxruntime call; the outputs are split back by row. Only tails whose graph inputs and outputs
+all share one symbolic leading dim are batched (:meth:`StackedRuns.eligible`). Decode steps of
+generation sessions have their own runner (edge.stepbatch).
 
 Scheduling is continuous batching: at most ``slots`` batches run at once (the server's worker
-count). A request that finds a slot free starts at once (a lone request is never delayed);
-requests that arrive while the slots are busy accumulate and leave together when a slot frees,
+count). An item that finds a slot free starts at once (a lone request is never delayed);
+items that arrive while the slots are busy accumulate and leave together when a slot frees,
 up to ``max_batch`` rows. When a slot is free but other batches are running, the batcher may
 hold a small batch for ``delay`` seconds to let it grow: ``delay`` is tuned to a quarter of the
 last batch's measured time and never exceeds the configured bound ``max_delay``; with nothing
@@ -22,10 +24,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -35,14 +37,32 @@ from edgeoffload.errors import PayloadError
 DELAY_FRACTION = 0.25  # of the last batch's tail time: how long a small batch may wait to grow
 
 Arrays = dict[str, np.ndarray]
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+
+class BatchRunner(Protocol[ItemT, ResultT]):
+    """What a batch of items is: which items may share one, and how one runs."""
+
+    def key(self, item: ItemT) -> Hashable:
+        """Items with equal keys may run in one batch."""
+        ...
+
+    def rows(self, item: ItemT) -> int:
+        """Rows ``item`` adds to a batch; PayloadError when it cannot be batched at all."""
+        ...
+
+    def run(self, items: list[ItemT]) -> list[ResultT]:
+        """On a worker thread: run ``items`` as one batch; one result per item, in order."""
+        ...
 
 
 @dataclass(eq=False)  # compared by identity (list.remove): arrays have no truth value
-class _Pending:
-    arrays: Arrays
-    key: tuple[Any, ...]
+class _Pending(Generic[ItemT, ResultT]):
+    item: ItemT
+    key: Hashable
     rows: int
-    future: asyncio.Future[Arrays]
+    future: asyncio.Future[ResultT]
     since: float
 
 
@@ -62,41 +82,15 @@ def _compat_key(arrays: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
     return tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(arrays.items()))
 
 
-class TailBatcher:
-    """Batch the stateless runs of one tail ``session`` (see the module docstring).
+class StackedRuns:
+    """Stateless runs of one tail ``session`` stacked along the leading axis.
 
-    Args:
-        session: an onnxruntime InferenceSession whose inputs and outputs share a symbolic
-            leading dim (check with :meth:`eligible`).
-        executor: where the batched runs go (the server's worker pool).
-        slots: batches that may run at once.
-        max_batch: rows one batch may hold (a request larger than this runs alone).
-        max_delay: seconds a request may be held to grow a batch, at most.
-        on_batch: called with (requests, rows) for every batch run (metrics).
+    ``session``: an onnxruntime InferenceSession whose inputs and outputs share a symbolic
+    leading dim (check with :meth:`eligible`).
     """
 
-    def __init__(
-        self,
-        session: Any,
-        executor: Executor,
-        *,
-        slots: int,
-        max_batch: int,
-        max_delay: float,
-        on_batch: Callable[[int, int], None] | None = None,
-    ) -> None:
+    def __init__(self, session: Any) -> None:
         self.session = session
-        self.executor = executor
-        self.slots = max(1, slots)
-        self.max_batch = max(1, max_batch)
-        self.max_delay = max(0.0, max_delay)
-        self.on_batch = on_batch
-        self.running = 0
-        self.last_batch_s = 0.0
-        self.stats = BatchStats()
-        self._pending: list[_Pending] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def eligible(session: Any) -> bool:
@@ -110,6 +104,71 @@ class TailBatcher:
         lead = next(iter(leads))
         return isinstance(lead, str) and bool(lead)
 
+    def key(self, item: Arrays) -> Hashable:
+        return _compat_key(item)
+
+    def rows(self, item: Arrays) -> int:
+        if any(a.ndim == 0 for a in item.values()):
+            raise PayloadError("a batched tail's inputs need a leading batch axis")
+        rows = {int(a.shape[0]) for a in item.values()}
+        if len(rows) != 1:
+            raise PayloadError("the crossing tensors disagree on the batch size")
+        return rows.pop()
+
+    def run(self, items: list[Arrays]) -> list[Arrays]:
+        """Stack the items, run once, split the outputs back by row."""
+        if len(items) == 1:
+            return [run(self.session, items[0])]
+        names = list(items[0])
+        stacked = {n: np.concatenate([item[n] for item in items], axis=0) for n in names}
+        outputs = run(self.session, stacked)
+        counts = [self.rows(item) for item in items]
+        total = sum(counts)
+        bounds = np.cumsum(counts)[:-1]
+        split: list[Arrays] = [{} for _ in items]
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != total:
+                raise PayloadError(f"tail output {name} does not keep the batch axis")
+            for i, part in enumerate(np.split(value, bounds, axis=0)):
+                split[i][name] = np.ascontiguousarray(part)
+        return split
+
+
+class Batcher(Generic[ItemT, ResultT]):
+    """Batch the items of one ``runner`` (see the module docstring).
+
+    Args:
+        runner: what a batch is (:class:`StackedRuns`, edge.stepbatch.StepRuns).
+        executor: where the batched runs go (the server's worker pool).
+        slots: batches that may run at once.
+        max_batch: rows one batch may hold (a request larger than this runs alone).
+        max_delay: seconds a request may be held to grow a batch, at most.
+        on_batch: called with (requests, rows) for every batch run (metrics).
+    """
+
+    def __init__(
+        self,
+        runner: BatchRunner[ItemT, ResultT],
+        executor: Executor,
+        *,
+        slots: int,
+        max_batch: int,
+        max_delay: float,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.executor = executor
+        self.slots = max(1, slots)
+        self.max_batch = max(1, max_batch)
+        self.max_delay = max(0.0, max_delay)
+        self.on_batch = on_batch
+        self.running = 0
+        self.last_batch_s = 0.0
+        self.stats = BatchStats()
+        self._pending: list[_Pending[ItemT, ResultT]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
     @property
     def delay(self) -> float:
         """How long a small batch may wait for company now: 0 with nothing running."""
@@ -117,16 +176,11 @@ class TailBatcher:
             return 0.0
         return min(self.max_delay, DELAY_FRACTION * self.last_batch_s)
 
-    async def run(self, arrays: Arrays) -> Arrays:
-        """Run the tail on ``arrays`` (maybe batched with others); its outputs."""
-        if any(a.ndim == 0 for a in arrays.values()):
-            raise PayloadError("a batched tail's inputs need a leading batch axis")
-        rows = {a.shape[0] for a in arrays.values()}
-        if len(rows) != 1:
-            raise PayloadError("the crossing tensors disagree on the batch size")
+    async def run(self, item: ItemT) -> ResultT:
+        """Run ``item`` (maybe batched with others); its result."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(
-            arrays, _compat_key(arrays), rows.pop(), loop.create_future(), loop.time()
+        pending: _Pending[ItemT, ResultT] = _Pending(
+            item, self.runner.key(item), self.runner.rows(item), loop.create_future(), loop.time()
         )
         self._pending.append(pending)
         self._dispatch()
@@ -160,7 +214,7 @@ class TailBatcher:
         self._timer = None
         self._dispatch()
 
-    def _group(self, oldest: _Pending) -> list[_Pending]:
+    def _group(self, oldest: _Pending[ItemT, ResultT]) -> list[_Pending[ItemT, ResultT]]:
         """The oldest request and the compatible ones after it, up to max_batch rows."""
         group = [oldest]
         rows = oldest.rows
@@ -170,11 +224,12 @@ class TailBatcher:
                 rows += p.rows
         return group
 
-    async def _run_batch(self, group: list[_Pending]) -> None:
+    async def _run_batch(self, group: list[_Pending[ItemT, ResultT]]) -> None:
         loop = asyncio.get_running_loop()
         try:
             started = time.perf_counter()
-            outputs = await loop.run_in_executor(self.executor, self._run_stacked, group)
+            items = [p.item for p in group]
+            outputs = await loop.run_in_executor(self.executor, self.runner.run, items)
             self.last_batch_s = time.perf_counter() - started
             self.stats.batches += 1
             self.stats.sizes[len(group)] += 1
@@ -192,20 +247,3 @@ class TailBatcher:
         finally:
             self.running -= 1
             self._dispatch()
-
-    def _run_stacked(self, group: list[_Pending]) -> list[Arrays]:
-        """On a worker: stack the group, run once, split the outputs back by row."""
-        if len(group) == 1:
-            return [run(self.session, group[0].arrays)]
-        names = list(group[0].arrays)
-        stacked = {n: np.concatenate([p.arrays[n] for p in group], axis=0) for n in names}
-        outputs = run(self.session, stacked)
-        total = sum(p.rows for p in group)
-        bounds = np.cumsum([p.rows for p in group])[:-1]
-        split: list[Arrays] = [{} for _ in group]
-        for name, value in outputs.items():
-            if value.ndim == 0 or value.shape[0] != total:
-                raise PayloadError(f"tail output {name} does not keep the batch axis")
-            for i, part in enumerate(np.split(value, bounds, axis=0)):
-                split[i][name] = np.ascontiguousarray(part)
-        return split

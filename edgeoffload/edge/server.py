@@ -52,10 +52,11 @@ from edgeoffload.core.decoder import DecoderLayout, KVState, select_next
 from edgeoffload.core.sampling import SamplingParams, sample_token
 from edgeoffload.edge.admission import FairAdmission, Grant
 from edgeoffload.edge.allowlist import AllowList
-from edgeoffload.edge.batcher import TailBatcher
+from edgeoffload.edge.batcher import Arrays, Batcher, StackedRuns
 from edgeoffload.edge.limits import ConnectionLimits, Limits
 from edgeoffload.edge.metrics import LiveState, ServerStats
 from edgeoffload.edge.peer import Peer
+from edgeoffload.edge.rayexec import RayExecutorConfig, RayTailExecutor
 from edgeoffload.edge.repository import (
     HostedVersion,
     ModelRepository,
@@ -63,6 +64,7 @@ from edgeoffload.edge.repository import (
     RepositoryWatcher,
 )
 from edgeoffload.edge.sessions import Session, SessionStore
+from edgeoffload.edge.stepbatch import Step, StepLayout, StepRuns
 from edgeoffload.edge.updates import UpdateService
 from edgeoffload.errors import (
     AuthenticationFailed,
@@ -152,6 +154,17 @@ class ServerConfig:
     # A draining version whose connections are still open after this many seconds has them
     # closed (and its idle sessions dropped); requests in flight still finish. 0: never.
     version_drain_timeout: float = 600.0
+    # Where stateless tails run: "local" (this process's worker pool) or "ray" (Ray Serve,
+    # edge.rayexec: replicas on a Ray cluster; generation sessions stay local either way).
+    # Admission is unchanged: ``workers`` (x batch_max) bounds the requests sent at once.
+    executor: str = "local"
+    ray_address: str | None = None  # None: start a Ray inside this process
+    ray_replicas: int = 1  # per bundle version (fixed, unless both bounds below are set)
+    ray_min_replicas: int | None = None  # autoscaling bounds
+    ray_max_replicas: int | None = None
+    ray_cpus_per_replica: float = 1.0
+    ray_max_replicas_per_node: int | None = None  # e.g. 1: spread replicas over nodes
+    ray_resources: dict[str, float] = field(default_factory=dict)  # custom, per replica
 
 
 @dataclass
@@ -175,7 +188,8 @@ class _Hosted:
     state: str = "serving"  # or "draining": no new handshakes, unloaded once idle
     draining_since: float = 0.0
     peers: set[Peer] = field(default_factory=set)  # authenticated connections on it
-    batcher: TailBatcher | None = None  # with batching on, for tails with a symbolic batch dim
+    batcher: Batcher[Arrays, Arrays] | None = None  # batching on, a symbolic batch dim
+    steps: Batcher[Step, int] | None = None  # batching on, a decoder tail that pads exactly
 
     def new_kv(self, max_tokens: int) -> KVState:
         assert self.decoder is not None
@@ -263,6 +277,7 @@ class EdgeServer:
         self._peers: dict[bytes, set[Peer]] = {}  # authenticated connections by device key
         self._revocation_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeoffload-tail")
+        self.ray_executor = self._ray_executor() if self.config.executor != "local" else None
         # Every version held (serving or draining), and the serving ones: ``bundles`` is the
         # mapping each connection's handshake looks versions up in (changed in place only).
         self._hosted: dict[str, _Hosted] = {}
@@ -300,6 +315,28 @@ class EdgeServer:
                 draining=lambda: int(self._closing),
                 versions_serving=lambda: len(self.bundles),
                 versions_draining=lambda: len(self._hosted) - len(self.bundles),
+            )
+        )
+
+    def _ray_executor(self) -> RayTailExecutor:
+        """The Ray Serve executor the config asks for (MissingExtra without Ray installed)."""
+        c = self.config
+        if c.executor != "ray":
+            raise UsageError(
+                f"unknown executor {c.executor!r}", hint="use 'local' (default) or 'ray'"
+            )
+        return RayTailExecutor(
+            RayExecutorConfig(
+                address=c.ray_address,
+                replicas=c.ray_replicas,
+                min_replicas=c.ray_min_replicas,
+                max_replicas=c.ray_max_replicas,
+                cpus_per_replica=c.ray_cpus_per_replica,
+                threads=c.threads,
+                batch_max=min(c.batch_max, c.max_batch),
+                batch_wait_s=c.batch_delay_ms / 1e3,
+                max_replicas_per_node=c.ray_max_replicas_per_node,
+                resources=dict(c.ray_resources),
             )
         )
 
@@ -342,9 +379,16 @@ class EdgeServer:
             number=number,
             fingerprint=fingerprint,
         )
-        if self.config.batch_max > 0 and not manifest.state and TailBatcher.eligible(session):
-            hosted.batcher = TailBatcher(
-                session,
+        # With the Ray executor, stateless tails batch on their replicas (edge.rayexec).
+        local = self.config.executor == "local"
+        if (
+            local
+            and self.config.batch_max > 0
+            and not manifest.state
+            and StackedRuns.eligible(session)
+        ):
+            hosted.batcher = Batcher(
+                StackedRuns(session),
                 self._executor,
                 slots=self.workers,
                 max_batch=min(self.config.batch_max, self.config.max_batch),
@@ -362,7 +406,35 @@ class EdgeServer:
             hosted.max_tensor_bytes = max(
                 hosted.max_tensor_bytes * DECODER_MESSAGE_TOKENS, DECODER_MESSAGE_BYTES
             )
+            if self.config.batch_max > 0:
+                hosted.steps = self._step_batcher(hosted)
         return hosted
+
+    def _step_batcher(self, hosted: _Hosted) -> Batcher[Step, int] | None:
+        """Batched decode steps for a decoder tail whose padded batches are exact (checked on
+        the tail now, edge.stepbatch); None, with the reason logged, otherwise."""
+        assert hosted.decoder is not None
+        manifest = hosted.bundle.manifest
+        specs = {s.name: s for s in hosted.decoder.state_specs}
+        tail_specs = [specs[past] for past, _ in hosted.tail_state]
+        layout = StepLayout.of(manifest.crossing, tail_specs)
+        why: str | None
+        if isinstance(layout, str):
+            why = layout
+        else:
+            runs = StepRuns(hosted.session, layout, hosted.tail_state, hosted.decoder.logits)
+            why = runs.check(specs, manifest.crossing)
+        if why is not None:
+            log.warning("%s: decode steps run one by one: %s", hosted.info.version, why)
+            return None
+        return Batcher(
+            runs,
+            self._executor,
+            slots=self.workers,
+            max_batch=self.config.batch_max,
+            max_delay=self.config.batch_delay_ms / 1e3,
+            on_batch=self.stats.batch,
+        )
 
     def _publish(self, hosted: _Hosted) -> None:
         """Serve a prepared version: new handshakes may pick it from now on."""
@@ -374,6 +446,10 @@ class EdgeServer:
         # version), new connections get the limit of everything hosted so far.
         needed = math.ceil(2 * hosted.max_tensor_bytes * (1 + CHUNK_OVERHEAD)) + 65536
         self.max_message = max(self.max_message, needed)
+        tail = hosted.bundle.tail_path
+        if self.ray_executor is not None and hosted.decoder is None and tail is not None:
+            manifest_tail = hosted.bundle.manifest.tail
+            self.ray_executor.add(version, tail, manifest_tail.sha256 if manifest_tail else None)
         self.stats.bundle_loaded(version)
         where = "" if hosted.model is None else f" (model {hosted.model} version {hosted.number})"
         log.info(
@@ -424,6 +500,8 @@ class EdgeServer:
             log.info("version %s: dropped %d unreachable session(s)", version, dropped)
         del self._hosted[version]
         hosted.session = None  # the onnxruntime session goes with its last reference
+        if self.ray_executor is not None:
+            self.ray_executor.remove(version)  # its Ray Serve application, if it has one
         self.stats.bundle_unloaded(version)
         log.info(
             "unloaded version %s%s after %.1f s of draining",
@@ -623,10 +701,16 @@ class EdgeServer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the repository's versions (if any), then listen, then watch the repository."""
+        """Load the repository's versions (if any), then listen, then watch the repository.
+        With the Ray executor: connect to Ray first, and listen once every version's
+        deployment is ready."""
+        if self.ray_executor is not None:
+            await self.ray_executor.start()  # deploys the bundles given to the constructor
         if self.repository is not None:
             fingerprint = await asyncio.to_thread(self.repository.fingerprint)
             await self.sync()
+        if self.ray_executor is not None:
+            await self.ray_executor.wait_ready()
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -710,6 +794,8 @@ class EdgeServer:
             await conn.close(CLOSE_SHUTDOWN, "server shutting down")
         await self._server.wait_closed()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.ray_executor is not None:  # after the drain: no request needs it any more
+            await self.ray_executor.stop()
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -1012,7 +1098,15 @@ class EdgeServer:
         server_ms: float | None = None
         try:
             started = time.perf_counter()
-            if hosted.batcher is not None:
+            if self.ray_executor is not None:
+                # On a Ray Serve replica (edge.rayexec; it batches there): decoded here, so
+                # that a bad request fails alone and the replicas get plain arrays.
+                feed = self._decode(hosted, request.tensors)
+                outputs = await asyncio.wait_for(
+                    self.ray_executor.run(hosted.info.version, feed), self.config.request_timeout
+                )
+                tail_s = time.perf_counter() - started
+            elif hosted.batcher is not None:
                 # Decoding a checked tensor is a view of the message for the lossless codec
                 # (a short dequantization otherwise): done here, so a bad request fails alone.
                 feed = self._decode(hosted, request.tensors)
@@ -1131,11 +1225,21 @@ class EdgeServer:
         server_ms: float | None = None
         try:
             started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            token, saved, tail_s = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._run_feed, hosted, session, event),
-                self.config.request_timeout,
-            )
+            one = len(event.chunks) == 1 and event.chunks[0].n == 1
+            if hosted.steps is not None and event.kind == "step" and one:
+                # One position: may step together with other sessions (edge.stepbatch).
+                saved = (dict(session.kv.arrays), session.kv.length)
+                step = Step(
+                    session.kv, self._decode(hosted, event.chunks[0].tensors), session.sampling
+                )
+                token = await asyncio.wait_for(hosted.steps.run(step), self.config.request_timeout)
+                tail_s = time.perf_counter() - started
+            else:
+                loop = asyncio.get_running_loop()
+                token, saved, tail_s = await asyncio.wait_for(
+                    loop.run_in_executor(self._executor, self._run_feed, hosted, session, event),
+                    self.config.request_timeout,
+                )
             try:  # evict others only for growth that really happened
                 self.sessions.make_room(session, 0)
             except BaseException:

@@ -174,6 +174,8 @@ class ServerThroughputResult(Record):
     skipped_client_counts: tuple[int, ...]
     server_output_tail: tuple[str, ...]
     batch: int = 0  # the server's --batch (0: dynamic batching off)
+    executor: str = "local"  # the server's --executor
+    ray_replicas: int | None = None  # with executor "ray": --ray-replicas
 
     @property
     def capped(self) -> bool:
@@ -464,6 +466,9 @@ def server_throughput(
     duration_cap_s: float = 120.0,
     server_cpus: Sequence[int] | None = None,
     batch: int = 0,
+    executor: str = "local",
+    ray_replicas: int = 2,
+    ray_cpus_per_replica: float = 1.0,
     progress: Progress | None = None,
 ) -> ServerThroughputResult:
     """Requests/s and latency of one edge server under 1..N concurrent devices.
@@ -482,6 +487,10 @@ def server_throughput(
             (this process) to the others, so that the devices' own work (head, encryption)
             does not compete with the server; default: no pinning, everyone shares the cores.
         batch: the server's ``--batch`` (dynamic batching of up to this many rows; 0: off).
+        executor: the server's ``--executor``: ``"local"`` or ``"ray"`` (a Ray started inside
+            the server with ``ray_replicas`` replicas of ``ray_cpus_per_replica`` CPUs; run
+            the benchmark in a network namespace of its own, see benchmarks/README.md). The
+            server's CPU figures then leave out Ray's processes, where the tails run.
         progress: ``(what, fraction)`` callback.
     """
     from edgeoffload.split.analysis import Analysis  # needs onnx (heavy)
@@ -490,6 +499,8 @@ def server_throughput(
 
     if not clients or min(clients) < 1 or requests_per_client < 1:
         raise UsageError("clients must be positive counts and requests_per_client >= 1")
+    if executor not in ("local", "ray"):
+        raise UsageError(f"executor {executor!r}: use 'local' or 'ray'")
     begun = time.monotonic()
     deadline = begun + duration_cap_s
     available = os.sched_getaffinity(0)
@@ -551,13 +562,22 @@ def server_throughput(
             root / "keys", devices=[f"device-{i}" for i in range(max(clients))]
         )
         note("starting the edge server", 0.15)
+        on_ray = [
+            *("--executor", "ray", "--ray-replicas", str(ray_replicas)),
+            *("--ray-cpus-per-replica", str(ray_cpus_per_replica)),
+        ]
         server = spawn_server(
             [bundle.path],
             keys,
             threads=threads,
             workers=workers,
             cpus=pinned,
-            extra_args=["--max-inflight", str(MAX_INFLIGHT), "--batch", str(batch)],
+            extra_args=[
+                *("--max-inflight", str(MAX_INFLIGHT), "--batch", str(batch)),
+                *(on_ray if executor == "ray" else []),
+            ],
+            # Starting a Ray and deploying the replicas takes seconds on a busy machine.
+            timeout=180.0 if executor == "ray" else 30.0,
         )
         rows: list[ThroughputRow] = []
         memory: list[ConnectionMemory] = []
@@ -642,12 +662,20 @@ def server_throughput(
         threads=threads,
         max_inflight=MAX_INFLIGHT,
         batch=batch,
+        executor=executor,
+        ray_replicas=ray_replicas if executor == "ray" else None,
         cpus=os.cpu_count(),
         server_cpus=sorted(pinned) if pinned else None,
         device_cpus=sorted(device_cpus) if device_cpus else None,
         requests_per_client=requests_per_client,
         server="separate process (edgeoffload serve), 127.0.0.1; devices: asyncio "
-        "OffloadClients in one client process on the same machine",
+        "OffloadClients in one client process on the same machine"
+        + (
+            f"; tails on {ray_replicas} Ray Serve replica(s) started by the server "
+            "(their CPU is not in the server's figures)"
+            if executor == "ray"
+            else ""
+        ),
         environment=environment(),
         baseline=directs[len(directs) // 2] if directs else None,
         rows=tuple(rows),
