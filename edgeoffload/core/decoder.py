@@ -200,6 +200,16 @@ class KVState:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (a conversation rolled back to a prefix)."""
+        if not 0 <= length <= self.length:
+            raise SessionError(f"cannot truncate {self.length} positions to {length}")
+        for name, array in self.arrays.items():
+            index: list[slice] = [slice(None)] * array.ndim
+            index[self._axes[name]] = slice(0, length)
+            self.arrays[name] = array[tuple(index)].copy()
+        self.length = length
+
     def axis(self, name: str) -> int:
         """The sequence axis of past input ``name``."""
         return self._axes[name]

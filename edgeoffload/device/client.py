@@ -49,6 +49,7 @@ import numpy as np
 from edgeoffload.bundle import Bundle
 from edgeoffload.core.noise import DEFAULT_PROTOCOL
 from edgeoffload.core.sampling import SamplingParams
+from edgeoffload.device.conversation import DEFAULT_CONTEXT, Conversation
 from edgeoffload.device.generate import Generation
 from edgeoffload.device.link import ServerLink
 from edgeoffload.device.pool import EdgeEndpoint, EdgePool, NoServerAnswered
@@ -528,6 +529,31 @@ class OffloadClient:
             sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
             stop=tuple(stop),
             chat=chat,
+        )
+
+    def conversation(
+        self,
+        *,
+        system: str | None = None,
+        max_context: int = DEFAULT_CONTEXT,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Conversation:
+        """A multi-turn chat (:class:`~edgeoffload.device.conversation.Conversation`) whose
+        KV caches, here and on the server, live from turn to turn: ``conversation.say(text)``
+        streams a reply and prefills only the new turn's tokens; the replies are those of a
+        full re-prefill of the conversation. ``max_context`` positions are asked of the
+        server once, for the whole conversation."""
+        self._request_boundary()
+        channel = _PinnedChannel(self, self._current)  # the conversation stays on this version
+        return Conversation(
+            channel,
+            system=system,
+            max_context=max_context,
+            sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+            on_close=channel.release,
         )
 
     async def _fall_back(

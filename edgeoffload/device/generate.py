@@ -84,6 +84,7 @@ class GenerationStats:
     head_ms: float = 0.0
     bytes_up: int = 0  # ciphertext sent for prefill/steps (replays included)
     step_bytes: list[int] = field(default_factory=list)
+    reused_tokens: int = 0  # a conversation's positions already in both caches (not prefilled)
     recoveries: int = 0
     fallback_reason: str = ""
     finish_reason: str = ""  # eos, stop, length, context
@@ -110,6 +111,7 @@ class GenerationStats:
         median_step_ms = self.median_step_ms
         return {
             "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
             "generated_tokens": self.generated_tokens,
             "ttft_ms": round(self.ttft_ms, 3),
             "median_step_ms": round(median_step_ms, 3) if median_step_ms is not None else None,
@@ -163,6 +165,7 @@ class DecoderDevice:
         self._tail_pairs = pairs["server"]
         self._specs = specs
         self.local_kv: KVState | None = None
+        self._local_chunks = 0  # chunks of the history already run by the local tail
         self.last_logits: np.ndarray | None = None
         self.position = 0  # positions the head has processed
         self.history: list[Chunk] = []
@@ -196,21 +199,52 @@ class DecoderDevice:
         self.position = saved.position
         del self.history[saved.chunks :]
 
-    def local_token(self, chunks: list[Chunk], params: SamplingParams) -> int:
-        """Run the device's own copy of the tail over ``chunks``; the token it samples."""
+    def boundary(self, position: int) -> int:
+        """The last chunk boundary at or before ``position``: how far the caches can be rolled
+        back without re-running a chunk (a prompt chunk is all or nothing)."""
+        done = 0
+        for chunk in self.history:
+            if done + chunk.n > position:
+                break
+            done += chunk.n
+        return done
+
+    def rollback(self, position: int) -> None:
+        """Forget everything from ``position`` (a :meth:`boundary`) on: the head's cache, the
+        chunks, and the local tail's cache (rebuilt from the chunks if it is needed again)."""
+        if self.boundary(position) != position:
+            raise UsageError(f"position {position} is inside a chunk: roll back to a boundary")
+        done, keep = 0, 0
+        while done < position:
+            done += self.history[keep].n
+            keep += 1
+        del self.history[keep:]
+        self.head_kv.truncate(position)
+        self.position = position
+        self.local_kv = None
+        self._local_chunks = 0
+
+    def local_token(self, params: SamplingParams) -> int:
+        """Run the chunks the device's own copy of the tail has not seen yet (all of them the
+        first time: a reply finished on the device rebuilds the tail's cache from the
+        history); the token it samples."""
         if self.runtime.manifest.tail is None:
             assert self.last_logits is not None, "head() first"
             return sample_token(select_next(self.last_logits), params, self.head_kv.length)
         if self.local_kv is None:
             self.local_kv = KVState(self._tail_pairs, self._specs)
+            self._local_chunks = 0
         session = self.runtime.tail_session()
         outputs: dict[str, Any] = {}
-        for chunk in chunks:
+        for chunk in self.history[self._local_chunks :]:
             feed = {
                 name: np.asarray(codec_mod.decode(encoded, max_bytes=1 << 31))
                 for name, encoded in chunk.tensors
             }
             outputs = self.local_kv.run(session, feed, chunk.n)
+            self._local_chunks += 1
+        if not outputs:
+            raise UsageError("local_token() without a new chunk: run head() first")
         logits = select_next(outputs[self.layout.logits])
         return sample_token(logits, params, self.local_kv.length)
 
@@ -236,7 +270,15 @@ class Generation:
         sampling: SamplingParams,
         stop: tuple[str, ...],
         chat: bool | None,
+        device: DecoderDevice | None = None,
+        session: int | None = None,
+        context: int | None = None,
+        keep_session: bool = False,
     ) -> None:
+        """``device``, ``session``, ``context`` and ``keep_session`` continue a conversation
+        (edgeoffload.device.conversation): the prompt is then the whole conversation, of which
+        the device (and the server's ``session``) already hold the first ``device.position``
+        tokens; only the rest is prefilled, and the session stays open at the end."""
         if sum(x is not None for x in (prompt, input_ids, messages)) != 1:
             raise UsageError("give exactly one of prompt, messages or input_ids")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -249,9 +291,16 @@ class Generation:
         self.stop = stop
         self.tokenizer = load_tokenizer(self.runtime)
         self.prompt_ids = self._prompt_ids(prompt, input_ids, messages, chat)
-        self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
-        self.session: int | None = None
-        self.context = len(self.prompt_ids) + max_new_tokens
+        self.device = device if device is not None else DecoderDevice(self.runtime)
+        if self.device.position >= len(self.prompt_ids):
+            raise UsageError("a conversation's new turn must add tokens to what the device holds")
+        self.stats = GenerationStats(
+            prompt_tokens=len(self.prompt_ids), reused_tokens=self.device.position
+        )
+        self.session = session
+        self.keep_session = keep_session
+        self.context = context if context is not None else len(self.prompt_ids) + max_new_tokens
+        self.tokens: list[int] = []  # generated so far (what the stream yielded)
         # An all-local bundle (the cost model's choice on a slow link) needs no server.
         self.local = self.runtime.manifest.tail is None
         self._last_head_ms = float("inf")  # short single-token heads run on the event loop
@@ -304,7 +353,7 @@ class Generation:
     # -- the stream ---------------------------------------------------------------------------
 
     async def _stream(self) -> AsyncGenerator[GeneratedToken, None]:
-        device = DecoderDevice(self.runtime)
+        device = self.device
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         eos = self._eos_ids()
         started = time.perf_counter()
@@ -322,10 +371,12 @@ class Generation:
                 if hit is not None:
                     keep = len(piece) - (len(text) - text.index(hit))
                     self.stats.generated_tokens += 1
+                    self.tokens.append(token)
                     yield GeneratedToken(token, piece[: max(keep, 0)], index, not self.local)
                     self.stats.finish_reason = "stop"
                     break
                 self.stats.generated_tokens += 1
+                self.tokens.append(token)
                 yield GeneratedToken(token, piece, index, not self.local)
                 if index + 1 == self.max_new_tokens:
                     self.stats.finish_reason = "length"
@@ -365,7 +416,7 @@ class Generation:
         in several chunks (the head is re-run on fewer positions, its cache rolled back)."""
         limit = await self._request_limit()
         ids = self.prompt_ids
-        done = 0
+        done = device.position  # a conversation's earlier turns are in both caches already
         token = -1
         while done < len(ids):
             n = len(ids) - done
@@ -399,10 +450,14 @@ class Generation:
 
     async def _token(self, device: DecoderDevice, kind: str, chunk: Chunk) -> int:
         if self.local:
-            return await asyncio.to_thread(device.local_token, [chunk], self.params)
+            return await asyncio.to_thread(device.local_token, self.params)
         try:
             if self.session is None:
                 await self._open()
+                if len(device.history) > 1 and kind == "prefill":
+                    # A conversation whose earlier turns this new session has not seen
+                    # (rolled back, or finished locally before): all of them, this one last.
+                    return await self._replay(device)
             assert self.session is not None
             event, wire, _ = await self.channel.feed_session(
                 kind, self.session, device.position - chunk.n, [chunk]
@@ -462,7 +517,7 @@ class Generation:
         self.stats.fallback_reason = reason
         self.local = True
         self.session = None
-        return await asyncio.to_thread(device.local_token, list(device.history), self.params)
+        return await asyncio.to_thread(device.local_token, self.params)
 
     async def _replay(self, device: DecoderDevice) -> int:
         """Send every recorded chunk again, in as few prefill messages as fit."""
@@ -489,7 +544,7 @@ class Generation:
         return token
 
     async def _end(self) -> None:
-        if self.session is None or not self.channel.connected:
+        if self.keep_session or self.session is None or not self.channel.connected:
             return
         try:
             await self.channel.end_session(self.session)

@@ -63,10 +63,10 @@ def record(bundle: Bundle, sessions: int, prompt_tokens: int, new_tokens: int) -
         n = prompt_tokens - (i * prompt_tokens // 2) // max(1, sessions - 1)
         device = DecoderDevice(runtime)
         sent = [device.head(text[i : i + n])]
-        got = [device.local_token(sent[-1:], greedy)]
+        got = [device.local_token(greedy)]
         while len(got) < new_tokens:
             sent.append(device.head([got[-1]]))
-            got.append(device.local_token(sent[-1:], greedy))
+            got.append(device.local_token(greedy))
         lengths.append(n)
         chunks.append(sent)
         tokens.append(got)
