@@ -31,6 +31,7 @@ from edgeoffload.bundle import Bundle
 from edgeoffload.core.decoder import DecoderLayout, KVState
 from edgeoffload.core.sampling import SamplingParams
 from edgeoffload.edge import stepbatch
+from edgeoffload.edge.sessions import SessionStore
 from edgeoffload.edge.stepbatch import Step, StepLayout, StepRuns
 from edgeoffload.errors import PayloadError
 
@@ -114,3 +115,45 @@ def test_concurrent_sessions_step_together_and_keep_a_lone_runs_tokens(
     # The prefill samples the first token; every later one, and an end of sequence, is a step.
     expected_steps = sum(len(ids(items)) - 1 + (len(ids(items)) < NEW_TOKENS) for items in outputs)
     assert sum(n * count for n, count in stats.sizes.items()) == expected_steps
+
+
+def test_stepped_sessions_borrow_the_batch_until_compacted(tiny_llama_bundle):
+    """After a batched step each cache is a view of the batch's presents (no second copy);
+    the store compacts idle ones to their own arrays, never a busy one, values unchanged."""
+    runs, specs, _ = _runs(tiny_llama_bundle)
+    rng = np.random.default_rng(1)
+    steps = []
+    for length in (2, 6):
+        kv = KVState(runs.pairs, specs)
+        kv.arrays = {
+            name: rng.standard_normal([1, a.shape[1], length, a.shape[3]]).astype(np.float32)
+            for name, a in kv.arrays.items()
+        }
+        kv.length = length
+        feed = {
+            name: rng.standard_normal([1, 1, 1, 16] if "Unsqueeze" in name else [1, 1, 64]).astype(
+                np.float32
+            )
+            for name in runs.layout.stacked
+        }
+        feed[runs.layout.masks[0]] = np.ones([1, 1, 1, length + 1], bool)
+        steps.append(Step(kv, feed, SamplingParams()))
+    runs.run(steps)
+    assert all(s.kv.borrowed and s.kv.length in (3, 7) for s in steps)
+    bases = {id(next(iter(s.kv.arrays.values())).base) for s in steps}
+    assert len(bases) == 1  # both rows are views of one batched present
+
+    store = SessionStore()
+    sessions = [
+        store.open(
+            owner=b"d", version="v", sampling=SamplingParams(), make_kv=lambda s=s: s.kv, now=0
+        )
+        for s in steps
+    ]
+    sessions[1].busy = True
+    before = {n: a.copy() for n, a in steps[0].kv.arrays.items()}
+    assert store.compact_idle(now=1.0, idle=0.5) == 1  # the busy one is left alone
+    assert not steps[0].kv.borrowed and steps[1].kv.borrowed
+    for name, array in steps[0].kv.arrays.items():
+        assert array.flags.owndata
+        np.testing.assert_array_equal(array, before[name])

@@ -184,6 +184,9 @@ class KVState:
         self.pairs = tuple(pairs)
         self.max_tokens = max_tokens
         self.length = 0
+        # True while the arrays are views of a batched step's presents (edge.stepbatch):
+        # :meth:`compact` then makes them this state's own.
+        self.borrowed = False
         self.arrays: dict[str, np.ndarray] = {}
         self._axes: dict[str, int] = {}
         for name, _ in self.pairs:
@@ -209,6 +212,7 @@ class KVState:
             index[self._axes[name]] = slice(0, length)
             self.arrays[name] = array[tuple(index)].copy()
         self.length = length
+        self.borrowed = False
 
     def axis(self, name: str) -> int:
         """The sequence axis of past input ``name``."""
@@ -241,11 +245,15 @@ class KVState:
                     f"leave {self.length + new_tokens}"
                 )
 
-    def accept(self, presents: Mapping[str, np.ndarray], new_tokens: int) -> None:
-        """Keep ``presents`` as the state after ``new_tokens`` more positions (all or nothing)."""
+    def accept(
+        self, presents: Mapping[str, np.ndarray], new_tokens: int, *, borrowed: bool = False
+    ) -> None:
+        """Keep ``presents`` as the state after ``new_tokens`` more positions (all or nothing);
+        ``borrowed``: they are views of a larger array (see :meth:`compact`)."""
         self.check_presents(presents, new_tokens)
         self.arrays.update(presents)
         self.length += new_tokens
+        self.borrowed = borrowed
 
     def place(self, name: str, batch: np.ndarray, row: int) -> None:
         """Copy past input ``name`` into row ``row`` of ``batch``, right-aligned on the sequence
@@ -260,7 +268,8 @@ class KVState:
     def row_of(self, present: np.ndarray, name: str, row: int, new_tokens: int) -> np.ndarray:
         """Row ``row`` of a batched, right-aligned present: this state's positions only. A
         view of the batch's array, not a copy (the next batched step copies it into its own
-        batch anyway); :meth:`compact` makes it this state's own."""
+        batch anyway): accept it with ``borrowed=True``; :meth:`compact` makes it this
+        state's own."""
         axis = self._axes[name]
         keep = self.length + new_tokens
         index: list[slice | int] = [slice(None)] * present.ndim
@@ -269,9 +278,11 @@ class KVState:
         return present[tuple(index)]
 
     def compact(self) -> None:
-        """Own every array (copy the views of a batch's present), so that no batch's array is
-        kept alive by this state alone."""
-        self.arrays = {n: a if a.base is None else a.copy() for n, a in self.arrays.items()}
+        """Own every array (copy borrowed views), so that this state alone does not keep a
+        batched step's whole array alive."""
+        if self.borrowed:
+            self.arrays = {n: a.copy() for n, a in self.arrays.items()}
+            self.borrowed = False
 
 
 def select_next(logits: np.ndarray) -> np.ndarray:

@@ -120,6 +120,7 @@ CHUNK_OVERHEAD = 16 / 65535
 # replay of a lost session: room for this many positions' crossing tensors.
 DECODER_MESSAGE_TOKENS = 2048
 DECODER_MESSAGE_BYTES = 8 << 20  # -> a 16 MiB message limit (devices split longer prompts)
+COMPACT_EVERY = 0.25  # seconds: how long a session stepped in a batch may borrow its array
 
 
 @dataclass
@@ -276,6 +277,7 @@ class EdgeServer:
         self.limits = ConnectionLimits(self.config.limits)
         self._peers: dict[bytes, set[Peer]] = {}  # authenticated connections by device key
         self._revocation_task: asyncio.Task[None] | None = None
+        self._compaction_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="edgeoffload-tail")
         self.ray_executor = self._ray_executor() if self.config.executor != "local" else None
         # Every version held (serving or draining), and the serving ones: ``bundles`` is the
@@ -729,6 +731,8 @@ class EdgeServer:
             write_limit=WRITE_LIMIT,
         )
         self._revocation_task = asyncio.create_task(self._sweep_revoked())
+        if self.config.batch_max > 0:  # batched steps lend sessions views of their arrays
+            self._compaction_task = asyncio.create_task(self._compact_sessions())
         if self.repository is not None:
             self._watcher = RepositoryWatcher(
                 self.repository, self.sync, interval=self.config.repository_interval
@@ -781,6 +785,8 @@ class EdgeServer:
         self._closing = True
         if self._revocation_task is not None:
             self._revocation_task.cancel()
+        if self._compaction_task is not None:
+            self._compaction_task.cancel()
         if self._watcher is not None:
             await self._watcher.stop()
         if self._drain_task is not None:
@@ -910,6 +916,14 @@ class EdgeServer:
             peers.discard(peer)
             if not peers:
                 del self._peers[peer.public_key]
+
+    async def _compact_sessions(self) -> None:
+        """Every COMPACT_EVERY seconds, give sessions that stopped stepping their own copy
+        of their cache (edge.stepbatch), so that no idle session keeps a batch's array.
+        On the event loop: a session is busy (skipped) whenever a worker runs its feed."""
+        while True:
+            await asyncio.sleep(COMPACT_EVERY)
+            self.sessions.compact_idle(self.clock(), COMPACT_EVERY)
 
     async def _sweep_revoked(self) -> None:
         """Close the connections and sessions of keys the allow-list no longer holds.

@@ -130,6 +130,17 @@ class SessionStore:
                 del self._sessions[session_id]
                 self.expired += 1
 
+    def compact_idle(self, now: float, idle: float) -> int:
+        """Make the borrowed caches (views of a batched step, edge.stepbatch) of sessions
+        unused for ``idle`` seconds their own; how many. Never a busy session: its feed may
+        be running on a worker thread right now."""
+        compacted = 0
+        for session in self._sessions.values():
+            if session.kv.borrowed and not session.busy and now - session.last_used >= idle:
+                session.kv.compact()
+                compacted += 1
+        return compacted
+
     def make_room(self, session: Session, extra_bytes: int) -> None:
         """Evict least recently used sessions so that ``session`` can grow by ``extra_bytes``.
 

@@ -29,8 +29,6 @@ padding would make wrong.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,11 +117,6 @@ class StepRuns:
         self.layout = layout
         self.pairs = tuple(pairs)
         self.logits = logits
-        # Caches holding views of a batch's presents, and those in a batch running now: a
-        # holder that is not in the next batch is compacted then (see :meth:`run`).
-        self._lock = threading.Lock()
-        self._holding: weakref.WeakSet[KVState] = weakref.WeakSet()
-        self._running: set[int] = set()
 
     def key(self, item: Step) -> Hashable:
         """Steps may share a batch when everything but the positions has the same shape."""
@@ -190,34 +183,21 @@ class StepRuns:
 
         Each session keeps a view of its row of the batch's presents instead of a copy (the
         copy would double the bytes moved per step; the next step copies the row into its
-        batch anyway). So that a session which stops stepping does not keep a whole batch's
-        array alive, every batch first compacts the holders that are not in it: a batch's
-        array lives until the next batch has started, and an idle server's last batch holds
-        its sessions' positions plus their padding.
+        batch anyway): its state is *borrowed* until its next step, or until the server
+        compacts the caches of sessions that stopped stepping (SessionStore.compact_idle), so
+        that an idle session does not keep a whole batch's array alive.
         """
-        mine = {id(item.kv) for item in items}
-        with self._lock:
-            for kv in list(self._holding):
-                if id(kv) not in mine and id(kv) not in self._running:
-                    kv.compact()
-                    self._holding.discard(kv)
-            self._running |= mine
-        try:
-            for item in items:
-                item.kv.check_room(1)
-            results = self.forward(items)
-            for item, result in zip(items, results, strict=True):
-                item.kv.check_presents(result, 1)
-            tokens = []
-            for item, result in zip(items, results, strict=True):
-                item.kv.accept({past: result[past] for past, _ in self.pairs}, 1)
-                logits = select_next(result[self.logits])
-                tokens.append(sample_token(logits, item.sampling, item.kv.length))
-            return tokens
-        finally:
-            with self._lock:
-                self._running -= mine
-                self._holding.update(item.kv for item in items)
+        for item in items:
+            item.kv.check_room(1)
+        results = self.forward(items)
+        for item, result in zip(items, results, strict=True):
+            item.kv.check_presents(result, 1)
+        tokens = []
+        for item, result in zip(items, results, strict=True):
+            item.kv.accept({past: result[past] for past, _ in self.pairs}, 1, borrowed=True)
+            logits = select_next(result[self.logits])
+            tokens.append(sample_token(logits, item.sampling, item.kv.length))
+        return tokens
 
     def check(
         self, state_specs: Mapping[str, TensorSpec], crossing: Sequence[TensorSpec]
