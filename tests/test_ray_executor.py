@@ -287,3 +287,13 @@ def test_two_nodes_serve_and_a_removed_node_loses_no_request(netns, resnet_bundl
     assert report["server_errors"] == {}
     # Unloading the version deleted its Ray Serve application.
     assert report["app_before_unload"] is True and report["app_after_unload"] is False
+
+
+def test_autoscale_bounds_parse_or_fail_clearly() -> None:
+    from edgeoffload.cli.serve import _autoscale_bounds
+
+    assert _autoscale_bounds(None) is None
+    assert _autoscale_bounds("1:4") == (1, 4)
+    for bad in ("4:1", "0:2", "3", "a:b", "1:"):
+        with pytest.raises(UsageError, match="MIN:MAX"):
+            _autoscale_bounds(bad)

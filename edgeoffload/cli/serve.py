@@ -139,6 +139,15 @@ def serve(
         int,
         typer.Option("--ray-replicas", min=1, help="With --executor ray: replicas per bundle."),
     ] = 1,
+    ray_autoscale: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-autoscale",
+            metavar="MIN:MAX",
+            help="With --executor ray: autoscale each bundle's replicas between MIN and MAX "
+            "(by requests in flight) instead of a fixed --ray-replicas.",
+        ),
+    ] = None,
     ray_cpus_per_replica: Annotated[
         float,
         typer.Option(
@@ -176,6 +185,7 @@ def serve(
     bundles = bundles or []
     if executor not in ("local", "ray"):
         raise UsageError(f"--executor {executor!r}: not an executor", hint="use local or ray")
+    bounds = _autoscale_bounds(ray_autoscale)
     if executor == "ray":
         from edgeoffload.edge.rayexec import require_ray
 
@@ -211,6 +221,8 @@ def serve(
         executor=executor,
         ray_address=ray_address,
         ray_replicas=ray_replicas,
+        ray_min_replicas=bounds[0] if bounds else None,
+        ray_max_replicas=bounds[1] if bounds else None,
         ray_cpus_per_replica=ray_cpus_per_replica,
     )
 
@@ -272,3 +284,15 @@ def _load_trusted(path: Path) -> tuple[bytes, ...]:
             hint="upgrade edgeoffload, or serve without --trust",
         ) from None
     return tuple(load_trusted(path))
+
+
+def _autoscale_bounds(text: str | None) -> tuple[int, int] | None:
+    """``MIN:MAX`` (1 <= MIN <= MAX) as two ints; None when not given."""
+    if text is None:
+        return None
+    low, sep, high = text.partition(":")
+    if not sep or not low.isdigit() or not high.isdigit() or not 1 <= int(low) <= int(high):
+        raise UsageError(
+            f"--ray-autoscale {text!r}: expected MIN:MAX with 1 <= MIN <= MAX", hint="e.g. 1:4"
+        )
+    return int(low), int(high)
