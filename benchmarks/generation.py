@@ -3,6 +3,8 @@
 Usage:  python benchmarks/generation.py [--model zoo:smollm2] [--head-layers 15]
                                         [--prompt-tokens 128] [--new-tokens 64] [--runs 3]
                                         [--networks loopback,wifi]
+                                        [--head-weights int4] [--tail-weights int4]
+                                        [--weights-method rtn|hqq] [--weights-compute fp32|int8]
 
 The device side (head + client, and the unsplit baseline in the same run) runs in this
 process, the edge server in its own process, one onnxruntime thread each. Every run checks that
@@ -33,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--networks", default="loopback", help="comma list: loopback, wifi, ...")
     parser.add_argument("--out", default=None, help="result file (default: by model name)")
+    for side in ("head", "tail"):
+        parser.add_argument(
+            f"--{side}-weights",
+            default="fp32",
+            choices=("fp32", "fp16", "int8", "int4"),
+            help=f"store the {side}'s weights quantised (block 32, asymmetric)",
+        )
+    parser.add_argument("--weights-method", default="rtn", choices=("rtn", "hqq"))
+    parser.add_argument("--weights-compute", default="fp32", choices=("fp32", "int8"))
     args = parser.parse_args(argv)
     model = resolve_model(args.model)
     if not isinstance(model, Path):
@@ -47,12 +58,20 @@ def main(argv: list[str] | None = None) -> int:
             runs=args.runs,
             threads=args.threads,
             network=None if network == "loopback" else network,
+            head_weights=args.head_weights,
+            tail_weights=args.tail_weights,
+            weights_method=args.weights_method,
+            weights_compute=args.weights_compute,
         )
-        result["command"] = " ".join(["python", "benchmarks/generation.py", *sys.argv[1:]])
-        results.append(result)
         print("\n".join(format_result(result)), flush=True)
+        record = result.to_dict()
+        record["command"] = " ".join(["python", "benchmarks/generation.py", *sys.argv[1:]])
+        results.append(record)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = args.model.removeprefix("zoo:").replace("/", "_")
+    if (args.head_weights, args.tail_weights) != ("fp32", "fp32"):
+        name += f"_{args.head_weights}-{args.tail_weights}-{args.weights_method}"
+        name += f"-{args.weights_compute}" if args.weights_compute != "fp32" else ""
     out = Path(args.out) if args.out else RESULTS / f"generation_{name}.json"
     out.write_text(json.dumps({"benchmark": "generation", "results": results}, indent=1) + "\n")
     print(f"wrote {out}")

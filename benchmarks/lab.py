@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+from edgeoffload.lab.deviceemu import DEVICE_CLASSES
 from edgeoffload.lab.scenarios import DEVICES, LINKS, MODELS, run_lab
 
 HERE = Path(__file__).resolve().parent
@@ -123,7 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--links", nargs="+", default=list(LINKS), choices=list(LINKS))
-    parser.add_argument("--devices", nargs="+", default=list(DEVICES), choices=list(DEVICES))
+    parser.add_argument(
+        "--devices", nargs="+", default=list(DEVICES), choices=sorted(DEVICE_CLASSES)
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     result = run_lab(

@@ -12,7 +12,8 @@ code  meaning
 1     any other EdgeOffloadError
 2     command-line usage error (bad flag or value)
 3     GraphError: the model file is not a usable ONNX graph, or a cut is invalid
-4     PlanError: no cut satisfies the constraints, or the profiles do not fit
+4     PlanError: no cut satisfies the constraints, or the profiles do not fit;
+      QualityError: quantised weights lose more than --max-quality-loss
 5     ManifestError: a bundle is malformed or a file was modified after splitting;
       SignatureError: unsigned, signed by an untrusted publisher, or a bad signature
 6     VersionMismatch: two parts (device/server) come from different bundles
@@ -62,6 +63,12 @@ class PlanError(EdgeOffloadError):
     """No plan satisfies the objective and constraints, or its inputs are inconsistent."""
 
     exit_code = 4
+
+
+class QualityError(PlanError):
+    """Quantised weights lose more quality than allowed (``split --max-quality-loss``): the
+    teacher-forced top-1 agreement with the fp32 model is under the bound, or the quality
+    could not be measured. No bundle is written."""
 
 
 class ManifestError(EdgeOffloadError):

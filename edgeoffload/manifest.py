@@ -192,6 +192,12 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     # ORT-format copies of the parts (export-ort); absent from older bundles.
     ort: OrtInfo | None = None
+    # How each part's weights are stored ({"head": {...}, "tail": {...}}: dtype, bits, block,
+    # symmetric, quantiser, bytes; see edgeoffload.split.weights) and, for quantised
+    # weights, the measured quality against the fp32 model (edgeoffload.split.quality).
+    # Informational: the parts' sha256 already pin what runs. Absent from older bundles.
+    weights: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     @property
     def identity(self) -> str:
@@ -230,6 +236,10 @@ class Manifest:
         }
         if self.ort is not None:  # only when exported: older manifests stay byte for byte
             data["ort"] = self.ort.to_dict()
+        if self.weights:
+            data["weights"] = self.weights
+        if self.quality:
+            data["quality"] = self.quality
         return data
 
     @classmethod
@@ -278,6 +288,8 @@ class Manifest:
             predicted=f.obj("predicted", {}),
             verification=f.obj("verification", {}),
             ort=OrtInfo.from_dict(ort_raw) if has_ort else None,
+            weights=f.obj("weights", {}),
+            quality=f.obj("quality", {}),
         )
         source.done()
         cut.done()
@@ -290,6 +302,9 @@ class Manifest:
             raise ManifestError(f"manifest passthrough names non-crossing tensor(s) {stray}")
         if manifest.ort is not None:
             _check_ort(manifest, manifest.ort)
+        stray_parts = sorted(set(manifest.weights) - {"head", "tail"})
+        if stray_parts:
+            raise ManifestError(f"manifest weights names unknown part(s) {stray_parts}")
         return manifest
 
 

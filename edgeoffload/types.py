@@ -294,6 +294,8 @@ class DeviceProfile:
     optimisations off, so every original node has its own time. ``calibration`` maps sums of
     those raw times to wall times of real optimised sessions (fusion, session overhead), and
     ``slowdown`` describes a machine that is N times slower than the one measured.
+    ``memory_nodes`` (the memory-bound nodes) and the codec pipeline are slower by a further
+    ``memory_slowdown`` (device classes set both: ``core.presets.apply_device_class``).
     """
 
     name: str
@@ -306,10 +308,22 @@ class DeviceProfile:
     # Bytes per second the codec pipeline runs at on this machine, per codec name.
     codec_bps: dict[str, float] = field(default_factory=dict)
     machine: str = ""
+    memory_slowdown: float = 1.0  # relative to ``slowdown``
+    memory_nodes: frozenset[str] = frozenset()
 
-    def with_slowdown(self, factor: float, name: str | None = None) -> DeviceProfile:
-        if not math.isfinite(factor) or factor <= 0:
-            raise ProfileError(f"slowdown must be a positive number, got {factor}")
+    def with_slowdown(
+        self,
+        factor: float,
+        name: str | None = None,
+        *,
+        memory_slowdown: float | None = None,
+        memory_nodes: frozenset[str] | None = None,
+    ) -> DeviceProfile:
+        """Slower by ``factor`` everywhere; optionally memory-bound work by a further
+        ``memory_slowdown`` (replacing the current one) on ``memory_nodes``."""
+        for value in (factor, 1.0 if memory_slowdown is None else memory_slowdown):
+            if not math.isfinite(value) or value <= 0:
+                raise ProfileError(f"slowdown must be a positive number, got {value}")
         return DeviceProfile(
             name=name or f"{self.name} x{factor:g} slower",
             model_sha256=self.model_sha256,
@@ -320,6 +334,8 @@ class DeviceProfile:
             power=self.power,
             codec_bps=self.codec_bps,
             machine=self.machine,
+            memory_slowdown=self.memory_slowdown if memory_slowdown is None else memory_slowdown,
+            memory_nodes=self.memory_nodes if memory_nodes is None else memory_nodes,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,6 +350,15 @@ class DeviceProfile:
             "codec_bps": dict(self.codec_bps),
             "calibration": [p.to_dict() for p in self.calibration],
             "node_ms": dict(self.node_ms),
+            # only when set, so profiles without a device class keep their old form
+            **(
+                {
+                    "memory_slowdown": self.memory_slowdown,
+                    "memory_nodes": sorted(self.memory_nodes),
+                }
+                if self.memory_slowdown != 1.0
+                else {}
+            ),
         }
 
     @classmethod
@@ -366,11 +391,20 @@ class DeviceProfile:
             codec_bps=codec_bps,
             calibration=tuple(CalibrationPoint.from_dict(p) for p in f.array("calibration")),
             node_ms=node_ms,
+            memory_slowdown=f.number("memory_slowdown", 1.0, positive=True),
+            memory_nodes=frozenset(_memory_nodes(f.array("memory_nodes", []), node_ms)),
         )
         f.done()
         if profile.threads < 1:
             raise ProfileError(f"profile: threads must be >= 1, got {profile.threads}")
         return profile
+
+
+def _memory_nodes(names: list[Any], node_ms: Mapping[str, float]) -> list[str]:
+    for name in names:
+        if not isinstance(name, str) or name not in node_ms:
+            raise ProfileError(f"profile: memory_nodes entry {name!r} is not a profiled node")
+    return names
 
 
 @dataclass(frozen=True)

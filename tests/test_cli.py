@@ -61,6 +61,9 @@ def test_split_writes_a_verified_bundle(capsys, resnet_file, resnet_profile, tmp
     )
     assert code == 0, err
     assert "chosen cut: c" in out and "verified" in out
+    # the old name still works, says what it means now, and that profiling is better
+    assert "'rpi' is deprecated and now means 'rpi4'" in out + err
+    assert "edgeoffload profile" in out + err
     assert (out_dir / "manifest.json").is_file()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out_dir / "manifest.json").read_text())
@@ -130,9 +133,10 @@ def test_cuts_table(capsys, resnet_file, resnet_profile):
 
 
 def test_demo_runs(capsys):
-    code, out, err = _run(capsys, "demo", "--network", "wifi", "--device", "rpi")
+    code, out, err = _run(capsys, "demo", "--network", "wifi", "--device", "rpi4")
     assert code == 0, err
     assert "chosen cut" in out and "verified" in out
+    assert "rpi4 (x4.4 compute, x14 memory-bound time)" in out
 
 
 # -- bad input: one clear line, documented exit code --------------------------------------------

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
+from edgeoffload.core import presets
 from edgeoffload.core.costmodel import ComputeModel, Constraints, evaluate
 from edgeoffload.errors import PlanError
 from edgeoffload.types import (
@@ -570,3 +571,94 @@ def test_report_to_dict_is_json_and_speedups_consistent() -> None:
     cost = data["best"]["cost"]
     parts = ("device_ms", "encode_ms", "network_ms", "decode_ms", "server_ms")
     assert cost["total_ms"] == pytest.approx(sum(cost[k] for k in parts), abs=1e-3)
+
+
+# --- device classes: compute-bound and memory-bound nodes ------------------------------------
+
+RPI4 = presets.DEVICE_CLASSES["rpi4"]
+
+
+def _classed(node_ms: Mapping[str, float], classes: Mapping[str, str], device=RPI4, **kw):
+    return presets.apply_device_class(_profile(node_ms, **kw), device, classes)
+
+
+def test_device_class_factors_reach_the_cost_model_per_node() -> None:
+    times = {"n0": 2.0, "n1": 2.0}
+    convs = ComputeModel(_classed(times, {"n0": "compute", "n1": "compute"}), ["n0", "n1"])
+    pools = ComputeModel(_classed(times, {"n0": "memory", "n1": "memory"}), ["n0", "n1"])
+    # the same measured time: a memory-bound graph is predicted slower on a Pi 4 ...
+    assert pools.head_ms(2) > convs.head_ms(2)
+    # ... by exactly the table's two factors (no calibration curve: identity)
+    assert convs.head_ms(2) == pytest.approx(4.0 * RPI4.compute)
+    assert pools.head_ms(2) == pytest.approx(4.0 * RPI4.memory)
+
+
+def test_each_part_gets_the_factor_of_its_own_nodes() -> None:
+    order = ["pool", "conv"]
+    model = ComputeModel(
+        _classed({"pool": 1.0, "conv": 1.0}, {"pool": "memory", "conv": "compute"}), order
+    )
+    assert model.head_ms(1) == pytest.approx(RPI4.memory)
+    assert model.tail_ms(1) == pytest.approx(RPI4.compute)
+    assert model.head_ms(2) == pytest.approx(RPI4.memory + RPI4.compute)
+
+
+def test_uniform_factor_is_unchanged_by_op_classes() -> None:
+    uniform = presets.device_class("3")
+    times = {"n0": 1.0, "n1": 3.0}
+    a = ComputeModel(_classed(times, {"n0": "memory", "n1": "compute"}, uniform), ["n0", "n1"])
+    b = ComputeModel(_profile(times).with_slowdown(3.0), ["n0", "n1"])
+    assert [a.head_ms(k) for k in range(3)] == pytest.approx([b.head_ms(k) for k in range(3)])
+    assert [a.tail_ms(k) for k in range(3)] == pytest.approx([b.tail_ms(k) for k in range(3)])
+
+
+def test_memory_bound_head_moves_the_cut_earlier() -> None:
+    """Node a (before the 8000 B tensor) memory- vs compute-bound on a Pi 4: the slower head
+    makes the cost model offload sooner (or keep the same cut), never later."""
+
+    def best(a_class: str, bps: float) -> int:
+        classes = {"a": a_class, "b": "compute", "c": "compute"}
+        device = _classed({"a": 1.0, "b": 2.0, "c": 3.0}, classes, codec_bps=FAST_CODECS)
+        server = _profile({"a": 0.1, "b": 0.2, "c": 0.3}, codec_bps=FAST_CODECS)
+        report = evaluate(
+            SCEN_CUTS,
+            list(NODES),
+            device=device,
+            server=server,
+            link=_link(bps),
+            wire_bytes=SCEN_WIRE,
+            output_bytes=100,
+        )
+        return report.best.cut.index
+
+    moved = 0
+    for bps in (8e3, 8e4, 8e5, 1.6e6, 8e6, 8e7, 8e9):
+        assert best("memory", bps) <= best("compute", bps)
+        moved += best("memory", bps) < best("compute", bps)
+    assert moved >= 1
+
+
+def test_codec_rates_slow_by_the_memory_factor() -> None:
+    device = _classed(
+        {"a": 1.0, "b": 2.0, "c": 3.0}, dict.fromkeys("abc", "compute"), codec_bps=SLOW_ZSTD
+    )
+    plain = _profile({"a": 1.0, "b": 2.0, "c": 3.0}, codec_bps=SLOW_ZSTD).with_slowdown(
+        RPI4.compute
+    )
+    server = _profile({"a": 0.1, "b": 0.2, "c": 0.3}, codec_bps=SLOW_ZSTD)
+
+    def encode_ms(dev: DeviceProfile) -> float:
+        report = evaluate(
+            SCEN_CUTS,
+            list(NODES),
+            device=dev,
+            server=server,
+            link=_link(8e6),
+            wire_bytes=SCEN_WIRE,
+            output_bytes=100,
+            codecs=("zstd",),
+        )
+        return report.plans[1].cost.encode_ms
+
+    # same compute factor: only the memory factor differs, and the codec is byte streaming
+    assert encode_ms(device) > encode_ms(plain)

@@ -24,6 +24,7 @@ from edgeoffload.lab.deviceemu import (
     cpu_fraction,
     cpu_limit_method,
 )
+from edgeoffload.lab.pacer import Pacer
 
 PY = sys.executable
 METHOD = cpu_limit_method()
@@ -53,19 +54,29 @@ def no_leftover_cgroups():
 
 
 def test_device_classes():
-    assert cpu_fraction("rpi") == 0.25
-    assert cpu_fraction("phone") == 0.5
-    assert cpu_fraction(" RPi ") == 0.25
+    assert cpu_fraction("rpi4") == pytest.approx(1.0 / presets.DEVICE_CLASSES["rpi4"].uniform)
+    assert cpu_fraction(" RPi4 ") == cpu_fraction("rpi4")
     assert cpu_fraction("0.3") == 0.3
     assert cpu_fraction(0.3) == 0.3
     assert cpu_fraction(2) == 2.0
     assert cpu_fraction(64) == 64.0
 
 
-def test_device_classes_match_presets():
-    for name in ("rpi", "phone"):
-        assert DEVICE_CLASSES[name] == pytest.approx(1.0 / presets.DEVICE_CLASSES[name])
-    assert set(DEVICE_CLASSES) <= set(presets.DEVICE_CLASSES)
+def test_device_classes_come_from_the_presets_table():
+    real = set(presets.DEVICE_CLASSES) - {"this-machine"}
+    assert set(DEVICE_CLASSES) == real
+    for name in real:
+        assert DEVICE_CLASSES[name] == pytest.approx(1.0 / presets.DEVICE_CLASSES[name].uniform)
+    # slowest first, as the published benchmarks order them
+    order = sorted(DEVICE_CLASSES, key=DEVICE_CLASSES.__getitem__)
+    assert order == ["pi-zero-2", "rpi4", "phone-mid", "rpi5", "phone-flagship"]
+    assert all(0 < f < 1 for f in DEVICE_CLASSES.values())
+
+
+@pytest.mark.parametrize(("alias", "target"), [("rpi", "rpi4"), ("phone", "phone-mid")])
+def test_deprecated_class_names_warn_and_resolve(alias, target):
+    with pytest.warns(FutureWarning, match=target):
+        assert cpu_fraction(alias) == DEVICE_CLASSES[target]
 
 
 @pytest.mark.parametrize(
@@ -74,6 +85,7 @@ def test_device_classes_match_presets():
         "",
         "pi",
         "fast",
+        "this-machine",
         "0",
         "-0.5",
         "64.5",
@@ -122,6 +134,16 @@ def test_method_and_quota_reported():
         assert proc.wait(10) == 0
     assert not path.exists()
     assert proc.cgroup_path is None
+
+
+@needs_cgroup
+@pytest.mark.parametrize("name", sorted(DEVICE_CLASSES))
+def test_every_class_gets_a_quota_the_kernel_accepts(name):
+    # 0.234 of a core once gave a 999 us quota: EINVAL, and the child ran unthrottled
+    with CpuLimitedProcess([PY, "-c", "pass"], DEVICE_CLASSES[name]) as proc:
+        assert proc.method == METHOD
+        assert proc.quota_us is not None and proc.quota_us >= 1_000
+        proc.kill()
 
 
 @needs_cgroup
@@ -305,3 +327,45 @@ def test_threads_only_fallback_says_so(monkeypatch, caplog):
     assert proc.cpu_stat() == {}
     assert out.split() == ["1", "1"]
     assert "unthrottled" in caplog.text
+
+
+# --------------------------------------------------------------------------- pacing
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_paced_child_is_slowed_from_its_start_and_needs_no_cgroup():
+    # short on purpose: a pacer that started after the child let ~0.1 s run unpaced
+    n = int(0.05 / _spin_seconds_per_million() * 1_000_000)
+    cmd = [PY, "-c", "import sys; sum(range(int(sys.argv[1])))", str(n)]
+
+    def start() -> int:
+        with CpuLimitedProcess(cmd, 0.25, pace=True) as proc:
+            assert proc.method == "pace"
+            assert proc.cgroup_path is None and proc.quota_us is None
+            assert proc.pacer is not None
+            return proc.wait(60)
+
+    wall, cpu = _timed(start)
+    # a quarter core takes ~4x its CPU time; other load can only make it slower
+    assert wall > 2.0 * cpu
+
+
+def test_pacing_ends_with_the_child_running():
+    code = "import time\nt = time.time()\nwhile time.time() - t < 30: pass"
+    with CpuLimitedProcess([PY, "-c", code], 0.1, pace=True) as proc:
+        time.sleep(0.3)  # long enough to have been stopped many times
+        assert proc.pacer is not None
+        proc.pacer.close()
+        assert _state(proc.pid) != "T"  # resumed, so that SIGTERM can end it
+    assert proc.returncode is not None
+
+
+def test_pace_needs_a_fraction_below_one_core():
+    with pytest.raises(UsageError):
+        Pacer(1.0)
+    with CpuLimitedProcess([PY, "-c", "pass"], 2.0, pace=True) as proc:
+        assert proc.pacer is None and proc.method != "pace"
+        assert proc.wait(10) == 0

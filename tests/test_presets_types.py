@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import Any
@@ -127,43 +128,121 @@ def test_parse_size_rejects_bad_strings(text: str) -> None:
     assert info.value.hint is not None and "512MiB" in info.value.hint
 
 
-# -- device_slowdown ----------------------------------------------------------------------------
+# -- device classes -----------------------------------------------------------------------------
+
+REAL_HARDWARE = ("rpi4", "rpi5", "pi-zero-2", "phone-mid", "phone-flagship")
 
 
-@pytest.mark.parametrize(("name", "factor"), sorted(presets.DEVICE_CLASSES.items()))
-def test_device_slowdown_classes(name: str, factor: float) -> None:
-    assert presets.device_slowdown(name) == factor
-    assert presets.device_slowdown(name.upper()) == factor
+@pytest.mark.parametrize("name", sorted(presets.DEVICE_CLASSES))
+def test_device_class_by_name(name: str) -> None:
+    device = presets.device_class(name)
+    assert device is presets.DEVICE_CLASSES[name]
+    assert presets.device_class(f" {name.upper()} ") is device
+    assert device.compute > 0 and device.memory > 0
 
 
-def test_device_classes_documented_values() -> None:
-    assert presets.DEVICE_CLASSES == {"this-machine": 1.0, "phone": 2.0, "rpi": 4.0}
+def test_real_hardware_classes_cite_a_published_single_thread_benchmark() -> None:
+    for name in REAL_HARDWARE:
+        source = presets.CALIBRATION_SOURCES[name]
+        assert source.url.startswith("https://")
+        assert source.threads == 1
+        assert set(source.ms) == {"mobilenet_v2", "resnet18"}
+        assert presets.DEVICE_CLASSES[name].hardware == source.hardware
+    assert set(presets.DEVICE_CLASSES) == {"this-machine", *REAL_HARDWARE}
+
+
+def test_device_classes_follow_their_sources() -> None:
+    """The fitted factors reproduce the published MobileNetV2 ratios between devices (the
+    reference machine's time cancels out of a ratio of two devices)."""
+    published = {n: presets.CALIBRATION_SOURCES[n].ms["mobilenet_v2"] for n in REAL_HARDWARE}
+    uniform = {n: presets.DEVICE_CLASSES[n].uniform for n in REAL_HARDWARE}
+    by_published = sorted(REAL_HARDWARE, key=published.__getitem__)
+    assert by_published == sorted(REAL_HARDWARE, key=uniform.__getitem__)
+    for a, b in itertools.combinations(REAL_HARDWARE, 2):
+        assert uniform[a] / uniform[b] == pytest.approx(published[a] / published[b], rel=0.05)
+    # depthwise / elementwise work is slower than dense convolutions on every such device
+    assert all(
+        presets.DEVICE_CLASSES[n].memory > presets.DEVICE_CLASSES[n].compute for n in uniform
+    )
+    # a Pi Zero 2 is the slowest, a Pi 4 far slower than the old "rpi" (4x) said
+    assert max(uniform, key=uniform.__getitem__) == "pi-zero-2"
+    assert uniform["rpi4"] > 8.0
+
+
+@pytest.mark.parametrize(("alias", "target"), [("phone", "phone-mid"), ("rpi", "rpi4")])
+def test_deprecated_names_warn_and_resolve(alias: str, target: str) -> None:
+    with pytest.warns(FutureWarning, match=f"now means '{target}'"):
+        device = presets.device_class(alias.upper())
+    assert device is presets.DEVICE_CLASSES[target]
 
 
 @pytest.mark.parametrize(
     ("text", "factor"), [("3.5", 3.5), ("2", 2.0), ("4x", 4.0), (" 1.25X ", 1.25), ("0.5", 0.5)]
 )
-def test_device_slowdown_numbers(text: str, factor: float) -> None:
-    assert presets.device_slowdown(text) == factor
+def test_device_class_numbers_are_uniform(text: str, factor: float) -> None:
+    device = presets.device_class(text)
+    assert device.compute == device.memory == device.uniform == pytest.approx(factor)
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "fast", "", "x", "nan", "-0.5x"])
-def test_device_slowdown_rejects(text: str) -> None:
+@pytest.mark.parametrize("text", ["0", "-1", "fast", "", "x", "nan", "-0.5x", "inf"])
+def test_device_class_rejects(text: str) -> None:
     with pytest.raises(UsageError) as info:
-        presets.device_slowdown(text)
+        presets.device_class(text)
     assert info.value.exit_code == 2
 
 
-def test_device_slowdown_unknown_class_hint_lists_classes() -> None:
+def test_device_class_unknown_hint_lists_classes_and_profiling() -> None:
     with pytest.raises(UsageError) as info:
-        presets.device_slowdown("fast")
+        presets.device_class("fast")
     assert info.value.hint is not None
     assert all(name in info.value.hint for name in presets.DEVICE_CLASSES)
+    assert "edgeoffload profile" in info.value.hint
 
 
-def test_device_slowdown_rejects_infinity() -> None:
-    with pytest.raises(UsageError):
-        presets.device_slowdown("inf")
+@pytest.mark.parametrize(
+    ("op_type", "group", "expected"),
+    [
+        ("Conv", 1, "compute"),
+        ("Conv", 32, "memory"),  # depthwise / grouped
+        ("MatMul", 1, "compute"),
+        ("Gemm", 1, "compute"),
+        ("BatchNormalization", 1, "memory"),
+        ("Relu", 1, "memory"),
+        ("Add", 1, "memory"),
+        ("GlobalAveragePool", 1, "memory"),
+        ("Transpose", 1, "memory"),
+    ],
+)
+def test_op_class(op_type: str, group: int, expected: str) -> None:
+    assert presets.op_class(op_type, group=group) == expected
+
+
+def test_op_classes_of_reads_the_group_attribute() -> None:
+    onnx_helper = pytest.importorskip("onnx.helper")
+    nodes = [
+        onnx_helper.make_node("Conv", ["x", "w"], ["y"], name="dense"),
+        onnx_helper.make_node("Conv", ["y", "w2"], ["z"], name="dw", group=8),
+        onnx_helper.make_node("Relu", ["z"], ["r"], name="act"),
+    ]
+    assert presets.op_classes_of(nodes) == {"dense": "compute", "dw": "memory", "act": "memory"}
+
+
+def test_apply_device_class_sets_both_factors() -> None:
+    profile = _profile()  # slowdown 1.5
+    device = presets.DEVICE_CLASSES["rpi4"]
+    classes = {"conv1": "compute", "relu1": "memory", "fc": "compute"}
+    slow = presets.apply_device_class(profile, device, classes)
+    assert slow.slowdown == pytest.approx(1.5 * device.compute)
+    assert slow.slowdown * slow.memory_slowdown == pytest.approx(1.5 * device.memory)
+    assert slow.memory_nodes == {"relu1"}
+    assert slow.node_ms == profile.node_ms and slow.name == device.label
+    assert DeviceProfile.from_dict(json.loads(json.dumps(slow.to_dict()))) == slow
+
+
+def test_apply_device_class_counts_unknown_nodes_as_compute() -> None:
+    # a profile of another model is the cost model's to refuse (PlanError, exit 8)
+    slow = presets.apply_device_class(_profile(), presets.DEVICE_CLASSES["rpi4"], {})
+    assert slow.memory_nodes == frozenset()
 
 
 # -- TensorSpec ---------------------------------------------------------------------------------
@@ -471,3 +550,26 @@ def test_device_profile_with_slowdown() -> None:
 def test_device_profile_with_slowdown_rejects(factor: float) -> None:
     with pytest.raises(ProfileError):
         _profile().with_slowdown(factor)
+    with pytest.raises(ProfileError):
+        _profile().with_slowdown(2.0, memory_slowdown=factor)
+
+
+def test_device_profile_without_memory_factor_keeps_its_old_form() -> None:
+    data = _profile().with_slowdown(2.0).to_dict()
+    assert "memory_slowdown" not in data and "memory_nodes" not in data
+
+
+def test_device_profile_memory_factor_survives_with_slowdown() -> None:
+    slow = _profile().with_slowdown(2.0, memory_slowdown=3.0, memory_nodes=frozenset({"fc"}))
+    slower = slow.with_slowdown(2.0)
+    assert slower.memory_slowdown == 3.0 and slower.memory_nodes == {"fc"}
+    assert slower.slowdown == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("nodes", [["nope"], [3], "fc"])
+def test_device_profile_rejects_bad_memory_nodes(nodes: Any) -> None:
+    data = _profile().with_slowdown(1.0, memory_slowdown=2.0, memory_nodes=frozenset({"fc"}))
+    raw = data.to_dict()
+    raw["memory_nodes"] = nodes
+    with pytest.raises(ProfileError):
+        DeviceProfile.from_dict(raw)

@@ -7,12 +7,13 @@ The split machinery imports onnx, so it is imported inside these functions: a de
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeoffload.cli._options import load_inputs, parse_dims
 from edgeoffload.cli._render import progress_bar
-from edgeoffload.core.presets import device_slowdown
+from edgeoffload.core.presets import DeviceClass, apply_device_class, device_class, op_classes_of
 
 if TYPE_CHECKING:
     from edgeoffload.split.analysis import Analysis
@@ -56,10 +57,21 @@ def profiles_for(
     device = load_profile(device_profile) if device_profile is not None else measured
     server = load_profile(server_profile) if server_profile is not None else measured
     assert device is not None and server is not None  # measured whenever a file is missing
-    slowdown = device_slowdown(device_class)
-    if slowdown != 1.0:
-        device = device.with_slowdown(slowdown, name=f"{device_class} ({slowdown:g}x slower)")
+    target = parse_device_class(device_class, notes)
+    if target.name != "this-machine":
+        device = apply_device_class(device, target, op_classes_of(analysis.graph.nodes))
         notes.append(
-            f"device = {device.name} than {'its profile' if device_profile else 'this machine'}"
+            f"device = {device.name} vs {'its profile' if device_profile else 'this machine'}"
+            " (an estimate from published benchmarks: `edgeoffload profile` on the real "
+            "device is better)"
         )
     return device, server, notes
+
+
+def parse_device_class(text: str, notes: list[str]) -> DeviceClass:
+    """``--device``: a deprecated name's warning becomes a note the command prints."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        target = device_class(text)
+    notes.extend(f"warning: {w.message}" for w in caught if issubclass(w.category, FutureWarning))
+    return target

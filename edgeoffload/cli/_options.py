@@ -40,8 +40,10 @@ DeviceClassOpt = Annotated[
     str,
     typer.Option(
         "--device",
-        help="How much slower the device is than its profile: this-machine, phone (2x), "
-        "rpi (4x) or a factor.",
+        help="The device, as slowdowns of its profile calibrated from published benchmarks: "
+        "rpi4, rpi5, pi-zero-2, phone-mid, phone-flagship, this-machine, or a factor such as "
+        "3.5 (phone and rpi: deprecated, = phone-mid and rpi4). Best: a profile measured on "
+        "the device (edgeoffload profile) with --device this-machine.",
     ),
 ]
 CodecOpt = Annotated[

@@ -152,13 +152,47 @@ def decoder_table(report: Any, chosen: Any, *, title: str) -> Table:
 
 def decoder_summary_lines(chosen: Any, bundle: Any, elapsed: float) -> list[str]:
     gen = bundle.manifest.verification.get("generation", {})
-    return [
+    lines = [
         f"chose {chosen.label} ({chosen.cut.id}): predicted TTFT {chosen.ttft_ms:.1f} ms, "
-        f"{1e3 / chosen.tpot_ms:.1f} tokens/s -> {bundle.path}",
+        f"{1e3 / chosen.tpot_ms:.1f} tokens/s, device memory "
+        f"{fmt_bytes(chosen.device_memory_bytes)} -> {bundle.path}",
         f"verified: greedy decoding through the split matches the full model "
         f"({gen.get('steps')} steps, {'bit-exact' if gen.get('exact') else 'within tolerance'}); "
         f"split took {elapsed:.1f} s",
     ]
+    return lines + weights_lines(bundle, indent="")
+
+
+def weights_lines(bundle: Any, *, indent: str = "  ") -> list[str]:
+    """How a bundle's parts store their weights, and the measured quality (if quantised)."""
+    m = bundle.manifest
+    if not m.weights:
+        return [f"{indent}weights: fp32 (as cut)"]
+    parts = []
+    for label in ("head", "tail"):
+        record = m.weights.get(label)
+        if record is None:
+            continue
+        kind = record.get("dtype", "?")
+        if "block" in record:
+            kind += f" {str(record.get('scheme', '')).upper()} block {record['block']} " + (
+                "sym" if record.get("symmetric") else "asym"
+            )
+            if record.get("compute", "fp32") != "fp32":
+                kind += f", {record['compute']} compute"
+        part = getattr(m, label)
+        size = (bundle.path / part.file).stat().st_size if part is not None else 0
+        parts.append(f"{label} {kind} ({fmt_bytes(size)} file)")
+    lines = [f"{indent}weights: {', '.join(parts)}"]
+    q = m.quality
+    if q:
+        lines.append(
+            f"{indent}quality vs fp32: teacher-forced top-1 agreement {q['agreement']:.1%} over "
+            f"{q['positions']} positions ({q['prompts']} prompts x {q['new_tokens']} tokens); "
+            f"perplexity {q['perplexity']:.3f} vs {q['perplexity_fp32']:.3f} "
+            f"({q['perplexity_change']:+.1%}) on {q['text']['file']}"
+        )
+    return lines
 
 
 def manifest_lines(bundle: Any, *, signature: str | None = None) -> list[str]:
@@ -180,6 +214,7 @@ def manifest_lines(bundle: Any, *, signature: str | None = None) -> list[str]:
         )
     crossing = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.crossing)
     lines.append(f"  crossing: {crossing or '(nothing: all-local)'}")
+    lines.extend(weights_lines(bundle))
     if m.ort is not None:
         files = ", ".join(f"{f.file} sha256 {f.sha256[:16]}…" for f in m.ort.files())
         lines.append(f"  ort ({m.ort.optimization}, onnxruntime {m.ort.onnxruntime}): {files}")

@@ -187,7 +187,7 @@ def _stdin_turns() -> Iterator[str]:
 
 def demo(
     network: NetworkOpt = "wifi",
-    device: DeviceClassOpt = "rpi",
+    device: DeviceClassOpt = "rpi4",
     model: Annotated[
         str, typer.Option("--model", help="Model to demo (default: embedded MobileNetV2).")
     ] = "zoo:mobilenetv2",

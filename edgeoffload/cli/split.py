@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from edgeoffload.bundle import MANIFEST, load_bundle
-from edgeoffload.cli._analysis import analysis_of, profiles_for, resolve_model
+from edgeoffload.cli._analysis import (
+    analysis_of,
+    parse_device_class,
+    profiles_for,
+    resolve_model,
+)
 from edgeoffload.cli._options import (
     CodecOpt,
     DeviceClassOpt,
@@ -43,8 +48,8 @@ from edgeoffload.cli._render import (
     verification_line,
 )
 from edgeoffload.core.costmodel import Constraints
-from edgeoffload.core.presets import device_slowdown, parse_link, parse_size
-from edgeoffload.errors import BadSignature, UsageError
+from edgeoffload.core.presets import apply_device_class, op_classes_of, parse_link, parse_size
+from edgeoffload.errors import BadSignature, PlanError, UsageError
 from edgeoffload.signing import read_signature, signature_holds
 from edgeoffload.types import LinkProfile
 
@@ -56,7 +61,7 @@ def cuts(
     network: NetworkOpt = "wifi",
     device_profile: DeviceProfileOpt = None,
     server_profile: ServerProfileOpt = None,
-    device: DeviceClassOpt = "phone",
+    device: DeviceClassOpt = "phone-mid",
     codec: CodecOpt = "auto",
     threads: ThreadsOpt = 1,
     show_all: Annotated[
@@ -133,7 +138,7 @@ def split(
     network: NetworkOpt = "wifi",
     device_profile: DeviceProfileOpt = None,
     server_profile: ServerProfileOpt = None,
-    device: DeviceClassOpt = "phone",
+    device: DeviceClassOpt = "phone-mid",
     objective: Annotated[str, typer.Option("--objective", help="latency or energy.")] = "latency",
     max_device_memory: Annotated[
         str | None,
@@ -166,12 +171,64 @@ def split(
     new_tokens: Annotated[
         int, typer.Option("--new-tokens", min=1, help="Decoders: typical reply length.")
     ] = 64,
+    head_weights: Annotated[
+        str,
+        typer.Option(
+            "--head-weights",
+            help="Decoders: store the head's weights as int4, int8, fp16 or fp32 (as cut).",
+        ),
+    ] = "fp32",
+    tail_weights: Annotated[
+        str,
+        typer.Option("--tail-weights", help="Decoders: the same for the tail (edge server)."),
+    ] = "fp32",
+    weights_block: Annotated[
+        int,
+        typer.Option(
+            "--weights-block", help="int4/int8: weights per quantisation block (32, 64, 128)."
+        ),
+    ] = 32,
+    weights_symmetric: Annotated[
+        bool,
+        typer.Option(
+            "--weights-symmetric/--weights-asymmetric",
+            help="int4/int8: symmetric blocks (no zero point) or asymmetric (default).",
+        ),
+    ] = False,
+    weights_method: Annotated[
+        str,
+        typer.Option(
+            "--weights-method",
+            help="int4: rtn (round to nearest, default) or hqq (half-quadratic fit, needs "
+            "torch; the embedding stays RTN).",
+        ),
+    ] = "rtn",
+    weights_compute: Annotated[
+        str,
+        typer.Option(
+            "--weights-compute",
+            help="int4/int8: what MatMulNBits computes in: fp32 (default) or int8 (activations "
+            "quantised per block: faster decode, other numerics; measured like the rest).",
+        ),
+    ] = "fp32",
+    max_quality_loss: Annotated[
+        float | None,
+        typer.Option(
+            "--max-quality-loss",
+            min=0.0,
+            max=1.0,
+            help="Quantised weights: refuse the bundle if teacher-forced top-1 agreement with "
+            "fp32 is lower than 1 - X (0.05: at least 95 %).",
+        ),
+    ] = None,
 ) -> None:
     """Choose a cut for MODEL, split it, verify the halves and write a bundle.
 
     MODEL is an ONNX file, zoo:NAME, or a folder (an export with model.onnx, or a Hugging Face
     decoder folder, exported with past key values first). Decoder LLMs are cut between blocks
     and priced for a reply (--prompt-tokens, --new-tokens); each side keeps its KV cache.
+    --head-weights/--tail-weights quantise each part after the cut and measure the bundle
+    against the fp32 model (agreement, perplexity; stored in the manifest).
     """
     from edgeoffload.split.splitter import split_model  # imports onnx
 
@@ -182,6 +239,15 @@ def split(
     )
     link = parse_link(network)
     resolved = resolve_model(model)
+    weights = WeightOptions(
+        head_weights,
+        tail_weights,
+        weights_block,
+        weights_symmetric,
+        weights_method,
+        weights_compute,
+        max_quality_loss,
+    )
     if _is_decoder(resolved):
         _split_decoder(
             resolved,
@@ -197,10 +263,16 @@ def split(
             new_tokens=new_tokens,
             as_json=as_json,
             started=started,
+            weights=weights,
         )
         return
     if head_layers is not None:
         raise UsageError("--head-layers is for decoder LLMs; use --cut for other models")
+    if weights.changed:
+        raise UsageError(
+            "--head-weights/--tail-weights/--max-quality-loss are for decoder LLMs",
+            hint="the quality of quantised weights is measured by generating text",
+        )
     analysis = analysis_of(model, dim, input_path)
     chosen_cut = analysis.graph.find_cut(cut, analysis.cuts) if cut else None
     dev, srv, notes = profiles_for(
@@ -240,6 +312,33 @@ def split(
         out.print(f"plot: {plot}")
 
 
+@dataclass(frozen=True)
+class WeightOptions:
+    """The split's weight options as given (parsed into schemes where onnx is loaded)."""
+
+    head: str
+    tail: str
+    block: int
+    symmetric: bool
+    method: str
+    compute: str
+    max_quality_loss: float | None
+
+    @property
+    def changed(self) -> bool:
+        return (self.head, self.tail) != ("fp32", "fp32") or self.max_quality_loss is not None
+
+    def schemes(self) -> tuple[Any, Any]:
+        from edgeoffload.split.weights import WeightScheme  # imports onnx
+
+        def scheme(kind: str) -> Any:
+            # HQQ is an int4 method: an int8 or fp16 side of the same split stays RTN.
+            method = self.method if kind == "int4" else "rtn"
+            return WeightScheme(kind, self.block, self.symmetric, method, self.compute)
+
+        return scheme(self.head), scheme(self.tail)
+
+
 def _print_split_json(output: Path, elapsed: float, report: Any, bundle: Any, **extra: Any) -> None:
     """The --json answer of ``split``: the bundle, the time, the plan and its verification."""
     data = {"bundle": str(output), "seconds": round(elapsed, 3), "report": report.to_dict()}
@@ -277,8 +376,10 @@ def _split_decoder(
     new_tokens: int,
     as_json: bool,
     started: float,
+    weights: WeightOptions,
 ) -> None:
-    """`split` for a decoder LLM: cut between blocks, priced for a reply."""
+    """`split` for a decoder LLM: cut between blocks, priced for a reply (the head's memory
+    with its weights as stored), quantised and measured when asked."""
     from edgeoffload.core.gencost import GenerationWorkload
     from edgeoffload.split.decoder_split import (  # imports onnx
         DecoderAnalysis,
@@ -290,26 +391,45 @@ def _split_decoder(
 
     if cut is not None:
         raise UsageError("decoders are cut between blocks: use --head-layers N, not --cut")
+    head_scheme, tail_scheme = weights.schemes()
     codec, notes = decoder_codec(codec)
     with progress_bar() as progress:
         if progress:
             progress("analysing the decoder (prefill and decode step)", 0.1)
         analysis = DecoderAnalysis.of(model, workload=GenerationWorkload(prompt_tokens, new_tokens))
         check_head_layers(head_layers, analysis.blocks)
-        slowdown = device_slowdown(device_class)
+        target = parse_device_class(device_class, notes)
 
         def profiles(phase: Any) -> tuple[Any, Any]:
             if progress:
                 progress("profiling this machine", 0.4)
             measured = phase.profile(threads=threads)
-            device = measured.with_slowdown(slowdown, name=f"{device_class} ({slowdown:g}x)")
+            device = apply_device_class(measured, target, op_classes_of(phase.graph.nodes))
             return device, measured
 
-        report = analysis.plan(profiles=profiles, link=link, codec=codec, constraints=constraints)
+        try:
+            report = analysis.plan(
+                profiles=profiles,
+                link=link,
+                codec=codec,
+                constraints=constraints,
+                head_weights=head_scheme,
+            )
+        except PlanError as exc:
+            lighter = analysis.lighter_weights_hint(constraints, head_scheme)
+            if lighter is None:
+                raise
+            raise PlanError(exc.message, hint=f"{lighter}; or {exc.hint}") from None
         chosen, forced = choose_decoder_plan(report, head_layers)
         notes += forced
+        if not chosen.feasible:
+            notes.append(f"the forced cut is over the constraints: {chosen.why_infeasible}")
+            lighter = analysis.lighter_weights_hint(constraints, head_scheme, head_layers)
+            if lighter is not None:
+                notes.append(lighter)
         if progress:
-            progress(f"splitting ({chosen.label}) and verifying generation", 0.7)
+            measure = " (then quantising and measuring quality)" if weights.changed else ""
+            progress(f"splitting ({chosen.label}) and verifying generation{measure}", 0.7)
         bundle = split_decoder(
             model,
             output,
@@ -317,10 +437,16 @@ def _split_decoder(
             codec=codec,
             report=report,
             analysis=analysis.step,
+            head_weights=head_scheme,
+            tail_weights=tail_scheme,
+            max_quality_loss=weights.max_quality_loss,
+            threads=threads,
         )
     elapsed = time.perf_counter() - started
     if as_json:
-        _print_split_json(output, elapsed, report, bundle, chosen=chosen.to_dict())
+        m = bundle.manifest
+        extra = {"chosen": chosen.to_dict(), "weights": m.weights, "quality": m.quality}
+        _print_split_json(output, elapsed, report, bundle, **extra)
         return
     print_notes(notes)
     title = (

@@ -2,7 +2,8 @@
 
 For a cut with head H and tail T, and a codec C::
 
-    device_ms   = head time on the device            (calibrated profile, x slowdown)
+    device_ms   = head time on the device            (calibrated profile, x slowdown,
+                                                      memory-bound nodes x memory_slowdown)
     encode_ms   = crossing bytes / device codec rate (quantise + compress)
                   + wire bytes / device channel rate (framing + encryption)
                   + wire bytes / websocket rate / 2 + overhead / 2
@@ -20,6 +21,12 @@ Head times come from per-node kernel times summed over the head and mapped throu
 profile's calibration curve (piecewise linear between real timings of optimised head
 sessions, see :mod:`edgeoffload.split.profiler`). Tail time is total minus head plus one session
 overhead, so head + tail is consistent with the measured full model.
+
+A device class (:func:`edgeoffload.core.presets.apply_device_class`) slows compute-bound and
+memory-bound nodes by different factors. The calibrated time of a part is scaled by the
+part's time-weighted mean factor (raw ms of each node x its factor, over raw ms), so a head of
+pooling and normalisation slows down by the memory factor and a head of convolutions by the
+compute factor, while the calibration curve (fusion, session overhead) stays the one measured.
 
 Energy (device only, millijoules since W x ms = mJ)::
 
@@ -172,8 +179,13 @@ class ComputeModel:
             )
         self.profile = profile
         self.prefix_raw = [0.0]
+        # the same sums with each node's device factor applied (memory-bound nodes slower)
+        self.prefix_scaled = [0.0]
         for name in node_order:
-            self.prefix_raw.append(self.prefix_raw[-1] + profile.node_ms[name])
+            ms = profile.node_ms[name]
+            factor = profile.memory_slowdown if name in profile.memory_nodes else 1.0
+            self.prefix_raw.append(self.prefix_raw[-1] + ms)
+            self.prefix_scaled.append(self.prefix_scaled[-1] + ms * factor)
         points = sorted((p.raw_ms, p.measured_ms) for p in profile.calibration)
         if not points:
             points = [(0.0, 0.0), (self.prefix_raw[-1], self.prefix_raw[-1])]
@@ -192,6 +204,12 @@ class ComputeModel:
         slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
         return max(0.0, y0 + slope * (raw_ms - x0))
 
+    def _mean_factor(self, start: int, stop: int) -> float:
+        """Time-weighted mean device factor of nodes [start, stop) (1.0 when they take 0 ms)."""
+        raw = self.prefix_raw[stop] - self.prefix_raw[start]
+        scaled = self.prefix_scaled[stop] - self.prefix_scaled[start]
+        return scaled / raw if raw > 0 else 1.0
+
     @property
     def overhead_ms(self) -> float:
         return self._calibrated(0.0) * self.profile.slowdown
@@ -199,7 +217,10 @@ class ComputeModel:
     def head_ms(self, k: int) -> float:
         if k == 0:
             return 0.0
-        return self._calibrated(self.prefix_raw[k]) * self.profile.slowdown
+        # the session overhead (the curve at 0 ms) is not node work: compute factor only
+        overhead = self._calibrated(0.0)
+        compute = (self._calibrated(self.prefix_raw[k]) - overhead) * self._mean_factor(0, k)
+        return (compute + overhead) * self.profile.slowdown
 
     def tail_ms(self, k: int) -> float:
         n = len(self.prefix_raw) - 1
@@ -207,7 +228,9 @@ class ComputeModel:
             return 0.0
         full = self._calibrated(self.prefix_raw[n])
         head = self._calibrated(self.prefix_raw[k]) if k > 0 else self._calibrated(0.0)
-        return (full - head + self._calibrated(0.0)) * self.profile.slowdown
+        overhead = self._calibrated(0.0)
+        compute = (full - head) * self._mean_factor(k, n)
+        return (compute + overhead) * self.profile.slowdown
 
 
 # Fixed cost of one offloaded request in the runtime (asyncio, websockets, msgpack, one AEAD
@@ -223,11 +246,12 @@ def _codec_rate(profile: DeviceProfile, direction: str, codec: str) -> float:
     ``websocket`` the websocket layer (both ends measured together: half is charged to each
     side). Unmeasured rates fall back to defaults: a memcpy for "none", ~1 GB/s for the
     channel, nothing for websockets (old profiles), zstd-like speed for anything else.
+    Codecs stream bytes, so a device class slows them by its memory-bound factor.
     """
     rate = profile.codec_bps.get(f"{direction}:{codec}")
     if rate is None:
         rate = {"none": 2e9, "transport": 1e9, "websocket": math.inf}.get(codec, 3e8)
-    return rate / profile.slowdown
+    return rate / (profile.slowdown * profile.memory_slowdown)
 
 
 def evaluate(

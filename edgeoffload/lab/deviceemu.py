@@ -5,19 +5,14 @@ a child process whose CPU time is capped by the kernel's CFS bandwidth controlle
 cgroup gets ``quota = fraction * period`` microseconds of CPU per ``period`` (4 ms), so a
 single-threaded child runs at ``fraction`` of this machine's core speed.
 
-Device classes (fraction of one core of *this* machine):
-
-=======  ========  ============================================================================
-class    fraction  why
-=======  ========  ============================================================================
-rpi      0.25      a Raspberry Pi 4 core (Cortex-A72, 1.5 GHz) is roughly 4x slower than a
-                   current x86 server core on CNN inference
-phone    0.5       a phone's big core is roughly 2x slower
-=======  ========  ============================================================================
-
-They are ``1 / slowdown`` of :data:`edgeoffload.core.presets.DEVICE_CLASSES` (4.0 and 2.0), so a
-profile measured on the emulated device and a profile scaled by the preset describe the same
-device; the tests check that the two tables agree.
+Device classes: the fraction for a class is ``1 / DeviceClass.uniform`` of
+:data:`edgeoffload.core.presets.DEVICE_CLASSES` (one table: the calibrated classes and their
+sources are documented there and in the README), e.g. ``rpi4`` 0.100, ``phone-mid`` 0.234,
+``pi-zero-2`` 0.034 of a core. ``uniform`` mixes the class's compute and memory-bound
+factors as MobileNetV2 does, so an emulated device runs MobileNetV2 as fast as the published
+hardware; a model with another mix of operators is only approximately right (the emulator
+cannot slow memory-bound work more than compute). The deprecated names ``phone`` and
+``rpi`` resolve to ``phone-mid`` and ``rpi4``.
 
 What the emulation does and does not capture: it slows *compute* (and everything else the
 child does on the CPU) uniformly. It does not emulate a smaller cache, lower memory bandwidth
@@ -27,7 +22,12 @@ compute-bound ones. Quotas are enforced per 4 ms period: a child may run at full
 of jitter to short operations. The period is as short as the kernel's 1 ms minimum quota
 allows for a quarter core: with the usual 100 ms (or even 10 ms) period, a 5 ms head's
 latency depends on where in the period it starts, which no real device does (measured in the
-lab: heads of similar cost took 21 or 46 ms with a 10 ms period).
+lab: heads of similar cost took 21 or 46 ms with a 10 ms period). At the calibrated classes'
+small fractions even the 1 ms minimum quota is too coarse: an idle child banks it, so a head of
+~1 ms of CPU after a wait for the network runs at full speed (measured: 0.03-0.23 of the
+intended time, ``benchmarks/deviceemu_noise.py``). ``pace=True`` (what the lab uses) holds the
+child with :mod:`edgeoffload.lab.pacer` instead; the quota stays for the fleet benchmark's
+servers, whose tails are long.
 
 Mechanisms, chosen once per process by :func:`cpu_limit_method`:
 
@@ -66,12 +66,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from edgeoffload.core import presets
 from edgeoffload.errors import EdgeOffloadError, UsageError
+from edgeoffload.lab.pacer import Pacer
 
 log = logging.getLogger("edgeoffload.lab.deviceemu")
 
-DEVICE_CLASSES: dict[str, float] = {"rpi": 0.25, "phone": 0.5}
-"""Fraction of one core of this machine per device class (``1 / presets.DEVICE_CLASSES``)."""
+DEVICE_CLASSES: dict[str, float] = {
+    name: 1.0 / device.uniform
+    for name, device in presets.DEVICE_CLASSES.items()
+    if name != "this-machine"
+}
+"""Fraction of one core of this machine per device class (``1 / presets' uniform slowdown``)."""
 
 MAX_FRACTION = 64.0
 PERIOD_US = 4_000
@@ -206,7 +212,8 @@ def cpu_limit_method() -> str:
 
 
 def cpu_fraction(name_or_value: str | float) -> float:
-    """A device class name (``"rpi"``, ``"phone"``) or a fraction of one core in (0, 64].
+    """A device class name (``"rpi4"``, ``"phone-mid"``, ...; the deprecated ``"rpi"`` and
+    ``"phone"`` with a FutureWarning) or a fraction of one core in (0, 64].
 
     Raises:
         UsageError: unknown class, not a number, or out of range.
@@ -215,6 +222,8 @@ def cpu_fraction(name_or_value: str | float) -> float:
         raise UsageError(f"CPU fraction must be a number, got {name_or_value!r}")
     if isinstance(name_or_value, str):
         key = name_or_value.strip().lower()
+        if key in presets.DEVICE_ALIASES:
+            key = presets.device_class(key).name  # warns once, like the cost model's parser
         if key in DEVICE_CLASSES:
             return DEVICE_CLASSES[key]
         try:
@@ -306,13 +315,17 @@ class CpuLimitedProcess:
     Use it as a context manager: leaving the block waits for nothing, kills the child (and its
     descendants) if it is still running and removes the cgroup, also when the block raises::
 
-        with CpuLimitedProcess(cmd, cpu_fraction("rpi")) as proc:
+        with CpuLimitedProcess(cmd, cpu_fraction("rpi4")) as proc:
             if proc.wait(600) != 0:
                 ...
 
+    With ``pace=True`` and a fraction below one core, the child is held to its fraction by a
+    :class:`~edgeoffload.lab.pacer.Pacer` (stopped whenever it is ahead) instead of a quota:
+    no cgroup, no root, and no full-speed burst after idle — what millisecond heads need.
+
     Attributes:
-        method: the mechanism that actually applied: ``"cgroup-v1"``, ``"cgroup-v2"`` or
-            ``"threads-only"`` (no cgroup: the child runs unthrottled).
+        method: the mechanism that actually applied: ``"cgroup-v1"``, ``"cgroup-v2"``,
+            ``"pace"`` or ``"threads-only"`` (no cgroup: the child runs unthrottled).
         fraction: the requested fraction of one core.
         quota_us: the CPU time allowed per ``PERIOD_US`` (None with ``"threads-only"``).
         threads: the value given to the intra-op thread variables (1 below two cores).
@@ -334,20 +347,23 @@ class CpuLimitedProcess:
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
         text: bool = False,
+        pace: bool = False,
     ) -> None:
         self.fraction = cpu_fraction(fraction)
         self.threads = max(1, int(self.fraction))
         self.quota_us: int | None = None
         self.cgroup_path: Path | None = None
+        self.pacer: Pacer | None = None
         self._closed = False
+        pace = pace and self.fraction < 1.0  # a pacer holds one core at most
 
         child_env = dict(os.environ if env is None else env)
         for name in THREAD_ENV_VARS:
             child_env[name] = str(self.threads)
 
         preexec = None
-        method = cpu_limit_method()
-        if method != "none":
+        method = "pace" if pace else cpu_limit_method()
+        if method not in ("none", "pace"):
             try:
                 self.cgroup_path, self.quota_us = self._make_cgroup(method)
                 preexec = _join_cgroup_fn(str(self.cgroup_path / "cgroup.procs"))
@@ -368,6 +384,12 @@ class CpuLimitedProcess:
                 self.threads,
             )
 
+        if pace:  # up before the child, so that it is paced from its first milliseconds
+            try:
+                self.pacer = Pacer(self.fraction).start()
+            except BaseException:
+                self._closed = True
+                raise
         try:
             self.popen = subprocess.Popen(
                 cmd,
@@ -381,8 +403,12 @@ class CpuLimitedProcess:
             )
         except BaseException:
             self._remove_cgroup()
+            if self.pacer is not None:
+                self.pacer.close()
             self._closed = True
             raise
+        if self.pacer is not None:
+            self.pacer.attach(self.popen.pid)
         with _live_lock:
             _live.add(self)
         log.debug(
@@ -399,9 +425,10 @@ class CpuLimitedProcess:
         with _counter_lock:
             n = next(_counter)
         path = parent / f"{_PREFIX}-{os.getpid()}-{n}"
-        # Small fractions need a longer period: the kernel refuses quotas below 1 ms.
+        # Small fractions need a longer period: the kernel refuses quotas below 1 ms. The quota
+        # is rounded up (int() gave 999 us for 0.234 of a core: EINVAL, run unthrottled).
         period = max(PERIOD_US, math.ceil(MIN_QUOTA_US / self.fraction))
-        quota = int(self.fraction * period)
+        quota = max(MIN_QUOTA_US, round(self.fraction * period))
         path.mkdir()
         try:
             if method == "cgroup-v1":
@@ -471,6 +498,8 @@ class CpuLimitedProcess:
         self._closed = True
         with _live_lock:
             _live.discard(self)
+        if self.pacer is not None:
+            self.pacer.close()  # resumes the child, so that SIGTERM reaches a running process
         try:
             if self.popen.poll() is None:
                 if grace > 0:

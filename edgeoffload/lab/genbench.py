@@ -34,6 +34,9 @@ from edgeoffload.lab.stats import Environment, Record, Spread, elapsed_ms, envir
 
 log = logging.getLogger("edgeoffload.lab.genbench")
 
+# The quality report a quantised split writes, kept short here: this benchmark is about speed.
+QUICK_QUALITY = {"prompts": 2, "new_tokens": 8}
+
 PROMPT_TEXT = (
     "Edge servers let small devices run large models. A phone keeps the first blocks of a "
     "language model and their cache, a nearby server runs the rest, and only a hidden state "
@@ -131,6 +134,12 @@ class GenerationResult(Record):
     split_seconds: float
     memory: GenerationMemory
     environment: Environment
+    # How each part stores its weights ("fp32" as cut); the unsplit baseline is the whole
+    # model quantised the same way per node, so the token check still holds.
+    head_weights: str = "fp32"
+    tail_weights: str = "fp32"
+    weights_method: str = "rtn"
+    weights_compute: str = "fp32"
     benchmark: str = field(default="generate", init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +175,10 @@ def bench_generation(
     network: str | None = None,
     work_dir: Path | None = None,
     pin: bool = True,
+    head_weights: str = "fp32",
+    tail_weights: str = "fp32",
+    weights_method: str = "rtn",
+    weights_compute: str = "fp32",
 ) -> GenerationResult:
     """Split ``model`` after ``head_layers`` blocks (default: half of them) and compare
     generation with the unsplit model: TTFT, decode tokens/s, bytes per token, memory.
@@ -173,9 +186,19 @@ def bench_generation(
     ``pin``: with 2+ CPUs, the server process gets the last CPU and this process (device and
     unsplit baseline) the others, as if they were two machines; without it the scheduler
     moves both between cores, which costs the ping-ponging split more than the baseline.
+
+    ``head_weights`` / ``tail_weights`` (int4, int8, fp16; RTN, block 32, asymmetric) store
+    each part quantised; the unsplit baseline is then the whole model quantised the same way
+    per node (:func:`edgeoffload.split.weights.quantize_unsplit`). Run it twice (fp32, then
+    quantised) to compare quantised against fp32 speed.
     """
     from edgeoffload.split.analysis import Analysis
-    from edgeoffload.split.decoder_split import layout_of, split_decoder  # needs onnx (heavy)
+    from edgeoffload.split.decoder_split import (  # needs onnx (heavy)
+        block_cuts,
+        layout_of,
+        split_decoder,
+    )
+    from edgeoffload.split.weights import WeightScheme, quantize_unsplit
 
     if runs < 1 or new_tokens < 2:
         raise UsageError("runs must be >= 1 and new_tokens >= 2")
@@ -187,14 +210,34 @@ def bench_generation(
         analysis = Analysis.of(model)
         if head_layers is None:
             head_layers = layout_of(analysis).num_layers // 2
-        bundle = split_decoder(model, root / "bundle", head_layers=head_layers, analysis=analysis)
+        schemes = tuple(
+            WeightScheme(
+                kind,
+                method=weights_method if kind == "int4" else "rtn",
+                compute=weights_compute,
+            )
+            for kind in (head_weights, tail_weights)
+        )
+        bundle = split_decoder(
+            model,
+            root / "bundle",
+            head_layers=head_layers,
+            analysis=analysis,
+            head_weights=schemes[0],
+            tail_weights=schemes[1],
+            quality_settings=QUICK_QUALITY,  # measured for real by split itself
+        )
         split_s = time.perf_counter() - started
+        baseline: Any = model
+        if head_weights != "fp32" or tail_weights != "fp32":
+            cut = block_cuts(analysis)[head_layers]
+            baseline = quantize_unsplit(analysis.graph, cut, *schemes).SerializeToString()
         keys = ThrowawayKeys.create(root / "keys", devices=("bench",))
         manifest = bundle.manifest
         state = {e["input"]: e["output"] for e in manifest.state}
         layout = DecoderLayout.of(manifest.graph_inputs, manifest.graph_outputs, state)
         prompt = prompt_ids(bundle, layout, prompt_tokens)
-        session = make_session(model, threads=threads)
+        session = make_session(baseline, threads=threads)
         with spawn_server(
             [bundle.path],
             keys,
@@ -251,7 +294,9 @@ def bench_generation(
         split_seconds=round(split_s, 2),
         memory=GenerationMemory(
             device_split_weights_bytes=head_bytes,
-            device_unsplit_weights_bytes=model.stat().st_size,
+            device_unsplit_weights_bytes=(
+                len(baseline) if isinstance(baseline, bytes) else model.stat().st_size
+            ),
             device_split_kv_bytes=head_kv_token * context,
             device_unsplit_kv_bytes=kv_token * context,
             server_kv_bytes_per_session=(kv_token - head_kv_token) * context,
@@ -259,6 +304,10 @@ def bench_generation(
             server_rss_generating_kib=measured.server_rss_generating_kib,
         ),
         environment=environment(),
+        head_weights=head_weights,
+        tail_weights=tail_weights,
+        weights_method=weights_method,
+        weights_compute=weights_compute,
     )
 
 
@@ -356,7 +405,8 @@ def format_result(result: GenerationResult) -> list[str]:
         f"{Path(result.model).name}: {result.head_layers}/{result.layers} blocks on the "
         f"device, {result.prompt_tokens}-token prompt, {result.new_tokens} new tokens, "
         f"{result.threads_per_side} thread(s) per side, {result.network}, "
-        f"{result.runs} runs (median [min-max])",
+        f"{result.runs} runs (median [min-max]); weights head {result.head_weights}, tail "
+        f"{result.tail_weights} ({result.weights_method}, compute {result.weights_compute})",
         f"decode tokens/s  split {s.decode_tokens_per_s}  unsplit "
         f"{u.decode_tokens_per_s}  ratio {result.decode_ratio}",
         f"TTFT ms          split {s.ttft_ms}  unsplit {u.ttft_ms}",

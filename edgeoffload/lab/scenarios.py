@@ -3,7 +3,8 @@
 For one model, one device class and one link preset, a scenario
 
 1. profiles the model on the emulated device (``edgeoffload profile`` inside a process held to
-   a fraction of one core, :mod:`edgeoffload.lab.deviceemu`) and on the server (this machine),
+   the class's fraction of one core by the pacer, :mod:`edgeoffload.lab.deviceemu` /
+   :mod:`edgeoffload.lab.pacer`) and on the server (this machine),
 2. asks the cost model for its choice (plus the per-cut plans),
 3. starts the edge server (its own process, full speed) behind the userspace link emulator
    (:mod:`edgeoffload.lab.linkemu`, a pipe with the preset's rates and delay),
@@ -58,7 +59,8 @@ MODELS = {
     "minilm": ("zoo:minilm", {"sequence_length": 128}),
 }
 LINKS = ("3g", "lte", "wifi", "ethernet")
-DEVICES = ("phone", "rpi")
+# Calibrated real-hardware classes (core.presets); any name in deviceemu.DEVICE_CLASSES works.
+DEVICES = ("phone-mid", "rpi4")
 COMPONENTS = ("head_ms", "encode_ms", "network_ms", "server_ms", "decode_ms")
 
 
@@ -270,7 +272,8 @@ def run_scenario(
                 job_path = workdir / "job.json"
                 job_path.write_text(json.dumps(job))
                 cmd = [sys.executable, "-m", "edgeoffload.lab.scenarios", "worker", str(job_path)]
-                with CpuLimitedProcess(cmd, cpu_fraction(device_class)) as proc:
+                # paced, not quota'd: a quota lets a millisecond head run at full speed
+                with CpuLimitedProcess(cmd, cpu_fraction(device_class), pace=True) as proc:
                     code = await asyncio.to_thread(proc.wait, 1800)
                     method = proc.method
                 if code != 0:
@@ -420,7 +423,7 @@ def run_lab(
                     device_class,
                     *[f"--dim={k}={v}" for k, v in dims.items()],
                 ]
-                with CpuLimitedProcess(cmd, cpu_fraction(device_class)) as proc:
+                with CpuLimitedProcess(cmd, cpu_fraction(device_class), pace=True) as proc:
                     if proc.wait(1800) != 0:
                         raise RuntimeError(f"profiling on the emulated {device_class} failed")
                 device_profile = load_profile(profile_path)

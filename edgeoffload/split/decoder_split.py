@@ -9,7 +9,7 @@ feeding its own KV cache back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,11 @@ from edgeoffload.core.gencost import (
     PhaseInputs,
     plan_generation,
 )
-from edgeoffload.errors import GraphError, UsageError
+from edgeoffload.errors import GraphError, QualityError, UsageError
 from edgeoffload.split.analysis import Analysis
+from edgeoffload.split.quality import check_quality, measure_quality
 from edgeoffload.split.splitter import split_model
+from edgeoffload.split.weights import WeightScheme, priced_cuts
 from edgeoffload.types import CutPoint, DeviceProfile, LinkProfile
 
 # Files of a Hugging Face / optimum export folder that the device needs to generate text.
@@ -118,13 +120,19 @@ class DecoderAnalysis:
         link: LinkProfile,
         codec: str = "none",
         constraints: Constraints | None = None,
+        head_weights: WeightScheme | None = None,
     ) -> GenerationReport:
-        """Price every block cut; ``profiles(analysis)`` gives (device, server) for a phase."""
+        """Price every block cut; ``profiles(analysis)`` gives (device, server) for a phase.
+
+        ``head_weights``: the head's weights are priced as stored under that scheme (device
+        memory only: the times come from profiles of the fp32 model).
+        """
+        scheme = head_weights or WeightScheme()
         phases = {}
         for name, analysis in (("prefill", self.prefill), ("step", self.step)):
             device, server = profiles(analysis)
             phases[name] = PhaseInputs(
-                analysis.cuts,
+                priced_cuts(analysis.graph, analysis.cuts, scheme),
                 analysis.node_order,
                 device,
                 server,
@@ -133,7 +141,7 @@ class DecoderAnalysis:
         return plan_generation(
             prefill=phases["prefill"],
             step=phases["step"],
-            block_cuts=self.blocks,
+            block_cuts=self.priced_blocks(scheme),
             layout=self.layout,
             head_state=self.head_state(),
             link=link,
@@ -141,6 +149,55 @@ class DecoderAnalysis:
             codec=codec,
             constraints=constraints,
         )
+
+    def priced_blocks(self, scheme: WeightScheme) -> dict[int, CutPoint]:
+        """:attr:`blocks` with the head's weights priced under ``scheme``."""
+        cuts = priced_cuts(self.step.graph, list(self.blocks.values()), scheme)
+        return dict(zip(self.blocks, cuts, strict=True))
+
+    def device_plans(self, scheme: WeightScheme) -> list[tuple[int | None, CutPoint, int]]:
+        """(blocks on the device or None for all-local, cut priced under ``scheme``, device
+        memory of that plan: head weights, peak activations, KV cache at the full context)."""
+        state = self.head_state()
+        context = self.workload.context
+        plans: list[tuple[int | None, CutPoint, int]] = [
+            (k, c, c.device_memory_bytes + self.layout.kv_bytes_per_token(state[k]) * context)
+            for k, c in self.priced_blocks(scheme).items()
+        ]
+        local = priced_cuts(self.step.graph, [self.step.cuts[-1]], scheme)[0]
+        kv = self.layout.kv_bytes_per_token() * context
+        plans.append((None, local, local.device_memory_bytes + kv))
+        return plans
+
+    def lighter_weights_hint(
+        self, constraints: Constraints, current: WeightScheme, head_layers: int | None = None
+    ) -> str | None:
+        """When a device-memory limit is missed, which lighter head weights would meet it:
+        a sentence for an error hint, or None. ``head_layers``: only that plan."""
+        limit = constraints.max_device_memory
+        if limit is None:
+            return None
+        most = self.layout.num_layers + 1
+        for kind in ("int8", "int4"):
+            if WeightScheme(kind).bits >= current.bits:
+                continue
+            scheme = WeightScheme(kind, current.block, current.symmetric)
+            fits = [
+                (most if k is None else k, k, size)
+                for k, cut, size in self.device_plans(scheme)
+                if size <= limit
+                and not constraints.check(cut)
+                and k != 0  # all-remote has no head to quantise
+                and (head_layers is None or k == head_layers)
+            ]
+            if fits:
+                _, blocks, size = max(fits)
+                where = "all-local" if blocks is None else f"{blocks} blocks on the device"
+                return (
+                    f"with --head-weights {kind} the head fits: {where} needs "
+                    f"{size / 2**20:.1f} MiB"
+                )
+        return None
 
 
 def decoder_codec(codec: str) -> tuple[str, list[str]]:
@@ -182,10 +239,22 @@ def split_decoder(
     codec: str = "none",
     report: GenerationReport | None = None,
     analysis: Analysis | None = None,
+    head_weights: WeightScheme | None = None,
+    tail_weights: WeightScheme | None = None,
+    max_quality_loss: float | None = None,
+    quality_settings: Mapping[str, int] | None = None,
+    threads: int = 1,
 ) -> Bundle:
     """Split a decoder ONNX (with past key values) after ``head_layers`` blocks (None: keep
     the whole model on the device). The bundle ships the tokenizer files found next to the
-    model (under ``tokenizer/``)."""
+    model (under ``tokenizer/``).
+
+    With quantised ``head_weights`` / ``tail_weights`` the parts are quantised after the cut
+    and measured against the fp32 model (:func:`measure_quality`; ``quality_settings`` may
+    set its ``prompts``, ``prompt_tokens``, ``new_tokens``, ``window``); the report goes into
+    the manifest, and ``max_quality_loss`` refuses a bundle over that agreement loss
+    (:class:`~edgeoffload.errors.QualityError`, nothing written).
+    """
     analysis = analysis or Analysis.of(model)
     layout_of(analysis)
     if head_layers is None:
@@ -198,15 +267,32 @@ def split_decoder(
                 f"{', '.join(map(str, sorted(cuts)))} blocks"
             )
         cut = cuts[head_layers]
-    bundle = split_model(
+    tokenizer = Path(model).parent
+
+    def quality(head: bytes | None, tail: bytes | None) -> dict[str, Any]:
+        if not (tokenizer / "tokenizer.json").is_file():
+            raise QualityError(
+                f"no tokenizer next to {model}: the quality of quantised weights cannot be "
+                "measured",
+                hint="split an export folder with its tokenizer.json, or keep fp32 weights",
+            )
+        measured = measure_quality(
+            analysis.graph, head, tail, tokenizer, threads=threads, **(quality_settings or {})
+        )
+        check_quality(measured, max_quality_loss)
+        return measured.to_dict()
+
+    return split_model(
         analysis,
         cut,
         out_dir,
         codec=codec,
         extra_files=tokenizer_files(model),
         predicted=report.to_dict() if report is not None else None,
+        head_weights=head_weights,
+        tail_weights=tail_weights,
+        quality=quality,
     )
-    return bundle
 
 
 def describe(report: GenerationReport) -> list[dict[str, Any]]:

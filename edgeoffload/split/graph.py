@@ -105,6 +105,21 @@ def _dtype_name(elem_type: int) -> str | None:
     return name if name in DTYPE_SIZES else None
 
 
+# Packed sub-byte initializers (int4 weights of GatherBlockQuantized): bits per element.
+SUB_BYTE_BITS: dict[int, int] = {int(onnx.TensorProto.INT4): 4, int(onnx.TensorProto.UINT4): 4}
+
+
+def _stored_bytes(init: onnx.TensorProto) -> int:
+    """Bytes a weight takes as stored (quantised weights included)."""
+    if init.raw_data:
+        return len(init.raw_data)
+    count = int(math.prod(init.dims))
+    bits = SUB_BYTE_BITS.get(int(init.data_type))
+    if bits is not None:
+        return -(-count * bits // 8)
+    return DTYPE_SIZES.get(_dtype_name(init.data_type) or "", 4) * count
+
+
 def _dtype_of(vi: onnx.ValueInfoProto) -> str | None:
     if not vi.type.HasField("tensor_type"):
         return None
@@ -184,9 +199,7 @@ class ModelGraph:
 
         self.initializers: dict[str, int] = {}  # name -> bytes
         for init in graph.initializer:
-            dtype = _dtype_name(init.data_type)
-            size = DTYPE_SIZES.get(dtype or "", 4) * math.prod(init.dims)
-            self.initializers[init.name] = size
+            self.initializers[init.name] = _stored_bytes(init)
         for sparse in graph.sparse_initializer:
             self.initializers[sparse.values.name] = 0
 

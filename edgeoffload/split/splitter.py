@@ -8,7 +8,7 @@ head and tail, runs the ONNX checker on each, verifies tail(head(x)) against the
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,26 @@ from edgeoffload.manifest import Manifest, PartInfo, safe_relative
 from edgeoffload.split.analysis import Analysis
 from edgeoffload.split.graph import ModelGraph
 from edgeoffload.split.verify import verify_parts
+from edgeoffload.split.weights import WeightScheme, quantize_model, weights_record
 from edgeoffload.types import CutPoint
+
+# Measures quantised parts (serialised head, tail; None: empty side) -> the manifest's
+# quality record; raises to refuse the bundle (see edgeoffload.split.quality).
+QualityHook = Callable[[bytes | None, bytes | None], Mapping[str, Any]]
 
 
 def _part(name: str, model: Any, graph: ModelGraph, data: bytes) -> tuple[PartInfo, bytes]:
     inputs = tuple(graph.tensor_spec(i.name) for i in model.graph.input)
     outputs = tuple(graph.tensor_spec(o.name) for o in model.graph.output)
     return PartInfo(name, sha256_bytes(data), inputs, outputs), data
+
+
+def _stored(model: Any, data: bytes, scheme: WeightScheme) -> tuple[Any, bytes, dict[str, Any]]:
+    """A verified part with its weights stored as ``scheme`` says: (model, bytes, record)."""
+    if scheme.kind != "fp32":
+        model = quantize_model(model, scheme)
+        data = model.SerializeToString()
+    return model, data, weights_record(model, scheme)
 
 
 def check_part(model: Any, what: str) -> None:
@@ -50,8 +63,17 @@ def split_model(
     verify_samples: int = 2,
     extra_files: Mapping[str, Path] | None = None,
     predicted: Mapping[str, Any] | None = None,
+    head_weights: WeightScheme | None = None,
+    tail_weights: WeightScheme | None = None,
+    quality: QualityHook | None = None,
 ) -> Bundle:
-    """Split at ``cut``, check both parts, verify them on samples, write the bundle."""
+    """Split at ``cut``, check both parts, verify them on samples, write the bundle.
+
+    ``head_weights`` / ``tail_weights`` (default fp32: as cut) store each part's weights
+    quantised. The split is verified exact on the fp32 parts first; each part is quantised
+    after (:mod:`edgeoffload.split.weights`), and ``quality`` measures the quantised parts
+    before anything is written.
+    """
     for rel in extra_files or {}:
         if not safe_relative(rel):
             raise ManifestError(f"extra file {rel!r} is not a safe bundle-relative path")
@@ -66,6 +88,14 @@ def split_model(
         check_part(tail_bytes, "tail")
     samples = [analysis.inputs] + [graph.sample_inputs(seed=s) for s in range(1, verify_samples)]
     verification = verify_parts(graph, cut, head_bytes, tail_bytes, samples, codec=codec)
+    head_scheme, tail_scheme = head_weights or WeightScheme(), tail_weights or WeightScheme()
+    quantised = head_scheme.kind != "fp32" or tail_scheme.kind != "fp32"
+    weights: dict[str, Any] = {}
+    if head_model is not None and head_bytes is not None:
+        head_model, head_bytes, weights["head"] = _stored(head_model, head_bytes, head_scheme)
+    if tail_model is not None and tail_bytes is not None:
+        tail_model, tail_bytes, weights["tail"] = _stored(tail_model, tail_bytes, tail_scheme)
+    quality_record = dict(quality(head_bytes, tail_bytes)) if quality and quantised else {}
     head_reads = set(graph.state_inputs_of(range(cut.index)))
     state = tuple(
         {"side": "device" if name in head_reads else "server", "input": name, "output": out}
@@ -108,5 +138,7 @@ def split_model(
         predicted=predictions,
         verification=verification.to_dict(),
         created_by=f"edgeoffload {__version__}",
+        weights=weights if quantised else {},  # absent: fp32 as cut (older bundles too)
+        quality=quality_record,
     )
     return write_bundle(out_dir, manifest, head=head_data, tail=tail_data)
