@@ -77,8 +77,10 @@ def plot(modes: dict[str, dict[str, Any]], path: Path) -> None:
             color=line.get_color(),
         )
         lat.plot(clients, [r["p99_ms"] for r in rows], marker="^", label=f"{LABELS[mode]} p99")
+    clients = [r["clients"] for r in next(iter(modes.values()))["rows"]]
     for axis in (ax, lat):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(clients, [str(c) for c in clients])
         axis.set_xlabel("concurrent devices")
         axis.legend(fontsize=8)
     ax.set_ylabel("requests / s (x: direct ORT beside each row)")
