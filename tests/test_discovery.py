@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from edgeoffload.edge.advertise import (
 )
 from edgeoffload.errors import UsageError
 from edgeoffload.keys import KeyPair, fingerprint
+from edgeoffload.lab.harness import netns_unavailable
 from edgeoffload.protocol.connection import PROTOCOL_VERSION
 
 HELPER = Path(__file__).with_name("_discovery_netns.py")
@@ -220,23 +220,9 @@ def test_serve_help_shows_advertise():
 # -- end to end, in a network namespace of our own -----------------------------------------------
 
 
-def _netns_unavailable() -> str | None:
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found (util-linux / iproute2)"
-    try:
-        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare -n failed: {exc}"
-    if probe.returncode != 0:
-        reason = probe.stderr.decode(errors="replace").strip()
-        return f"cannot create a network namespace (unshare -n needs root): {reason}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def netns():
-    reason = _netns_unavailable()
+    reason = netns_unavailable()
     if reason:
         pytest.skip(reason)
 

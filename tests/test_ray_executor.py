@@ -15,7 +15,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from edgeoffload.edge.rayexec import (
     run_batch,
 )
 from edgeoffload.errors import ExecutorError, MissingExtra, UsageError
+from edgeoffload.lab.harness import netns_unavailable
 
 HELPER = Path(__file__).with_name("_ray_netns.py")
 NETNS_TIMEOUT_S = 150
@@ -215,17 +215,7 @@ def test_the_edge_server_imports_without_ray() -> None:
 def _unavailable() -> str | None:
     if importlib.util.find_spec("ray") is None:
         return "ray is not installed (pip install 'edgeoffload[ray]')"
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found (util-linux / iproute2)"
-    try:
-        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare -n failed: {exc}"
-    if probe.returncode != 0:
-        reason = probe.stderr.decode(errors="replace").strip()
-        return f"cannot create a network namespace (unshare -n needs root): {reason}"
-    return None
+    return netns_unavailable()
 
 
 @pytest.fixture(scope="module")

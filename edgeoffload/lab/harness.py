@@ -10,6 +10,7 @@ a log file so that it can never fill a pipe and block the server.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,3 +165,19 @@ def spawn_server(
     if cpus:
         pin_threads(server.pid, cpus)
     return server
+
+
+def netns_unavailable() -> str | None:
+    """Why this process cannot make a network namespace of its own (``unshare -n``, for the
+    tests that run multicast or Ray where only a loopback exists); None when it can."""
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (util-linux / iproute2)"
+    try:
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare -n failed: {exc}"
+    if probe.returncode != 0:
+        reason = probe.stderr.decode(errors="replace").strip()
+        return f"cannot create a network namespace (unshare -n needs root): {reason}"
+    return None
