@@ -287,3 +287,26 @@ def test_autoscale_bounds_parse_or_fail_clearly() -> None:
     for bad in ("4:1", "0:2", "3", "a:b", "1:"):
         with pytest.raises(UsageError, match="MIN:MAX"):
             _autoscale_bounds(bad)
+
+
+def test_admission_counts_the_ray_replicas_as_workers(tmp_path) -> None:
+    """Nothing starts here (Ray starts with the server): only the seats are checked."""
+    from edgeoffload.edge.allowlist import AllowList
+    from edgeoffload.edge.server import EdgeServer, ServerConfig
+    from edgeoffload.lab.harness import ThrowawayKeys
+
+    keys = ThrowawayKeys.create(tmp_path / "keys")
+
+    def seats(**config: object) -> int:
+        server = EdgeServer(
+            [],
+            identity=keys.server,
+            allow=AllowList(keys.allow_file),
+            config=ServerConfig(**config),
+        )
+        return server.admission.workers
+
+    assert seats(workers=1, batch_max=4) == 4  # local: the pool's workers
+    assert seats(workers=1, batch_max=4, executor="ray", ray_replicas=3) == 12
+    assert seats(workers=1, executor="ray", ray_min_replicas=1, ray_max_replicas=5) == 5
+    assert seats(workers=8, executor="ray", ray_replicas=2) == 8  # never fewer than ours

@@ -265,8 +265,12 @@ class EdgeServer:
         self.max_inflight = self.config.max_inflight or 64 * self.workers
         # With batching, a grant is a seat in a batch, not a thread: workers x batch_max may
         # be admitted at once (fairness and per-device limits as before) while the batchers
-        # keep at most ``workers`` batches in the pool.
-        seats = self.workers * max(1, self.config.batch_max)
+        # keep at most ``workers`` batches in the pool. With Ray, the replicas run the
+        # stateless tails: as many of them as may exist count as workers, if more than ours.
+        runners = self.workers
+        if self.config.executor == "ray":
+            runners = max(runners, self.config.ray_max_replicas or self.config.ray_replicas)
+        seats = runners * max(1, self.config.batch_max)
         self.admission = FairAdmission(
             workers=seats,
             max_waiting=max(0, self.max_inflight - seats),
