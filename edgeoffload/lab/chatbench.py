@@ -10,7 +10,6 @@ token by token with the re-prefill's.
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ from typing import Any
 from edgeoffload.bundle import load_bundle
 from edgeoffload.device.client import OffloadClient
 from edgeoffload.errors import UsageError
-from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
-from edgeoffload.lab.procfs import pin_threads
+from edgeoffload.lab.harness import CpuSplit, ThrowawayKeys, devices_pinned, spawn_server
 from edgeoffload.lab.stats import environment, median
 
 USER_TURNS = (
@@ -62,20 +60,20 @@ def bench_chat(bundle_path: Path, *, new_tokens: int = 48, rounds: int = 3) -> d
     bundle = load_bundle(bundle_path)
     if not bundle.manifest.state:
         raise UsageError(f"{bundle_path} is not a decoder bundle")
-    cpus = sorted(os.sched_getaffinity(0))
-    pinned = len(cpus) >= 2
+    split = CpuSplit.of_machine()
     with tempfile.TemporaryDirectory(prefix="edgeoffload-chatbench-") as tmp:
         keys = ThrowawayKeys.create(Path(tmp) / "keys", devices=("bench",))
-        with spawn_server(
-            [bundle.path],
-            keys,
-            threads=1,
-            workers=1,
-            cpus={cpus[-1]} if pinned else None,
-            timeout=300.0,
-        ) as server:
-            if pinned:
-                pin_threads(os.getpid(), set(cpus[:-1]))
+        with (
+            spawn_server(
+                [bundle.path],
+                keys,
+                threads=1,
+                workers=1,
+                cpus=split.server if split else None,
+                timeout=300.0,
+            ) as server,
+            devices_pinned(split),
+        ):
             client = OffloadClient(
                 bundle,
                 server=f"ws://127.0.0.1:{server.port}",
@@ -90,11 +88,7 @@ def bench_chat(bundle_path: Path, *, new_tokens: int = 48, rounds: int = 3) -> d
                     await _turns(client, 4, 1)  # warm-up: sessions, allocations
                     return await _turns(client, new_tokens, rounds)
 
-            try:
-                rows = asyncio.run(main())
-            finally:
-                if pinned:
-                    pin_threads(os.getpid(), set(cpus))
+            rows = asyncio.run(main())
     summary = []
     for turn in range(1, len(USER_TURNS) + 1):
         mine = [r for r in rows if r["turn"] == turn]
@@ -116,7 +110,9 @@ def bench_chat(bundle_path: Path, *, new_tokens: int = 48, rounds: int = 3) -> d
         "bundle": str(bundle_path),
         "new_tokens": new_tokens,
         "rounds": rounds,
-        "pinned": {"server": [cpus[-1]], "device": cpus[:-1]} if pinned else None,
+        "pinned": {"server": sorted(split.server), "devices": sorted(split.devices)}
+        if split
+        else None,
         "turns": summary,
         "runs": rows,
         "environment": environment().to_dict(),

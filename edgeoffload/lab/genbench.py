@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ from edgeoffload.core.presets import parse_link
 from edgeoffload.device.client import OffloadClient
 from edgeoffload.device.tokenizer import TextTokenizer
 from edgeoffload.errors import UsageError
-from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
+from edgeoffload.lab.harness import CpuSplit, ThrowawayKeys, devices_pinned, spawn_server
 from edgeoffload.lab.linkemu import LinkEmulator, LinkShape
-from edgeoffload.lab.procfs import pin_threads, rss_kib
+from edgeoffload.lab.procfs import rss_kib
 from edgeoffload.lab.stats import Environment, Record, Spread, elapsed_ms, environment, median
 
 log = logging.getLogger("edgeoffload.lab.genbench")
@@ -202,8 +201,7 @@ def bench_generation(
 
     if runs < 1 or new_tokens < 2:
         raise UsageError("runs must be >= 1 and new_tokens >= 2")
-    cpus = sorted(os.sched_getaffinity(0))
-    pinned = pin and len(cpus) >= 2
+    split = CpuSplit.of_machine(pin)
     with tempfile.TemporaryDirectory(prefix="edgeoffload-genbench-") as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
         started = time.perf_counter()
@@ -238,35 +236,32 @@ def bench_generation(
         layout = DecoderLayout.of(manifest.graph_inputs, manifest.graph_outputs, state)
         prompt = prompt_ids(bundle, layout, prompt_tokens)
         session = make_session(baseline, threads=threads)
-        with spawn_server(
-            [bundle.path],
-            keys,
-            threads=threads,
-            workers=1,
-            cpus={cpus[-1]} if pinned else None,
-            timeout=300.0,
-        ) as server:
-            if pinned:
-                pin_threads(os.getpid(), set(cpus[:-1]))
-            try:
-                measured = asyncio.run(
-                    _measure(
-                        load_bundle(bundle.path),
-                        session,
-                        layout,
-                        prompt,
-                        new_tokens=new_tokens,
-                        runs=runs,
-                        threads=threads,
-                        port=server.port,
-                        keys=keys,
-                        network=network,
-                        server_pid=server.pid,
-                    )
+        with (
+            spawn_server(
+                [bundle.path],
+                keys,
+                threads=threads,
+                workers=1,
+                cpus=split.server if split else None,
+                timeout=300.0,
+            ) as server,
+            devices_pinned(split),
+        ):
+            measured = asyncio.run(
+                _measure(
+                    load_bundle(bundle.path),
+                    session,
+                    layout,
+                    prompt,
+                    new_tokens=new_tokens,
+                    runs=runs,
+                    threads=threads,
+                    port=server.port,
+                    keys=keys,
+                    network=network,
+                    server_pid=server.pid,
                 )
-            finally:
-                if pinned:
-                    pin_threads(os.getpid(), set(cpus))
+            )
         head_bytes = (bundle.path / manifest.head.file).stat().st_size if manifest.head else 0
     kv_token = layout.kv_bytes_per_token()
     head_kv_token = layout.kv_bytes_per_token(
@@ -290,7 +285,7 @@ def bench_generation(
         threads_per_side=threads,
         runs=runs,
         network=network or "loopback",
-        pinned=Pinning([cpus[-1]], cpus[:-1]) if pinned else None,
+        pinned=Pinning(sorted(split.server), sorted(split.devices)) if split else None,
         split_seconds=round(split_s, 2),
         memory=GenerationMemory(
             device_split_weights_bytes=head_bytes,

@@ -17,7 +17,6 @@ aggregate tokens/s = decode tokens of all sessions / the decode phase's wall tim
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,8 +31,7 @@ from edgeoffload.device.generate import DecoderDevice
 from edgeoffload.device.runtime import DeviceRuntime
 from edgeoffload.errors import UsageError
 from edgeoffload.lab.genbench import prompt_ids
-from edgeoffload.lab.harness import ThrowawayKeys, spawn_server
-from edgeoffload.lab.procfs import pin_threads
+from edgeoffload.lab.harness import CpuSplit, ThrowawayKeys, devices_pinned, spawn_server
 from edgeoffload.lab.stats import Record, environment, median, percentile
 from edgeoffload.protocol.events import Chunk
 
@@ -183,46 +181,44 @@ def bench_steps(
     started = time.perf_counter()
     recording = record(bundle, max(sessions), prompt_tokens, new_tokens)
     record_s = time.perf_counter() - started
-    cpus = sorted(os.sched_getaffinity(0))
-    pinned = len(cpus) >= 2
+    split = CpuSplit.of_machine()
     rows: list[LoadRow] = []
     with tempfile.TemporaryDirectory(prefix="edgeoffload-stepbench-") as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
         names = tuple(f"d{i}" for i in range(max(sessions)))
         keys = ThrowawayKeys.create(root / "keys", devices=names)
         for batched in (False, True):
-            with spawn_server(
-                [bundle.path],
-                keys,
-                threads=1,
-                workers=1,
-                cpus={cpus[-1]} if pinned else None,
-                # Unbatched, 16 sessions queue for one worker: this measures throughput,
-                # not admission, so the queue may hold them as long as it takes.
-                extra_args=["--queue-wait", "60", *(["--batch", str(batch)] if batched else [])],
-                timeout=300.0,
-            ) as server:
-                if pinned:
-                    pin_threads(os.getpid(), set(cpus[:-1]))
-                try:
-                    asyncio.run(_load(bundle, recording, 1, server.port, keys))  # warm-up
-                    for n in sessions:
-                        rate, steps, same = asyncio.run(
-                            _load(bundle, recording, n, server.port, keys)
+            with (
+                spawn_server(
+                    [bundle.path],
+                    keys,
+                    threads=1,
+                    workers=1,
+                    cpus=split.server if split else None,
+                    # Unbatched, 16 sessions queue for one worker: this measures throughput,
+                    # not admission, so the queue may hold them as long as it takes.
+                    extra_args=[
+                        "--queue-wait",
+                        "60",
+                        *(["--batch", str(batch)] if batched else []),
+                    ],
+                    timeout=300.0,
+                ) as server,
+                devices_pinned(split),
+            ):
+                asyncio.run(_load(bundle, recording, 1, server.port, keys))  # warm-up
+                for n in sessions:
+                    rate, steps, same = asyncio.run(_load(bundle, recording, n, server.port, keys))
+                    rows.append(
+                        LoadRow(
+                            sessions=n,
+                            batched=batched,
+                            tokens_per_s=round(rate, 1),
+                            step_p50_ms=round(median(steps), 2),
+                            step_p99_ms=round(percentile(steps, 99), 2),
+                            tokens_identical=same,
                         )
-                        rows.append(
-                            LoadRow(
-                                sessions=n,
-                                batched=batched,
-                                tokens_per_s=round(rate, 1),
-                                step_p50_ms=round(median(steps), 2),
-                                step_p99_ms=round(percentile(steps, 99), 2),
-                                tokens_identical=same,
-                            )
-                        )
-                finally:
-                    if pinned:
-                        pin_threads(os.getpid(), set(cpus))
+                    )
     return {
         "benchmark": "llm_batching",
         "bundle": str(bundle_path),
@@ -230,7 +226,9 @@ def bench_steps(
         "new_tokens": new_tokens,
         "batch": batch,
         "record_seconds": round(record_s, 1),
-        "pinned": {"server": [cpus[-1]], "devices": cpus[:-1]} if pinned else None,
+        "pinned": {"server": sorted(split.server), "devices": sorted(split.devices)}
+        if split
+        else None,
         "rows": [r.to_dict() for r in rows],
         "environment": environment().to_dict(),
     }
